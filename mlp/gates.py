@@ -1,0 +1,350 @@
+"""The computational graph of cs231n lecture 4: gates, local gradients and the chain rule.
+
+Two things live here, and the rest of mlp-lab builds on both:
+
+* Elementwise gates (`Sigmoid`, `Tanh`, `ReLU`, `Exp`, `Reciprocal`, ...): a forward
+  formula and its local gradient, each written once. The activation layers in
+  `layers.py` apply these same objects to whole batches, so the gate of the lecture and
+  the layer that trains are the same code. Backward is always `dout * local_grad`,
+  elementwise: the (diagonal) Jacobian is never built.
+* `Node`, a value in a graph of gates. Gate functions (`add`, `mul`, `maximum`,
+  `matmul`, `sqnorm`, `apply`, ...) build the graph in the forward pass and attach each
+  node's local backward step; `Node.backward()` walks the graph in reverse topological
+  order. The lecture's patterns are visible in the code: add distributes the upstream
+  gradient, mul swaps its inputs, max routes to the larger input, and a node used by
+  several gates accumulates (`+=`) the sum of their gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Array = np.ndarray
+
+
+class Gate:
+    """An elementwise gate y = f(x) with its local gradient dy/dx.
+
+    `forward(x)` and `local_grad(x, out)` take arrays of any shape (N, ...) and return an
+    array of the same shape; `backward(dout, x, out)` is the chain rule
+    `dout * local_grad(x, out)`. `kink` is the input where the derivative jumps (None for
+    smooth gates); the gradient check uses it to skip coordinates that straddle it.
+    """
+
+    name = "gate"
+    kink: float | None = None
+
+    def forward(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        raise NotImplementedError
+
+    def backward(self, dout: Array, x: Array, out: Array) -> Array:
+        return dout * self.local_grad(x, out)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Scale(Gate):
+    """y = c * x; the local gradient is the constant c."""
+
+    name = "scale"
+
+    def __init__(self, c: float) -> None:
+        self.c = c
+
+    def forward(self, x: Array) -> Array:
+        return self.c * x
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        return np.full_like(x, self.c)
+
+    def __repr__(self) -> str:
+        return f"Scale({self.c})"
+
+
+class Shift(Gate):
+    """y = x + c; the local gradient is 1."""
+
+    name = "shift"
+
+    def __init__(self, c: float) -> None:
+        self.c = c
+
+    def forward(self, x: Array) -> Array:
+        return x + self.c
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        return np.ones_like(x)
+
+    def __repr__(self) -> str:
+        return f"Shift({self.c})"
+
+
+class Exp(Gate):
+    """y = e^x; the local gradient is e^x, which is the output itself."""
+
+    name = "exp"
+
+    def forward(self, x: Array) -> Array:
+        return np.exp(x)
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        return out
+
+
+class Reciprocal(Gate):
+    """y = 1/x; the local gradient is -1/x^2 = -y^2."""
+
+    name = "reciprocal"
+
+    def forward(self, x: Array) -> Array:
+        return 1.0 / x
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        return -(out * out)
+
+
+class Sigmoid(Gate):
+    """y = 1 / (1 + e^-x); the local gradient is y (1 - y).
+
+    Computed from e^-|x| so that no exponent overflows for large |x|.
+    """
+
+    name = "sigmoid"
+
+    def forward(self, x: Array) -> Array:
+        z = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z)).astype(z.dtype, copy=False)
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        return out * (1.0 - out)
+
+
+class Tanh(Gate):
+    """y = tanh(x); the local gradient is 1 - y^2."""
+
+    name = "tanh"
+
+    def forward(self, x: Array) -> Array:
+        return np.tanh(x)
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        return 1.0 - out * out
+
+
+class ReLU(Gate):
+    """y = max(0, x): a max gate against 0, so the gradient is routed only where x > 0."""
+
+    name = "relu"
+    kink = 0.0
+
+    def forward(self, x: Array) -> Array:
+        return np.maximum(x, 0)
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        return (x > 0).astype(x.dtype)
+
+    def backward(self, dout: Array, x: Array, out: Array) -> Array:
+        # Routing, not multiplying: zero where the max chose 0.
+        return np.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
+
+
+class LeakyReLU(Gate):
+    """y = x for x > 0, slope * x otherwise; the local gradient is 1 or slope."""
+
+    name = "leaky_relu"
+    kink = 0.0
+
+    def __init__(self, slope: float = 0.01) -> None:
+        self.slope = slope
+
+    def forward(self, x: Array) -> Array:
+        return np.where(x > 0, x, self.slope * x).astype(x.dtype, copy=False)
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        return np.where(x > 0, 1.0, self.slope).astype(x.dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU(slope={self.slope})"
+
+
+class ELU(Gate):
+    """y = x for x > 0, alpha (e^x - 1) otherwise; the local gradient is 1 or y + alpha.
+
+    `expm1` on min(x, 0) keeps large positive x from overflowing the unused branch.
+    """
+
+    name = "elu"
+    kink = 0.0
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        self.alpha = alpha
+
+    def forward(self, x: Array) -> Array:
+        neg = self.alpha * np.expm1(np.minimum(x, 0))
+        return np.where(x > 0, x, neg).astype(x.dtype, copy=False)
+
+    def local_grad(self, x: Array, out: Array) -> Array:
+        return np.where(x > 0, 1.0, out + self.alpha).astype(x.dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"ELU(alpha={self.alpha})"
+
+
+# ---------------------------------------------------------------------------------------
+# The graph
+
+
+class Node:
+    """A value in a computational graph (scalar or array) and the gradient of the output.
+
+    `data` is a float64 array (0-d for scalars), `grad` has its shape. `parents` are the
+    nodes this one was computed from and `_backward` pushes `self.grad` into their grads.
+    """
+
+    def __init__(self, data: Array | float, parents: tuple[Node, ...] = (), op: str = "") -> None:
+        self.data = np.asarray(data, dtype=np.float64)
+        self.grad = np.zeros_like(self.data)
+        self.parents = parents
+        self.op = op
+        self._backward: Callable[[], None] = lambda: None
+
+    def backward(self) -> None:
+        """Backpropagate from this node: dself/dself = 1, then every gate in reverse order."""
+        order: list[Node] = []
+        seen: set[int] = set()
+
+        def visit(node: Node) -> None:
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            for parent in node.parents:
+                visit(parent)
+            order.append(node)
+
+        visit(self)
+        for node in order:
+            node.grad = np.zeros_like(node.data)
+        self.grad = np.ones_like(self.data)
+        for node in reversed(order):
+            node._backward()
+
+    def __add__(self, other: Node | float) -> Node:
+        return add(self, other)
+
+    __radd__ = __add__
+
+    def __mul__(self, other: Node | float) -> Node:
+        return mul(self, other)
+
+    __rmul__ = __mul__
+
+    def __matmul__(self, other: Node) -> Node:
+        return matmul(self, other)
+
+    def __neg__(self) -> Node:
+        return apply(Scale(-1.0), self)
+
+    def __repr__(self) -> str:
+        return f"Node({self.data!r}, grad={self.grad!r}, op={self.op!r})"
+
+
+def _node(value: Node | float | Array) -> Node:
+    return value if isinstance(value, Node) else Node(value)
+
+
+def add(a: Node | float, b: Node | float) -> Node:
+    """a + b (same shapes). The add gate distributes: both inputs get the upstream grad."""
+    a, b = _node(a), _node(b)
+    out = Node(a.data + b.data, (a, b), "add")
+
+    def _backward() -> None:
+        a.grad += out.grad
+        b.grad += out.grad
+
+    out._backward = _backward
+    return out
+
+
+def mul(a: Node | float, b: Node | float) -> Node:
+    """a * b elementwise. The mul gate swaps: each input gets the other times upstream."""
+    a, b = _node(a), _node(b)
+    out = Node(a.data * b.data, (a, b), "mul")
+
+    def _backward() -> None:
+        a.grad += b.data * out.grad
+        b.grad += a.data * out.grad
+
+    out._backward = _backward
+    return out
+
+
+def maximum(a: Node | float, b: Node | float) -> Node:
+    """max(a, b) elementwise. The max gate routes the upstream grad to the larger input
+    only (to `a` on a tie)."""
+    a, b = _node(a), _node(b)
+    a_wins = a.data >= b.data
+    out = Node(np.where(a_wins, a.data, b.data), (a, b), "max")
+
+    def _backward() -> None:
+        a.grad += np.where(a_wins, out.grad, 0.0)
+        b.grad += np.where(a_wins, 0.0, out.grad)
+
+    out._backward = _backward
+    return out
+
+
+def apply(gate: Gate, x: Node | float) -> Node:
+    """An elementwise gate on a node: out = gate(x), dx += dout * local_grad, no Jacobian."""
+    x = _node(x)
+    out = Node(gate.forward(x.data), (x,), gate.name)
+
+    def _backward() -> None:
+        x.grad += gate.backward(out.grad, x.data, out.data)
+
+    out._backward = _backward
+    return out
+
+
+def matmul(W: Node, x: Node) -> Node:
+    """W @ x for W (M, D) and x (D,) or (D, K). dW = dout x^T, dx = W^T dout."""
+    out = Node(W.data @ x.data, (W, x), "matmul")
+
+    def _backward() -> None:
+        dout = out.grad
+        W.grad += np.outer(dout, x.data) if x.data.ndim == 1 else dout @ x.data.T
+        x.grad += W.data.T @ dout
+
+    out._backward = _backward
+    return out
+
+
+def sqnorm(q: Node) -> Node:
+    """||q||^2 = sum of squares, a scalar; dq = 2 q dout."""
+    out = Node(np.sum(q.data * q.data), (q,), "sqnorm")
+
+    def _backward() -> None:
+        q.grad += 2.0 * q.data * out.grad
+
+    out._backward = _backward
+    return out
+
+
+def exp(x: Node | float) -> Node:
+    """e^x as a gate."""
+    return apply(Exp(), x)
+
+
+def reciprocal(x: Node | float) -> Node:
+    """1/x as a gate."""
+    return apply(Reciprocal(), x)
+
+
+def sigmoid(x: Node | float) -> Node:
+    """The sigmoid as one gate, with the local gradient sigma (1 - sigma)."""
+    return apply(Sigmoid(), x)

@@ -1,0 +1,314 @@
+"""Gradient checking: analytic gradients against centered finite differences.
+
+A reusable tool (cs231n's `gradient_check.py`, grown up): `numeric_gradient` for any
+function of an array, `rel_error`, whole-model checks (`check_model`, data loss and
+regularization separately and together) and per-layer checks (`check_layer`), with
+kink detection and a `GradcheckReport` that renders as a table or a dict.
+
+The numbers are always float64, whatever dtype the model trains in. A coordinate is a
+"kink" when the branches taken by the net's max gates (ReLU sides, Maxout pieces, active
+hinge margins) differ between x-h, x and x+h: the centered difference straddles a
+point where the function is not differentiable, so its error says nothing about the
+backward pass. Kinks are counted, reported and excluded from the verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from mlp.layers import Layer
+from mlp.model import MLP
+
+Array = np.ndarray
+
+# cs231n's bands for the relative error
+GOOD = 1e-7
+OK = 1e-4
+SUSPICIOUS = 1e-2
+TINY = 1e-300
+
+# Finite differences lose about eps * |f| / h to rounding: 1e-11 in float64, where a
+# gradient entry of 1e-4 then reads 1e-7 off. Extended precision (80-bit on x86-64; plain
+# float64 where the platform has none) takes that to 1e-14, so the check measures the
+# backward pass and not the rounding of the forward pass.
+NUMERIC_DTYPE = np.longdouble
+# The step that balances rounding (eps / h) against truncation (h^2) is about eps^(1/3):
+# 1e-5 in float64, 1e-6 in 80-bit extended precision.
+DEFAULT_H = float(10.0 ** round(np.log10(float(np.finfo(NUMERIC_DTYPE).eps) ** (1 / 3))))
+
+
+def rel_error(a: Array | float, b: Array | float, floor: float = TINY) -> Array:
+    """Elementwise |a - b| / max(|a| + |b|, floor); 0 where both are exactly 0.
+
+    Take `.max()` of the result for the usual single number. The checks below pass as
+    `floor` the smallest gradient their finite differences can resolve to 1e-7 (see
+    `resolution_floor`): below it a difference measures rounding, not the backward pass.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.abs(a - b) / np.maximum(np.abs(a) + np.abs(b), floor)
+
+
+def resolution_floor(dtype: np.dtype | type, scale: float, h: float) -> float:
+    """The gradient size below which a centered difference cannot be judged to `GOOD`.
+
+    Each evaluation of f rounds off about a few eps * scale (scale: the size of f, or the
+    sum of the magnitudes of its terms), so the difference quotient carries
+    ~10 eps scale / h of noise, and only gradients of at least that / GOOD can show a
+    relative error under GOOD.
+    """
+    noise = 10 * float(np.finfo(dtype).eps) * max(float(scale), 1.0) / h
+    return noise / GOOD
+
+
+def verdict(max_rel_error: float) -> str:
+    """The cs231n band of a relative error: good < 1e-7 <= ok < 1e-4 <= suspicious < 1e-2
+    <= wrong (ok is expected near kinks, not for smooth functions)."""
+    if not np.isfinite(max_rel_error) or max_rel_error >= SUSPICIOUS:
+        return "wrong"
+    if max_rel_error >= OK:
+        return "suspicious"
+    if max_rel_error >= GOOD:
+        return "ok"
+    return "good"
+
+
+def numeric_gradient(
+    f: Callable[[], float | Array],
+    x: Array,
+    coords: Sequence[int] | Array | None = None,
+    h: float = DEFAULT_H,
+    kink_state: Callable[[], list[Array]] | None = None,
+) -> tuple[Array, Array]:
+    """Centered differences (f(x+h) - f(x-h)) / 2h at flat indices `coords` of x.
+
+    f takes no arguments and reads x, which is perturbed in place and restored; it may
+    return a number or a small vector of numbers (then one gradient per entry). With
+    `kink_state` (called after each f), also tells which coordinates straddle a kink.
+    Returns (gradient (K,) or (K, M) in x's dtype, kink flags (K,) bool), K = len(coords)
+    (all coordinates when None).
+    """
+    if x.dtype not in (np.float64, np.longdouble):
+        raise ValueError(f"numeric_gradient needs float64 or longdouble arrays, got {x.dtype}")
+    flat = x.reshape(-1)
+    if not np.shares_memory(flat, x):
+        raise ValueError("numeric_gradient needs a contiguous array it can perturb in place")
+    coords = np.arange(flat.size) if coords is None else np.asarray(coords)
+    f()
+    base = _state(kink_state)
+    grad = []
+    kinks = np.zeros(len(coords), dtype=bool)
+    for k, i in enumerate(coords):
+        old = flat[i]
+        flat[i] = old + h
+        fplus = np.asarray(f(), dtype=x.dtype)
+        plus = _state(kink_state)
+        flat[i] = old - h
+        fminus = np.asarray(f(), dtype=x.dtype)
+        minus = _state(kink_state)
+        flat[i] = old
+        grad.append((fplus - fminus) / (2 * h))
+        kinks[k] = not (_same(base, plus) and _same(base, minus))
+    return np.array(grad, dtype=x.dtype).reshape((len(coords), *np.shape(f()))), kinks
+
+
+def _state(kink_state: Callable[[], list[Array]] | None) -> list[Array]:
+    return [] if kink_state is None else [s.copy() for s in kink_state()]
+
+
+def _same(a: list[Array], b: list[Array]) -> bool:
+    return all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+@dataclass
+class ParamCheck:
+    """One row of a report: the check of one parameter (or input) array."""
+
+    name: str
+    part: str
+    shape: tuple[int, ...]
+    checked: int
+    kinks: int
+    max_rel_error: float
+    mean_rel_error: float
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.max_rel_error)
+
+
+@dataclass
+class GradcheckReport:
+    """The result of a check: rows (one per parameter and part) and the verdict.
+
+    `passed` is True when every row's max relative error (kinks excluded) is below `tol`.
+    """
+
+    rows: list[ParamCheck] = field(default_factory=list)
+    tol: float = GOOD
+    h: float = DEFAULT_H
+    floor: float = TINY
+
+    @property
+    def max_rel_error(self) -> float:
+        # np.max, not max(): a NaN row must make the whole report NaN (and so "wrong")
+        return float(np.max([r.max_rel_error for r in self.rows])) if self.rows else 0.0
+
+    @property
+    def kinks(self) -> int:
+        return sum(r.kinks for r in self.rows)
+
+    @property
+    def passed(self) -> bool:
+        """Every row below tol, and at least one coordinate compared (not all kinks)."""
+        compared = sum(r.checked - r.kinks for r in self.rows)
+        return compared > 0 and bool(self.max_rel_error < self.tol)
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.max_rel_error)
+
+    def max_by_param(self, part: str = "total") -> dict[str, float]:
+        """{param name: max relative error} for one part ("total", "data" or "reg")."""
+        return {r.name: r.max_rel_error for r in self.rows if r.part == part}
+
+    def table(self) -> list[dict]:
+        """One dict per row (name, part, shape, checked, kinks, errors, verdict)."""
+        return [{**asdict(r), "shape": "x".join(map(str, r.shape)), "verdict": r.verdict}
+                for r in self.rows]
+
+    def to_dict(self) -> dict:
+        """Everything, JSON-ready."""
+        return {"passed": self.passed, "verdict": self.verdict, "tol": self.tol, "h": self.h,
+                "floor": self.floor, "max_rel_error": self.max_rel_error, "kinks": self.kinks,
+                "rows": self.table()}
+
+    def __str__(self) -> str:
+        lines = [f"{'param':<8} {'part':<6} {'shape':<12} {'checked':>7} {'kinks':>5} "
+                 f"{'max rel err':>11} {'mean rel err':>12}  verdict"]
+        lines += [f"{r.name:<8} {r.part:<6} {'x'.join(map(str, r.shape)):<12} {r.checked:>7} "
+                  f"{r.kinks:>5} {r.max_rel_error:>11.2e} {r.mean_rel_error:>12.2e}  {r.verdict}"
+                  for r in self.rows]
+        lines.append(f"max relative error {self.max_rel_error:.2e} ({self.verdict}), "
+                     f"{self.kinks} kinks skipped: {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+
+def _coords(size: int, num_checks: int | None, rng: np.random.Generator) -> Array:
+    """All coordinates, or num_checks of them sampled without replacement."""
+    if num_checks is None or num_checks >= size:
+        return np.arange(size)
+    return np.sort(rng.choice(size, size=num_checks, replace=False))
+
+
+def _row(name: str, part: str, analytic: Array, numeric: Array, kinks: Array,
+         coords: Array, shape: tuple[int, ...], floor: float) -> ParamCheck:
+    errors = rel_error(analytic.reshape(-1)[coords], numeric, floor)[~kinks]
+    return ParamCheck(name=name, part=part, shape=tuple(shape), checked=len(coords),
+                      kinks=int(kinks.sum()),
+                      max_rel_error=float(errors.max()) if errors.size else 0.0,
+                      mean_rel_error=float(errors.mean()) if errors.size else 0.0)
+
+
+PARTS = ("data", "reg", "total")
+
+
+def check_model(
+    model: MLP,
+    X: Array,
+    y: Array,
+    num_checks: int | None = None,
+    h: float = DEFAULT_H,
+    tol: float = GOOD,
+    seed: int = 0,
+) -> GradcheckReport:
+    """Check every parameter's gradient of an MLP on a batch X (N, D), y (N,).
+
+    Rows for three parts: the data loss, the regularization loss and their sum, each
+    analytic gradient computed by its own code path in float64 and compared with the
+    centered difference of the matching loss (numerics in `NUMERIC_DTYPE`).
+    `num_checks` samples that many coordinates per parameter (None: all of them). The
+    caller's model is not touched.
+    """
+    analytic_net = model.copy("float64")
+    grads = {
+        "data": analytic_net.data_loss_and_grads(X, y)[1],
+        "reg": analytic_net.reg_loss_and_grads()[1],
+    }
+    grads = {part: {n: g.copy() for n, g in gs.items()} for part, gs in grads.items()}
+    grads["total"] = analytic_net.loss_and_grads(X, y)[1]
+
+    net = model.copy(NUMERIC_DTYPE)
+    X = np.asarray(X, dtype=NUMERIC_DTYPE)
+
+    def losses() -> Array:
+        return np.array([net.data_loss(X, y), net.reg_loss()], dtype=NUMERIC_DTYPE)
+
+    floor = resolution_floor(NUMERIC_DTYPE, np.abs(losses()).sum(), h)
+    rng = np.random.default_rng(seed)
+    report = GradcheckReport(tol=tol, h=h, floor=floor)
+    for name, p in net.params.items():
+        coords = _coords(p.size, num_checks, rng)
+        numeric, kinks = numeric_gradient(losses, p, coords, h, net.kink_state)
+        no_kinks = np.zeros_like(kinks)
+        report.rows += [
+            _row(name, "data", grads["data"][name], numeric[:, 0], kinks, coords, p.shape,
+                 floor),
+            _row(name, "reg", grads["reg"][name], numeric[:, 1], no_kinks, coords, p.shape,
+                 floor),
+            _row(name, "total", grads["total"][name], numeric.sum(axis=1), kinks, coords,
+                 p.shape, floor),
+        ]
+    return report
+
+
+def check_layer(
+    layer: Layer,
+    x: Array,
+    dout: Array | None = None,
+    num_checks: int | None = None,
+    h: float = DEFAULT_H,
+    tol: float = GOOD,
+    seed: int = 0,
+) -> GradcheckReport:
+    """Check one layer's backward: the gradients of sum(forward(x) * dout) with respect to
+    x (N, D) and to each parameter, against `backward(dout)`.
+
+    The layer's backward runs in float64 (its parameters must be float64); the numeric
+    side runs on a copy in `NUMERIC_DTYPE`. A random dout (standard normal, of the
+    output's shape) is drawn from `seed` when not given.
+    """
+    rng = np.random.default_rng(seed)
+    for name, p in layer.params.items():
+        if p.dtype != np.float64:
+            raise ValueError(f"check_layer needs float64 parameters; {name} is {p.dtype}")
+    x = np.array(x, dtype=np.float64)
+    out = layer.forward(x)
+    if dout is None:
+        dout = rng.standard_normal(out.shape)
+    analytic = {"x": layer.backward(dout).copy(),
+                **{name: g.copy() for name, g in layer.grads.items()}}
+
+    twin = copy.deepcopy(layer)
+    twin.params = {name: p.astype(NUMERIC_DTYPE) for name, p in layer.params.items()}
+    arrays = {"x": x.astype(NUMERIC_DTYPE), **twin.params}
+    dout_n = np.asarray(dout, dtype=NUMERIC_DTYPE)
+
+    def f() -> Array:
+        return np.sum(twin.forward(arrays["x"]) * dout_n)
+
+    def kink_state() -> list[Array]:
+        state = twin.kink_state()
+        return [] if state is None else [state]
+
+    floor = resolution_floor(NUMERIC_DTYPE, np.abs(out * dout).sum(), h)
+    report = GradcheckReport(tol=tol, h=h, floor=floor)
+    for name, arr in arrays.items():
+        coords = _coords(arr.size, num_checks, rng)
+        numeric, kinks = numeric_gradient(f, arr, coords, h, kink_state)
+        report.rows.append(_row(name, "layer", analytic[name], numeric, kinks, coords,
+                                arr.shape, floor))
+    return report

@@ -1,0 +1,322 @@
+"""The multi-layer perceptron: a stack of layers, a loss and L2 regularization.
+
+    X (N, D) -> [Linear -> activation] x len(hidden_sizes) -> Linear -> scores (N, C)
+
+(with activation="maxout" each hidden pair is one `Maxout` layer). Parameters are named
+like cs231n's: W1, b1 for the first layer, ..., WL, bL for the scores layer, and
+`model.params` maps those names to the very arrays the layers compute with, so an
+optimizer that updates `params` in place trains the net.
+
+The loss is data loss + reg * sum of squared weights (biases not regularized).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from mlp import losses
+from mlp.layers import ACTIVATIONS, Activation, Layer, Linear, Maxout, activation_gate
+
+Array = np.ndarray
+
+INITS = ("he", "xavier", "normal")
+# longdouble (80-bit extended on x86-64) is for the gradient check's finite differences.
+DTYPES = ("float32", "float64", np.dtype(np.longdouble).name)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything that fixes the shapes and the function of an MLP (not its values)."""
+
+    input_dim: int = 3072
+    hidden_sizes: tuple[int, ...] = (100,)
+    num_classes: int = 10
+    activation: str = "relu"
+    loss: str = "softmax"
+    reg: float = 0.0
+    dtype: str = "float32"
+    leaky_slope: float = 0.01
+    elu_alpha: float = 1.0
+    maxout_pieces: int = 2
+
+    def validate(self) -> None:
+        """Raise ValueError naming the argument, its value and what is allowed."""
+        _require(_is_int(self.input_dim) and self.input_dim > 0,
+                 "input_dim", self.input_dim, "a positive integer")
+        _require(_is_int(self.num_classes) and self.num_classes >= 2,
+                 "num_classes", self.num_classes, "an integer >= 2")
+        for h in self.hidden_sizes:
+            _require(_is_int(h) and h > 0, "hidden_sizes", list(self.hidden_sizes),
+                     "a list of positive integers ([] for a linear classifier)")
+        _require(self.activation in ACTIVATIONS, "activation", self.activation,
+                 f"one of {list(ACTIVATIONS)}")
+        _require(self.loss in losses.LOSSES, "loss", self.loss, f"one of {list(losses.LOSSES)}")
+        _require(_is_number(self.reg) and self.reg >= 0, "reg", self.reg, "a number >= 0")
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {list(DTYPES)}")
+        _require(_is_number(self.leaky_slope) and 0 <= self.leaky_slope < 1,
+                 "leaky_slope", self.leaky_slope, "a number in [0, 1)")
+        _require(_is_number(self.elu_alpha) and self.elu_alpha > 0,
+                 "elu_alpha", self.elu_alpha, "a number > 0")
+        _require(_is_int(self.maxout_pieces) and self.maxout_pieces >= 2,
+                 "maxout_pieces", self.maxout_pieces, "an integer >= 2")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
+class MLP:
+    """A fully connected net with hand-written backprop.
+
+    Build with `MLP(input_dim, hidden_sizes, num_classes, activation=..., loss=...,
+    reg=..., init=..., weight_scale=..., dtype=..., seed=...)`; `init` is "he"
+    (std sqrt(2/fan_in)), "xavier" (Glorot, std sqrt(2/(fan_in+fan_out))) or "normal"
+    (std = weight_scale, as in cs231n). Initial values are drawn in float64 from `seed`
+    and then cast, so float32 and float64 nets of one seed start from the same weights.
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 3072,
+        hidden_sizes: Sequence[int] = (100,),
+        num_classes: int = 10,
+        activation: str = "relu",
+        loss: str = "softmax",
+        reg: float = 0.0,
+        init: str = "he",
+        weight_scale: float = 1e-3,
+        dtype: str | np.dtype = "float32",
+        seed: int | None = 0,
+        leaky_slope: float = 0.01,
+        elu_alpha: float = 1.0,
+        maxout_pieces: int = 2,
+    ) -> None:
+        if isinstance(hidden_sizes, int | str) or not isinstance(hidden_sizes, Sequence):
+            raise ValueError(f"hidden_sizes={hidden_sizes!r} is not allowed: expected a list of "
+                             "positive integers ([] for a linear classifier)")
+        try:
+            dtype_name = np.dtype(dtype).name
+        except TypeError:
+            dtype_name = str(dtype)  # validate() names it and lists what is allowed
+        self.arch = Architecture(
+            input_dim=input_dim, hidden_sizes=tuple(hidden_sizes), num_classes=num_classes,
+            activation=activation, loss=loss, reg=reg, dtype=dtype_name,
+            leaky_slope=leaky_slope, elu_alpha=elu_alpha, maxout_pieces=maxout_pieces)
+        self.arch.validate()
+        _require(init in INITS, "init", init, f"one of {list(INITS)}")
+        _require(_is_number(weight_scale) and weight_scale > 0, "weight_scale", weight_scale,
+                 "a number > 0")
+        self.dtype = np.dtype(self.arch.dtype)
+        self.loss_fn = losses.LOSSES[loss]
+        self.loss_kink_fn = losses.KINK_STATES[loss]
+        self.layers: list[Layer] = []
+        self.params: dict[str, Array] = {}
+        self._param_layers: dict[str, tuple[Layer, str]] = {}
+        rng = np.random.default_rng(seed)
+        arch = self.arch
+        dims = [arch.input_dim, *arch.hidden_sizes]
+        for i, (fan_in, width) in enumerate(itertools.pairwise(dims), start=1):
+            if arch.activation == "maxout":
+                k = arch.maxout_pieces
+                W, b = self._init(rng, init, weight_scale, fan_in, width * k)
+                self._add(str(i), Maxout(W, b, k))
+            else:
+                W, b = self._init(rng, init, weight_scale, fan_in, width)
+                self._add(str(i), Linear(W, b))
+                self.layers.append(Activation(activation_gate(
+                    arch.activation, arch.leaky_slope, arch.elu_alpha)))
+        W, b = self._init(rng, init, weight_scale, dims[-1], arch.num_classes)
+        self._add(str(len(dims)), Linear(W, b))
+        self._last_scores: Array | None = None
+        self._last_y: Array | None = None
+
+    def _init(self, rng: np.random.Generator, init: str, weight_scale: float,
+              fan_in: int, fan_out: int) -> tuple[Array, Array]:
+        std = {"he": np.sqrt(2.0 / fan_in), "xavier": np.sqrt(2.0 / (fan_in + fan_out)),
+               "normal": weight_scale}[init]
+        W = (std * rng.standard_normal((fan_in, fan_out))).astype(self.dtype)
+        return W, np.zeros(fan_out, dtype=self.dtype)
+
+    def _add(self, suffix: str, layer: Layer) -> None:
+        self.layers.append(layer)
+        for key, value in layer.params.items():
+            self.params[key + suffix] = value
+            self._param_layers[key + suffix] = (layer, key)
+
+    # -- forward / backward --------------------------------------------------------------
+
+    @property
+    def reg(self) -> float:
+        return self.arch.reg
+
+    def weight_names(self) -> list[str]:
+        """Names of the regularized parameters (all weights, no biases)."""
+        return [name for name, (layer, key) in self._param_layers.items()
+                if key in layer.weight_keys]
+
+    def scores(self, X: Array) -> Array:
+        """Class scores (N, C) for inputs X (N, D), cast to the model's dtype."""
+        out = self._check_X(X)
+        for layer in self.layers:
+            out = layer.forward(out)
+        return out
+
+    def predict(self, X: Array, batch_size: int = 1000) -> Array:
+        """Predicted class ids (N,) for X (N, D), in chunks of batch_size rows."""
+        self._check_X(X)
+        return np.concatenate([self.scores(X[i:i + batch_size]).argmax(axis=1)
+                               for i in range(0, max(len(X), 1), batch_size)])[:len(X)]
+
+    def data_loss(self, X: Array, y: Array) -> float:
+        """The data loss alone, forward only (what the gradient check perturbs)."""
+        scores = self.scores(X)
+        y = self._check_y(y, len(scores))
+        self._last_scores, self._last_y = scores, y
+        return self.loss_fn(scores, y)[0]
+
+    def reg_loss(self) -> float:
+        """reg * sum of squared weights."""
+        if self.reg == 0:
+            return 0.0
+        return self.reg * sum(np.vdot(self.params[n], self.params[n])
+                              for n in self.weight_names())
+
+    def loss(self, X: Array, y: Array) -> float:
+        """Data loss + regularization loss, forward only."""
+        return self.data_loss(X, y) + self.reg_loss()
+
+    def data_loss_and_grads(self, X: Array, y: Array) -> tuple[float, dict[str, Array]]:
+        """Data loss and its gradients: forward, loss, then backward through the layers."""
+        scores = self.scores(X)
+        y = self._check_y(y, len(scores))
+        loss, dout = self.loss_fn(scores, y)
+        for layer in reversed(self.layers):
+            dout = layer.backward(dout)
+        return loss, {name: layer.grads[key] for name, (layer, key) in self._param_layers.items()}
+
+    def reg_loss_and_grads(self) -> tuple[float, dict[str, Array]]:
+        """reg * sum W^2 and its gradients 2 reg W (zero for biases), as new arrays."""
+        grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        for name in self.weight_names():
+            grads[name] = 2 * self.reg * self.params[name]
+        return self.reg_loss(), grads
+
+    def loss_and_grads(self, X: Array, y: Array) -> tuple[float, dict[str, Array]]:
+        """Total loss and gradients keyed like `params`, for a batch X (N, D), y (N,).
+
+        The gradient arrays are the layers' own buffers, overwritten by the next call:
+        copy them to keep them.
+        """
+        loss, grads = self.data_loss_and_grads(X, y)
+        if self.reg:
+            for name in self.weight_names():
+                grads[name] += (2 * self.reg) * self.params[name]
+        return loss + self.reg_loss(), grads
+
+    def kink_state(self) -> list[Array]:
+        """The branch taken by every max in the last forward pass (layers, then the loss)."""
+        states = [s for layer in self.layers if (s := layer.kink_state()) is not None]
+        if self.loss_kink_fn is not None and self._last_scores is not None:
+            states.append(self.loss_kink_fn(self._last_scores, self._last_y))
+        return states
+
+    # -- input checks ---------------------------------------------------------------------
+
+    def _check_X(self, X: Array) -> Array:
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.arch.input_dim:
+            raise ValueError(f"X has shape {X.shape}: expected (N, {self.arch.input_dim})")
+        return X.astype(self.dtype, copy=False)
+
+    def _check_y(self, y: Array, n: int) -> Array:
+        y = np.asarray(y)
+        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"y has shape {y.shape} and dtype {y.dtype}: expected ({n},) "
+                             "integer class ids")
+        if n and (y.min() < 0 or y.max() >= self.arch.num_classes):
+            raise ValueError(f"y has labels in [{y.min()}, {y.max()}]: expected labels in "
+                             f"[0, {self.arch.num_classes - 1}]")
+        return y
+
+    # -- parameters and files -----------------------------------------------------------
+
+    def set_params(self, params: dict[str, Array]) -> None:
+        """Copy values into the model's parameters (names and shapes must match exactly)."""
+        missing = sorted(set(self.params) - set(params))
+        unexpected = sorted(set(params) - set(self.params))
+        if missing or unexpected:
+            raise ValueError(f"parameters do not match the architecture: missing {missing}, "
+                             f"unexpected {unexpected}")
+        for name, value in params.items():
+            if value.shape != self.params[name].shape:
+                raise ValueError(f"parameter {name} has shape {value.shape}: expected "
+                                 f"{self.params[name].shape}")
+            self.params[name][...] = value
+
+    def copy(self, dtype: str | np.dtype | None = None) -> MLP:
+        """A deep copy, optionally in another dtype (e.g. float64 for a gradient check)."""
+        arch = self.arch if dtype is None else replace(self.arch, dtype=np.dtype(dtype).name)
+        clone = MLP.from_architecture(arch)
+        clone.set_params(self.params)
+        return clone
+
+    @classmethod
+    def from_architecture(cls, arch: Architecture, **kwargs: object) -> MLP:
+        """A freshly initialized MLP of that architecture (kwargs: init, seed, ...)."""
+        return cls(**asdict(arch), **kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write params and architecture to an .npz file (no pickles) and return its path."""
+        path = Path(path)
+        arch = asdict(self.arch)
+        arch["hidden_sizes"] = list(arch["hidden_sizes"])
+        with open(path, "wb") as f:
+            # .item(): NumPy scalars the constructor accepted become plain JSON numbers
+            np.savez(f, __architecture__=np.array(json.dumps(arch, default=lambda v: v.item())),
+                     **self.params)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> MLP:
+        """Build the MLP stored by `save`. A missing, corrupt or inconsistent file raises
+        ValueError saying what is wrong."""
+        path = Path(path)
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("it holds a single array, not an .npz archive of parameters")
+            with data:
+                arrays = {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"{path} is not a readable mlp-lab model file (.npz): {e}") from e
+        if "__architecture__" not in arrays:
+            raise ValueError(f"{path} has no '__architecture__' entry: not an mlp-lab model file")
+        try:
+            arch = json.loads(str(arrays.pop("__architecture__")))
+            arch["hidden_sizes"] = tuple(arch["hidden_sizes"])
+            model = cls(**arch, seed=0)
+        except (TypeError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} has an unreadable architecture entry: {e}") from e
+        try:
+            model.set_params(arrays)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        return model

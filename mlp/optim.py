@@ -1,0 +1,321 @@
+"""Update rules (SGD, momentum, Nesterov, RMSProp, Adam) and learning-rate schedules.
+
+An optimizer is built for a dict of parameters (name -> array, float32 or float64) and
+then `step(params, grads, lr)` updates those arrays in place, so the model that holds
+them trains. Its state (velocities, moment estimates, the step counter `t`) lives in
+arrays of the parameters' dtype, allocated once, and `state_dict()` returns it flat
+("v/W1", "m/b2", "t") so that it fits an `.npz` without pickling. Each step works through
+one preallocated scratch array per parameter: the update is the hot loop of training.
+
+A `Schedule` maps the global step (0 for the first update) to the learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+Array = np.ndarray
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam")
+SCHEDULES = ("constant", "step", "exponential", "cosine")
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def _require_fraction(key: str, value: float) -> None:
+    _require(0 <= value < 1, f"optim.{key}", value, "a number in [0, 1)")
+
+
+def _require_eps(eps: float) -> None:
+    _require(0 < eps < math.inf, "optim.eps", eps, "a finite number > 0")
+
+
+class Optimizer:
+    """Base class: per-parameter state buffers named by `buffers`, a scratch array, `t`.
+
+    Subclasses set `name` and `buffers` and implement `_update(p, g, lr, scratch, *state)`,
+    which changes p in place; state buffers and scratch have p's shape and dtype.
+    """
+
+    name: str = ""
+    buffers: tuple[str, ...] = ()
+
+    def __init__(self, params: dict[str, Array]) -> None:
+        self.t = 0
+        self.state: dict[str, Array] = {}
+        self._slots: dict[str, tuple[Array, ...]] = {}
+        for key, p in params.items():
+            state = {f"{buf}/{key}": np.zeros_like(p) for buf in self.buffers}
+            self.state.update(state)
+            self._slots[key] = (np.empty_like(p), *state.values())
+
+    def step(self, params: dict[str, Array], grads: dict[str, Array], lr: float) -> None:
+        """One update of every parameter in place: params[k] (any shape) from grads[k] (same).
+
+        `params` must have the keys the optimizer was built for; `lr` is the learning rate
+        of this step (a schedule's value).
+        """
+        if params.keys() != self._slots.keys():
+            raise ValueError(f"optimizer was built for parameters {sorted(self._slots)}, "
+                             f"got {sorted(params)}")
+        self.t += 1
+        # A Python float keeps float32 arithmetic in float32 (a NumPy float64 would not).
+        lr = float(lr)
+        for key, p in params.items():
+            self._update(p, grads[key], lr, *self._slots[key])
+
+    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Array]:
+        """A copy of the state: "<buffer>/<param>" -> array (param's shape), "t" -> 0-d int64."""
+        state = {key: arr.copy() for key, arr in self.state.items()}
+        state["t"] = np.array(self.t, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Array]) -> None:
+        """Restore what `state_dict` returned (copied into the live buffers).
+
+        Raises ValueError, changing nothing, on a missing or unexpected key, a shape other
+        than the parameter's, or a "t" that is not a 0-d integer >= 0.
+        """
+        expected = {*self.state, "t"}
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(f"{self.name} state does not match: missing {missing}, "
+                             f"unexpected {unexpected}")
+        for key, arr in self.state.items():
+            if np.shape(state[key]) != arr.shape:
+                raise ValueError(f"{self.name} state {key!r} has shape {np.shape(state[key])}, "
+                                 f"expected {arr.shape}")
+        t = np.asarray(state["t"])
+        if t.shape != () or t.dtype.kind not in "iu" or t < 0:
+            raise ValueError(f"{self.name} state 't' must be an integer >= 0, got {t!r}")
+        for key, arr in self.state.items():
+            np.copyto(arr, state[key])
+        self.t = int(t)
+
+
+class SGD(Optimizer):
+    """Vanilla gradient descent: p -= lr * g."""
+
+    name = "sgd"
+
+    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+        np.multiply(g, lr, out=scratch)
+        p -= scratch
+
+
+class Momentum(Optimizer):
+    """SGD with momentum: v = mu * v - lr * g; p += v. State: "v/<param>"."""
+
+    name = "momentum"
+    buffers = ("v",)
+
+    def __init__(self, params: dict[str, Array], momentum: float = 0.9) -> None:
+        _require_fraction("momentum", momentum)
+        super().__init__(params)
+        self.momentum = momentum
+
+    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+        (v,) = state
+        self._advance(v, g, lr, scratch)
+        p += v
+
+    def _advance(self, v: Array, g: Array, lr: float, scratch: Array) -> None:
+        v *= self.momentum
+        np.multiply(g, lr, out=scratch)
+        v -= scratch
+
+
+class Nesterov(Momentum):
+    """Nesterov momentum in the cs231n notes' form, which needs no lookahead gradient.
+
+    v_prev = v; v = mu * v - lr * g; p += -mu * v_prev + (1 + mu) * v. State: "v/<param>".
+    """
+
+    name = "nesterov"
+
+    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+        (v,) = state
+        mu = self.momentum
+        # The -mu * v_prev term goes in first, while v still holds v_prev.
+        np.multiply(v, mu, out=scratch)
+        p -= scratch
+        self._advance(v, g, lr, scratch)
+        np.multiply(v, 1 + mu, out=scratch)
+        p += scratch
+
+
+class RMSProp(Optimizer):
+    """RMSProp: cache = d * cache + (1 - d) * g^2; p -= lr * g / (sqrt(cache) + eps).
+
+    State: "cache/<param>", the running mean of squared gradients.
+    """
+
+    name = "rmsprop"
+    buffers = ("cache",)
+
+    def __init__(self, params: dict[str, Array], decay_rate: float = 0.99,
+                 eps: float = 1e-8) -> None:
+        _require_fraction("decay_rate", decay_rate)
+        _require_eps(eps)
+        super().__init__(params)
+        self.decay_rate = decay_rate
+        self.eps = eps
+
+    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+        (cache,) = state
+        cache *= self.decay_rate
+        np.square(g, out=scratch)
+        scratch *= 1 - self.decay_rate
+        cache += scratch
+        np.sqrt(cache, out=scratch)
+        scratch += self.eps
+        np.divide(g, scratch, out=scratch)
+        scratch *= lr
+        p -= scratch
+
+
+class Adam(Optimizer):
+    """Adam with bias correction (cs231n's form), t counting the steps taken.
+
+    m = b1 * m + (1 - b1) * g; v = b2 * v + (1 - b2) * g^2;
+    p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps). State: "m/<param>",
+    "v/<param>" and "t".
+    """
+
+    name = "adam"
+    buffers = ("m", "v")
+
+    def __init__(self, params: dict[str, Array], beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        _require_fraction("beta1", beta1)
+        _require_fraction("beta2", beta2)
+        _require_eps(eps)
+        super().__init__(params)
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.eps = eps
+
+    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+        m, v = state
+        m *= self.beta1
+        np.multiply(g, 1 - self.beta1, out=scratch)
+        m += scratch
+        v *= self.beta2
+        np.square(g, out=scratch)
+        scratch *= 1 - self.beta2
+        v += scratch
+        np.divide(v, 1 - self.beta2**self.t, out=scratch)
+        np.sqrt(scratch, out=scratch)
+        scratch += self.eps
+        np.divide(m, scratch, out=scratch)
+        # The first moment's bias correction folds into the step size.
+        scratch *= lr / (1 - self.beta1**self.t)
+        p -= scratch
+
+
+def make_optimizer(name: str, params: dict[str, Array], momentum: float = 0.9,
+                   decay_rate: float = 0.99, beta1: float = 0.9, beta2: float = 0.999,
+                   eps: float = 1e-8) -> Optimizer:
+    """The optimizer `name` (one of OPTIMIZERS) with state allocated for `params`.
+
+    Every hyperparameter is checked, also those the chosen rule does not use, so that a
+    config with an impossible value fails whatever optim.name it is run with; a
+    ValueError names the key as optim.<key>.
+    """
+    _require(name in OPTIMIZERS, "optim.name", name, f"one of {list(OPTIMIZERS)}")
+    for key, value in (("momentum", momentum), ("decay_rate", decay_rate), ("beta1", beta1),
+                       ("beta2", beta2)):
+        _require_fraction(key, value)
+    _require_eps(eps)
+    if name == "sgd":
+        return SGD(params)
+    if name == "momentum":
+        return Momentum(params, momentum)
+    if name == "nesterov":
+        return Nesterov(params, momentum)
+    if name == "rmsprop":
+        return RMSProp(params, decay_rate, eps)
+    return Adam(params, beta1, beta2, eps)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning rate at a global step: base lr, optional linear warmup, then a decay.
+
+    The warmup covers the first `warmup_steps` = round(warmup_epochs * steps_per_epoch)
+    steps, rising linearly as lr * (step + 1) / warmup_steps, so its last step uses lr.
+    The decay's clock starts where the warmup ends (at lr, without a jump): "constant"
+    keeps lr; "step" multiplies by gamma every step_size epochs; "exponential" is
+    lr * decay**epoch, per epoch as in cs231n; "cosine" anneals per step from lr to min_lr,
+    which it reaches at step epochs * steps_per_epoch (after the last update) and keeps.
+    """
+
+    name: str
+    lr: float
+    steps_per_epoch: int
+    epochs: int
+    warmup_epochs: float = 0.0
+    step_size: int = 10
+    gamma: float = 0.1
+    decay: float = 0.95
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in SCHEDULES, "optim.schedule.name", self.name,
+                 f"one of {list(SCHEDULES)}")
+        _require(0 < self.lr < math.inf, "optim.lr", self.lr, "a finite number > 0")
+        _require(_is_int(self.steps_per_epoch) and self.steps_per_epoch >= 1,
+                 "optim.schedule.steps_per_epoch", self.steps_per_epoch, "an integer >= 1")
+        _require(_is_int(self.epochs) and self.epochs >= 1, "optim.schedule.epochs", self.epochs,
+                 "an integer >= 1")
+        # The decay needs at least one step after the warmup (cosine divides by their number).
+        _require(0 <= self.warmup_epochs < self.epochs and self.warmup_steps < self.total_steps,
+                 "optim.schedule.warmup_epochs", self.warmup_epochs,
+                 f"a number >= 0 that leaves steps after the warmup (< epochs={self.epochs})")
+        _require(_is_int(self.step_size) and self.step_size >= 1, "optim.schedule.step_size",
+                 self.step_size, "an integer >= 1")
+        _require(0 < self.gamma <= 1, "optim.schedule.gamma", self.gamma, "a number in (0, 1]")
+        _require(0 < self.decay <= 1, "optim.schedule.decay", self.decay, "a number in (0, 1]")
+        _require(0 <= self.min_lr < self.lr, "optim.schedule.min_lr", self.min_lr,
+                 f"a number >= 0 and < optim.lr={self.lr}")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Number of warmup steps (0: no warmup)."""
+        return round(self.warmup_epochs * self.steps_per_epoch)
+
+    @property
+    def total_steps(self) -> int:
+        """Number of updates in the run: epochs * steps_per_epoch."""
+        return self.epochs * self.steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        """The learning rate for global step `step` (>= 0; 0 is the first update)."""
+        if step < 0:
+            raise ValueError(f"step={step!r} is not allowed: expected an integer >= 0")
+        warmup = self.warmup_steps
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        step -= warmup
+        epoch = step // self.steps_per_epoch
+        if self.name == "step":
+            return self.lr * self.gamma ** (epoch // self.step_size)
+        if self.name == "exponential":
+            return self.lr * self.decay**epoch
+        if self.name == "cosine":
+            progress = min(step / (self.total_steps - warmup), 1.0)
+            return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+        return self.lr
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)

@@ -1,0 +1,343 @@
+"""MLflow tracking: the store, the run's lifecycle, and everything a run records.
+
+This module records what it is given (configs, histories, gradient-check reports,
+figures, the trained model); it trains nothing and checks nothing. Names follow the
+MLflow contract of ARCHITECTURE.md: params are the flattened resolved config
+(`model.hidden_sizes`, `optim.lr`, ...), per-epoch metrics `train_loss`, `val_loss`,
+`train_acc`, `val_acc`, `gap_acc`, `gap_loss`, `lr`, per-step `batch_loss`, final
+`test_loss`, `test_acc`, `best_val_acc`, `best_epoch`, and `gradcheck/*`.
+
+Metrics are buffered and sent with `log_batch` at the end of every epoch (one call per
+epoch instead of one per point: per-point calls cost ~4 ms each on SQLite). A failed
+send keeps the buffer and is retried at the next flush, so a tracking server that blips
+does not stop training.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before mlflow is imported: no usage telemetry unless the user asks for it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import json
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+from mlp.gradcheck import GradcheckReport
+from mlp.model import MLP
+
+Array = np.ndarray
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # the MLflow UI's model-training view
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, bad URI)."""
+
+
+def resolve_uri(configured: str | None, launch_dir: str | Path) -> str:
+    """The tracking URI: $MLFLOW_TRACKING_URI, else `tracking.uri`, else a SQLite file
+    `mlflow.db` in the directory the command was launched from, as an absolute path so
+    that every job of a sweep writes to one store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if configured:
+        return configured
+    return f"sqlite:///{(Path(launch_dir) / 'mlflow.db').resolve()}"
+
+
+def connect(uri: str, experiment: str) -> str:
+    """Point MLflow at `uri`, make sure the store and the experiment exist, and return
+    the experiment id. A server that does not answer raises TrackingError at once
+    (before any training), instead of MLflow's minutes of retries."""
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            try:
+                experiment_id = client.create_experiment(
+                    experiment, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+            except MlflowException:
+                # another job created it between our lookup and our create
+                found = client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                experiment_id = found.experiment_id
+        else:
+            experiment_id = found.experiment_id
+            if found.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    except MlflowException as e:
+        raise TrackingError(f"cannot use the MLflow tracking store at {uri}: {e}. Check "
+                            "tracking.uri / MLFLOW_TRACKING_URI and that the server is up.") from e
+    except OSError as e:
+        raise TrackingError(f"cannot reach the MLflow tracking store at {uri}: {e}") from e
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"model": {"reg": 0.1}} -> {"model.reg": "0.1"}; lists stay whole ("[100, 100]")."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, name + ".")
+        else:
+            flat[name] = "null" if value is None else str(value)
+    return flat
+
+
+def _short(x: float) -> str:
+    """1e-3 -> '1e-3', 0.0005 -> '5e-4', 0 -> '0', 0.5 -> '0.5'."""
+    if x == 0:
+        return "0"
+    mantissa, exponent = f"{x:.0e}".split("e")
+    if float(f"{x:.0e}") == x and not 0.1 <= abs(x) < 1000:
+        return f"{mantissa}e{int(exponent)}"
+    return f"{x:g}"
+
+
+def run_name(cfg: Mapping[str, Any]) -> str:
+    """A run name that says what the run is, e.g. `relu-h100-lr1e-3-reg1e-4`."""
+    m, o = cfg["model"], cfg["optim"]
+    hidden = "x".join(str(h) for h in m["hidden_sizes"]) or "linear"
+    name = f"{m['activation']}-h{hidden}-lr{_short(o['lr'])}-reg{_short(m['reg'])}"
+    if m["loss"] != "softmax":
+        name += f"-{m['loss']}"
+    return name
+
+
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment_tags(launch_dir: Path, overrides: list[str], fingerprint: Mapping[str, Any]
+                     ) -> dict[str, str]:
+    """Tags that say where a run came from: git commit and dirty flag, overrides, command,
+    host, versions and BLAS, the dataset fingerprint, and the Docker image when set."""
+    tags = {
+        "mlp.overrides": " ".join(overrides),
+        "mlp.command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "mlp.host": socket.gethostname(),
+        "mlp.python": platform.python_version(),
+        "mlp.numpy": np.__version__,
+        "mlp.blas": _blas(),
+        "mlp.version": _package_version(),
+    }
+    commit = _git("rev-parse", "HEAD", cwd=launch_dir)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["mlp.git.dirty"] = str(bool(_git("status", "--porcelain", cwd=launch_dir)))
+    for key, value in fingerprint.items():
+        tags[f"data.{key}"] = str(value)
+    for env, tag in (("MLP_LAB_IMAGE", "docker.image"), ("MLP_LAB_IMAGE_DIGEST", "docker.digest"),
+                     ("MLP_LAB_LOCK_HASH", "docker.lock_hash")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def _package_version() -> str:
+    try:
+        return version("mlp-lab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _blas() -> str:
+    config = np.show_config(mode="dicts") or {}
+    blas = config.get("Build Dependencies", {}).get("blas", {})
+    return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+
+
+class RunRecorder:
+    """Records one run: an `Observer` for the training loop plus the run's artifacts.
+
+    Per-step `batch_loss` is kept every `log_every_steps` steps; everything is buffered
+    and flushed with one `log_batch` per epoch.
+    """
+
+    def __init__(self, run_id: str, log_every_steps: int = 10) -> None:
+        self.run_id = run_id
+        self.client = MlflowClient()
+        self.log_every_steps = log_every_steps
+        self._buffer: list[Metric] = []
+
+    # -- Observer ---------------------------------------------------------------------------
+
+    def on_step(self, step: int, loss: float, lr: float) -> None:
+        if step % self.log_every_steps == 0:
+            self._add({"batch_loss": loss}, step)
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self._add(metrics, epoch)
+        self.flush()
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def _add(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(key=k, value=float(v), timestamp=now, step=step)
+                         for k, v in metrics.items()]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Record metrics now (final numbers)."""
+        self._add(metrics, step)
+        self.flush()
+
+    def flush(self, strict: bool = False) -> None:
+        """Send buffered metrics in chunks of 1000 (MLflow's batch limit). On a transient
+        failure keep them for the next flush unless `strict`."""
+        while self._buffer:
+            chunk = self._buffer[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except (MlflowException, OSError) as e:
+                if strict:
+                    raise
+                warnings.warn(f"MLflow logging failed, will retry at the next epoch: {e}",
+                              stacklevel=2)
+                return
+            del self._buffer[:1000]
+
+    # -- artifacts ------------------------------------------------------------------------
+
+    def log_config(self, resolved: Mapping[str, Any], overrides: list[str],
+                   hydra_dir: Path | None) -> None:
+        """The resolved config as params and under config/, with Hydra's own files."""
+        params = flatten(resolved)
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i:i + 100]), run_id=self.run_id)
+        self.client.log_dict(self.run_id, dict(resolved), "config/resolved.yaml")
+        self.client.log_text(self.run_id, "\n".join(overrides) + "\n", "config/overrides.txt")
+        if hydra_dir is not None and hydra_dir.is_dir():
+            self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
+
+    def log_gradcheck(self, report: GradcheckReport) -> None:
+        """gradcheck/max_rel_error, gradcheck/<param>, tag gradcheck.passed, and the
+        per-parameter table (viewable in the UI) plus the full report as JSON."""
+        metrics = {"gradcheck/max_rel_error": report.max_rel_error,
+                   "gradcheck/kinks": report.kinks}
+        metrics |= {f"gradcheck/{name}": err for name, err in report.max_by_param("total").items()}
+        self.log_metrics(metrics)
+        self.client.set_tag(self.run_id, "gradcheck.passed", str(report.passed).lower())
+        self.client.set_tag(self.run_id, "gradcheck.verdict", report.verdict)
+        rows = report.table()
+        table = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+        self.client.log_table(self.run_id, table, "gradcheck/table.json")
+        self.client.log_dict(self.run_id, report.to_dict(), "gradcheck/report.json")
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        """A matplotlib figure as plots/<name>.png."""
+        self.client.log_figure(self.run_id, figure, f"plots/{name}.png")
+
+    def log_model(self, model: MLP, normalizer_state: Mapping[str, Array],
+                  classes: tuple[str, ...]) -> None:
+        """The parameters (.npz) and an MLflow pyfunc model that predicts class ids from raw
+        N x 3072 pixels (uint8, or floats on the same 0-255 scale)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "mlp"
+            data.mkdir()
+            model.save(data / "model.npz")
+            np.savez(data / "normalizer.npz", **normalizer_state)
+            (data / "classes.json").write_text(json.dumps(list(classes)))
+            self.client.log_artifact(self.run_id, str(data / "model.npz"), "model_npz")
+            mlflow.pyfunc.log_model(name="model", loader_module="mlp.tracking",
+                                    data_path=str(data),
+                                    pip_requirements=[f"mlp-lab=={_package_version()}"])
+
+    # -- status -----------------------------------------------------------------------------
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        """End the run FINISHED, FAILED (with the error as tags) or KILLED."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status={status!r}: expected FINISHED, FAILED or KILLED")
+        try:
+            self.flush(strict=status == "FINISHED")
+        finally:
+            if error is not None:
+                self.set_tags({"error.type": type(error).__name__,
+                               "error.message": str(error)[:5000]})
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                mlflow.end_run(status=status)
+            else:
+                self.client.set_terminated(self.run_id, status=status)
+
+
+def start_run(experiment_id: str, name: str, tags: Mapping[str, str],
+              run_id: str | None = None, log_every_steps: int = 10) -> RunRecorder:
+    """Start a run (or reopen `run_id` to continue it after a resume) as the active run,
+    and return its recorder."""
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id, tags=dict(tags))
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=dict(tags))
+    return RunRecorder(run.info.run_id, log_every_steps)
+
+
+# -- the pyfunc loader (mlflow.pyfunc.load_model imports this module) ------------------------
+
+
+class PixelClassifier:
+    """What `mlflow.pyfunc.load_model` returns for an mlp-lab model: raw pixels in, class
+    ids out."""
+
+    def __init__(self, model: MLP, mean: Array, scale: Array) -> None:
+        self.model, self.mean, self.scale = model, mean, scale
+
+    def predict(self, model_input: Any, params: dict | None = None) -> Array:
+        """model_input: (N, 3072) uint8 pixels or floats on the 0-255 scale (array, list or
+        DataFrame); returns (N,) int64 class ids."""
+        X = np.asarray(model_input, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.model.arch.input_dim:
+            raise ValueError(f"input has shape {X.shape}: expected (N, "
+                             f"{self.model.arch.input_dim}) pixel values")
+        return self.model.predict((X - self.mean) / self.scale)
+
+
+def _load_pyfunc(data_path: str) -> PixelClassifier:
+    path = Path(data_path)
+    model = MLP.load(path / "model.npz")
+    with np.load(path / "normalizer.npz", allow_pickle=False) as f:
+        state = {k: f[k] for k in f.files}
+    return PixelClassifier(model, state["mean"], state["scale"])

@@ -1,0 +1,37 @@
+"""Shared fixtures: isolated data/tracking locations and the project's command-line tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """The console script `name` of the environment running the tests."""
+    path = BIN / name
+    return str(path) if path.exists() else shutil.which(name) or name
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """No test reads the user's data cache, writes to their MLflow store, or phones home."""
+    for var in ("MLFLOW_TRACKING_URI", "MLP_LAB_ARCHIVE", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLP_LAB_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture
+def run_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for running mlp-train in a subprocess inside tmp_path."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OPENBLAS_NUM_THREADS"] = env.get("OPENBLAS_NUM_THREADS", "1")
+    return env

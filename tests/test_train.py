@@ -1,0 +1,142 @@
+"""The training loop on synthetic data: learning, determinism, divergence, interrupt/resume."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlp import data as datalib
+from mlp import optim
+from mlp.model import MLP
+from mlp.train import DivergenceError, Interrupted, Trainer, TrainSettings
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> datalib.Splits:
+    root = tmp_path_factory.mktemp("train-data")
+    archive = datalib.make_synthetic_archive(root / "synthetic.tar.gz", n_train=400, n_test=100)
+    raw = datalib.load_cifar10(root, archive, datalib.file_digest(archive), progress=False)
+    return datalib.split(raw, val_size=100, seed=0)
+
+
+def make_trainer(splits: datalib.Splits, tmp: Path | None = None, dtype: str = "float64",
+                 epochs: int = 3, lr: float = 0.01, observer=None, name: str = "momentum",
+                 pad: int = 2) -> Trainer:
+    model = MLP(3072, [32], 10, activation="relu", reg=1e-3, dtype=dtype, seed=0)
+    opt = optim.make_optimizer(name, model.params)
+    bs = 50
+    schedule = optim.Schedule("cosine", lr, steps_per_epoch=math.ceil(len(splits.y_train) / bs),
+                              epochs=epochs)
+    norm = datalib.Normalizer("channel").fit(splits.X_train)
+    settings = TrainSettings(epochs=epochs, batch_size=bs, dtype=dtype, train_eval_size=200,
+                             eval_batch_size=64, augment_pad=pad, augment_flip=True,
+                             checkpoint_dir=tmp, progress=False, seed=0)
+    return Trainer(model, opt, schedule, splits, norm, settings, observer=observer)
+
+
+class Recorder:
+    def __init__(self, stop_at_step: int | None = None, trainer: Trainer | None = None):
+        self.steps: list[tuple[int, float]] = []
+        self.epochs: list[tuple[int, dict]] = []
+        self.stop_at_step, self.trainer = stop_at_step, trainer
+
+    def on_step(self, step: int, loss: float, lr: float) -> None:
+        self.steps.append((step, loss))
+        if step == self.stop_at_step:
+            self.trainer._signal = signal.SIGTERM  # what the SIGTERM handler does
+
+    def on_epoch(self, epoch: int, metrics: dict) -> None:
+        self.epochs.append((epoch, metrics))
+
+
+def test_training_lowers_the_loss_and_beats_chance(splits: datalib.Splits, tmp_path: Path):
+    rec = Recorder()
+    result = make_trainer(splits, tmp_path, observer=rec).fit()
+    losses = [loss for _, loss in rec.steps]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+    assert result.test_acc > 0.3  # 10 classes: chance is 0.1
+    assert [e for e, _ in rec.epochs] == [1, 2, 3]
+    for key in ("train_loss", "val_loss", "train_acc", "val_acc", "gap_acc", "gap_loss", "lr"):
+        assert len(result.history[key]) == 3
+    gap = np.subtract(result.history["train_acc"], result.history["val_acc"])
+    np.testing.assert_allclose(result.history["gap_acc"], gap)
+    assert result.best_val_acc == max(result.history["val_acc"])
+    assert result.checkpoint == tmp_path / "last.npz" and result.checkpoint.exists()
+
+
+def test_health_metrics_are_reported(splits: datalib.Splits):
+    rec = Recorder()
+    make_trainer(splits, epochs=1, observer=rec).fit()
+    metrics = rec.epochs[0][1]
+    assert 0 < metrics["health/W1/update_ratio"] < 1
+    assert metrics["health/W1/grad_norm"] > 0
+    assert 0 <= metrics["health/layer1/dead_frac"] <= 1
+
+
+def test_same_seed_same_metrics(splits: datalib.Splits):
+    a = make_trainer(splits, dtype="float32", epochs=2).fit()
+    b = make_trainer(splits, dtype="float32", epochs=2).fit()
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert a.history[key] == b.history[key]
+    assert a.test_acc == b.test_acc
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float64", 0.0), ("float32", 1e-5)])
+@pytest.mark.parametrize("stop_at_step", [3, 8])  # mid-epoch, and right at an epoch's end
+def test_interrupt_and_resume_equals_an_uninterrupted_run(
+        splits: datalib.Splits, tmp_path: Path, dtype: str, tol: float, stop_at_step: int):
+    reference = make_trainer(splits, tmp_path / "full", dtype=dtype)
+    full = reference.fit()
+
+    first = make_trainer(splits, tmp_path / "cut", dtype=dtype)
+    first.observer = Recorder(stop_at_step=stop_at_step, trainer=first)
+    with pytest.raises(Interrupted) as stopped:
+        first.fit()
+    assert stopped.value.checkpoint == tmp_path / "cut" / "last.npz"
+    assert stopped.value.signum == signal.SIGTERM
+
+    second = make_trainer(splits, tmp_path / "cut", dtype=dtype)
+    second.load_checkpoint(stopped.value.checkpoint)
+    resumed = second.fit()
+    for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+        np.testing.assert_allclose(resumed.history[key], full.history[key], rtol=tol, atol=tol)
+    assert abs(resumed.test_loss - full.test_loss) <= tol
+    for name, p in second.model.params.items():
+        np.testing.assert_allclose(p, reference.model.params[name], rtol=tol, atol=tol)
+
+
+def test_divergence_stops_with_a_clear_error(splits: datalib.Splits):
+    trainer = make_trainer(splits, lr=1e4, name="sgd")
+    with pytest.raises(DivergenceError, match=r"diverged.*optim\.lr"):
+        trainer.fit()
+
+
+def test_early_stopping_uses_patience(splits: datalib.Splits):
+    trainer = make_trainer(splits, epochs=30)
+    trainer.s.patience = 1
+    result = trainer.fit()
+    assert result.stopped_early and result.epochs_run < 30
+
+
+def test_resume_rejects_another_architecture(splits: datalib.Splits, tmp_path: Path):
+    make_trainer(splits, tmp_path, epochs=1).fit()
+    other = make_trainer(splits, epochs=1)
+    other.model = MLP(3072, [16], 10, dtype="float64")
+    with pytest.raises(ValueError, match="arch"):
+        other.load_checkpoint(tmp_path / "last.npz")
+
+
+def test_resume_of_a_missing_file_is_a_clear_error(splits: datalib.Splits, tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"trainer\.resume"):
+        make_trainer(splits).load_checkpoint(tmp_path / "nope.npz")
+
+
+def test_checkpoint_holds_no_pickles(splits: datalib.Splits, tmp_path: Path):
+    make_trainer(splits, tmp_path, epochs=1).fit()
+    with np.load(tmp_path / "last.npz", allow_pickle=False) as f:
+        assert all(f[k].dtype != object for k in f.files)
