@@ -8,9 +8,10 @@ MLflow contract of ARCHITECTURE.md: params are the flattened resolved config
 `test_loss`, `test_acc`, `best_val_acc`, `best_epoch`, and `gradcheck/*`.
 
 Metrics are buffered and sent with `log_batch` at the end of every epoch (one call per
-epoch instead of one per point: per-point calls cost ~4 ms each on SQLite). A failed
-send keeps the buffer and is retried at the next flush, so a tracking server that blips
-does not stop training.
+epoch instead of one per point: per-point calls cost ~4 ms each on SQLite), by a
+background thread so that the training loop never waits for the store. A failed send
+puts its metrics back into the buffer for the next flush, so a tracking server that
+blips does not stop training.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -188,7 +191,7 @@ class RunRecorder:
     """Records one run: an `Observer` for the training loop plus the run's artifacts.
 
     Per-step `batch_loss` is kept every `log_every_steps` steps; everything is buffered
-    and flushed with one `log_batch` per epoch.
+    and flushed with `log_batch` once per epoch, from a background thread.
     """
 
     def __init__(self, run_id: str, log_every_steps: int = 10) -> None:
@@ -196,6 +199,9 @@ class RunRecorder:
         self.client = MlflowClient()
         self.log_every_steps = log_every_steps
         self._buffer: list[Metric] = []
+        self._lock = threading.Lock()
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlp-tracking")
+        self._sending: Future | None = None
 
     # -- Observer ---------------------------------------------------------------------------
 
@@ -211,28 +217,44 @@ class RunRecorder:
 
     def _add(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._buffer += [Metric(key=k, value=float(v), timestamp=now, step=step)
-                         for k, v in metrics.items()]
+        points = [Metric(key=k, value=float(v), timestamp=now, step=step)
+                  for k, v in metrics.items()]
+        with self._lock:
+            self._buffer += points
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        """Record metrics now (final numbers)."""
+        """Record metrics now (final numbers), waiting until they are stored."""
         self._add(metrics, step)
-        self.flush()
+        self.flush(wait=True)
 
-    def flush(self, strict: bool = False) -> None:
-        """Send buffered metrics in chunks of 1000 (MLflow's batch limit). On a transient
-        failure keep them for the next flush unless `strict`."""
-        while self._buffer:
-            chunk = self._buffer[:1000]
+    def flush(self, wait: bool = False, strict: bool = False) -> None:
+        """Hand the buffered metrics to the sender thread; with `wait`, block until they
+        are stored, and with `strict` also retry what failed once more, raising on error."""
+        with self._lock:
+            points, self._buffer = self._buffer, []
+        if points:
+            self._sending = self._sender.submit(self._send, points)
+        if wait and self._sending is not None:
+            self._sending.result()
+            if strict:
+                with self._lock:
+                    points, self._buffer = self._buffer, []
+                self._send(points, strict=True)
+
+    def _send(self, points: list[Metric], strict: bool = False) -> None:
+        """log_batch in chunks of 1000 (MLflow's limit). On failure put what is left back
+        at the front of the buffer, for the next flush (one sender thread keeps the order)."""
+        for i in range(0, len(points), 1000):
             try:
-                self.client.log_batch(self.run_id, metrics=chunk)
+                self.client.log_batch(self.run_id, metrics=points[i:i + 1000])
             except (MlflowException, OSError) as e:
                 if strict:
                     raise
-                warnings.warn(f"MLflow logging failed, will retry at the next epoch: {e}",
+                with self._lock:
+                    self._buffer[:0] = points[i:]
+                warnings.warn(f"MLflow logging failed, will retry at the next flush: {e}",
                               stacklevel=2)
                 return
-            del self._buffer[:1000]
 
     # -- artifacts ------------------------------------------------------------------------
 
@@ -292,8 +314,9 @@ class RunRecorder:
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status={status!r}: expected FINISHED, FAILED or KILLED")
         try:
-            self.flush(strict=status == "FINISHED")
+            self.flush(wait=True, strict=status == "FINISHED")
         finally:
+            self._sender.shutdown(wait=True)
             if error is not None:
                 self.set_tags({"error.type": type(error).__name__,
                                "error.message": str(error)[:5000]})
