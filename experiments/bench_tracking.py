@@ -67,7 +67,8 @@ def fit(splits: datalib.Splits, normalizer: datalib.Normalizer, epochs: int,
     batch = 200
     schedule = optim.Schedule("exponential", 1e-2, math.ceil(len(splits.y_train) / batch), epochs)
     settings = TrainSettings(epochs=epochs, batch_size=batch, progress=False, seed=0)
-    trainer = Trainer(model, opt, schedule, splits, normalizer, settings, observer=observer)
+    trainer = Trainer(model, opt, schedule, splits, normalizer, settings,
+                      observers=[observer] if observer else [])
     start = time.perf_counter()
     trainer.fit()
     if observer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,15 @@ from typing import Any
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mlp import config as configlib
 from mlp import data as datalib
 from mlp import gradcheck, optim, plots, tracking
+from mlp import sweep as sweeplib
 from mlp.model import MLP
-from mlp.train import DivergenceError, Interrupted, Trainer, TrainSettings
+from mlp.train import DivergenceError, Interrupted, Trainer, TrainResult, TrainSettings
 
 log = logging.getLogger("mlp")
 
@@ -99,23 +102,115 @@ def _connect(cfg: DictConfig, launch_dir: Path) -> tuple[str, str]:
 
 
 def train(cfg: DictConfig) -> float:
-    """One training run, recorded in MLflow; returns the best validation accuracy."""
+    """One training run, recorded in MLflow; returns the best validation accuracy.
+
+    Alone, every problem exits non-zero with a message (2: config or data, 1: failure,
+    3: failed gradient check, 130: interrupted). As a job of a sweep (`-m`), the run is a
+    child of the sweep's parent run, a config that already finished in the experiment is
+    skipped, one that was killed is resumed, and a job that fails is recorded FAILED and
+    returns NaN so that the sweep goes on; only an interruption stops the sweep.
+    """
+    launch_dir, output_dir, overrides = _hydra_paths()
+    parent = sweeplib.read_parent(HydraConfig.get().sweep.dir) if _multirun() else None
     try:
         configlib.validate(cfg)
     except ValueError as e:
-        _config_error(e)
-    launch_dir, output_dir, overrides = _hydra_paths()
+        if parent is None:
+            _config_error(e)
+        return _record_invalid_job(cfg, e, launch_dir, overrides, parent)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
     uri, experiment_id = _connect(cfg, launch_dir)
+    config_hash = sweeplib.config_hash(resolved)
+    resume = cfg.trainer.resume
+    if parent is not None:
+        earlier = tracking.runs_with_config(experiment_id, config_hash)
+        finished = [r for r in earlier if r.info.status == "FINISHED"]
+        if finished:
+            log.info("skipping: this config already finished as run %s", finished[0].info.run_id)
+            return finished[0].data.metrics.get("best_val_acc", math.nan)
+        killed = [r for r in earlier if r.info.status == "KILLED"
+                  and Path(r.data.tags.get("checkpoint", "")).is_file()]
+        if killed and not resume:
+            resume = killed[0].data.tags["checkpoint"]
+            log.info("resuming killed run %s from %s", killed[0].info.run_id, resume)
 
     try:
         splits = load_data(cfg)
     except datalib.DataError as e:
-        print(f"mlp-lab: data problem: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    t = cfg.trainer
+        if parent is None:
+            print(f"mlp-lab: data problem: {e}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
+        return _record_invalid_job(cfg, e, launch_dir, overrides, parent)
+    trainer = build_trainer(cfg, splits, output_dir)
+    resumed_run = None
+    if resume:
+        try:
+            resumed_run = trainer.load_checkpoint(resume).get("run_id")
+        except (OSError, ValueError) as e:
+            _config_error(ValueError(f"trainer.resume: {e}"))
+
+    tags = tracking.environment_tags(launch_dir, overrides, splits.fingerprint)
+    tags[sweeplib.CONFIG_HASH_TAG] = config_hash
+    tags["mlp.blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    name = cfg.tracking.run_name or tracking.run_name(resolved)
+    recorder = tracking.start_run(experiment_id, name, tags, run_id=resumed_run,
+                                  log_every_steps=cfg.tracking.log_every_steps,
+                                  parent_run_id=parent and parent["run_id"])
+    trainer.meta["run_id"] = recorder.run_id
+    trainer.observers.append(recorder)
+    if cfg.trial.study is not None:
+        from mlp.pruning import TrialReporter
+
+        trainer.observers.append(TrialReporter(cfg.trial.storage, cfg.trial.study,
+                                               cfg.trial.number))
+    log.info("MLflow run %s in experiment %r at %s", recorder.run_id, cfg.tracking.experiment, uri)
+    try:
+        if resumed_run is None:
+            recorder.log_config(resolved, overrides, output_dir / ".hydra")
+        if cfg.gradcheck.enabled and resumed_run is None:
+            report = run_gradcheck(cfg)
+            log.info("gradient check (float64, widths <= %d):\n%s", cfg.gradcheck.max_width, report)
+            recorder.log_gradcheck(report)
+            if not report.passed and cfg.gradcheck.stop_on_fail:
+                raise GradcheckFailed(f"gradient check failed: max relative error "
+                                      f"{report.max_rel_error:.2e} >= tol {report.tol:g}")
+        result = trainer.fit()
+        record_result(recorder, cfg, trainer, splits, result)
+    except Interrupted as e:
+        recorder.set_tags({"checkpoint": str(e.checkpoint),
+                           "resume": f"trainer.resume={e.checkpoint}"})
+        recorder.finish("KILLED", e)
+        log.warning("%s\nresume with: mlp-train ... trainer.resume=%s", e, e.checkpoint)
+        if parent is not None:
+            raise KeyboardInterrupt(str(e)) from e  # stop the whole sweep
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as e:
+        recorder.finish("KILLED", e)
+        raise
+    except BaseException as e:
+        if type(e).__name__ == "TrialPruned":
+            recorder.set_tags({"optuna.pruned": "true"})
+            recorder.finish("KILLED", e)
+            raise
+        recorder.finish("FAILED", e)
+        if parent is not None and isinstance(e, Exception):
+            log.error("job failed, the sweep goes on: %s: %s", type(e).__name__, e)
+            return math.nan
+        if isinstance(e, DivergenceError | GradcheckFailed):
+            print(f"mlp-lab: {e}", file=sys.stderr)
+            sys.exit(EXIT_GRADCHECK if isinstance(e, GradcheckFailed) else 1)
+        raise
+    recorder.finish("FINISHED")
+    log.info("test accuracy %.4f (best val_acc %.4f at epoch %d); run %s\nview: mlflow ui "
+             "--backend-store-uri %s", result.test_acc, result.best_val_acc, result.best_epoch,
+             recorder.run_id, uri)
+    return result.best_val_acc
+
+
+def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> Trainer:
+    """Model, optimizer, schedule, normalizer and loop settings from the config."""
+    t, o = cfg.trainer, cfg.optim
     model = build_model(cfg)
-    o = cfg.optim
     optimizer = optim.make_optimizer(o.name, model.params, momentum=o.momentum,
                                      decay_rate=o.decay_rate, beta1=o.beta1, beta2=o.beta2,
                                      eps=o.eps)
@@ -132,67 +227,44 @@ def train(cfg: DictConfig) -> float:
         augment_pad=cfg.data.augment.pad, augment_flip=cfg.data.augment.flip,
         checkpoint_dir=Path(t.checkpoint_dir) if t.checkpoint_dir else output_dir / "checkpoints",
         progress=t.progress, health=cfg.tracking.health, seed=cfg.seed)
-    trainer = Trainer(model, optimizer, schedule, splits, normalizer, settings)
-    resumed_run = None
-    if t.resume:
-        try:
-            resumed_run = trainer.load_checkpoint(t.resume).get("run_id")
-        except (OSError, ValueError) as e:
-            _config_error(ValueError(f"trainer.resume: {e}"))
+    return Trainer(model, optimizer, schedule, splits, normalizer, settings)
 
-    tags = tracking.environment_tags(launch_dir, overrides, splits.fingerprint)
-    name = cfg.tracking.run_name or tracking.run_name(resolved)
-    recorder = tracking.start_run(experiment_id, name, tags, run_id=resumed_run,
-                                  log_every_steps=cfg.tracking.log_every_steps)
-    trainer.meta["run_id"] = recorder.run_id
-    trainer.observer = recorder
-    log.info("MLflow run %s in experiment %r at %s", recorder.run_id, cfg.tracking.experiment, uri)
-    try:
-        if resumed_run is None:
-            recorder.log_config(resolved, overrides, output_dir / ".hydra")
-        if cfg.gradcheck.enabled and resumed_run is None:
-            report = run_gradcheck(cfg)
-            log.info("gradient check (float64, widths <= %d):\n%s", cfg.gradcheck.max_width, report)
-            recorder.log_gradcheck(report)
-            if not report.passed and cfg.gradcheck.stop_on_fail:
-                raise GradcheckFailed(f"gradient check failed: max relative error "
-                                      f"{report.max_rel_error:.2e} >= tol {report.tol:g}")
-        result = trainer.fit()
-        recorder.log_metrics({"test_loss": result.test_loss, "test_acc": result.test_acc,
-                              "best_val_acc": result.best_val_acc,
-                              "best_epoch": result.best_epoch}, step=result.epochs_run)
-        recorder.set_tags({"checkpoint": str(result.checkpoint),
-                           "stopped_early": str(result.stopped_early).lower()})
-        if cfg.tracking.plots:
-            classes = splits.classes
-            recorder.log_figure(plots.curves_figure(result.history), "curves")
-            recorder.log_figure(plots.confusion_figure(splits.y_test, result.test_pred, classes),
-                                "confusion_matrix")
-            recorder.log_figure(plots.per_class_figure(splits.y_test, result.test_pred, classes),
-                                "per_class_accuracy")
-            recorder.log_figure(plots.weights_figure(model.params["W1"]), "first_layer_weights")
-        if cfg.tracking.log_model:
-            recorder.log_model(model, normalizer.state_dict(), splits.classes)
-    except Interrupted as e:
-        recorder.set_tags({"checkpoint": str(e.checkpoint),
-                           "resume": f"trainer.resume={e.checkpoint}"})
-        recorder.finish("KILLED", e)
-        log.warning("%s\nresume with: mlp-train ... trainer.resume=%s", e, e.checkpoint)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt as e:
-        recorder.finish("KILLED", e)
-        raise
-    except BaseException as e:
-        recorder.finish("FAILED", e)
-        if isinstance(e, DivergenceError | GradcheckFailed):
-            print(f"mlp-lab: {e}", file=sys.stderr)
-            sys.exit(EXIT_GRADCHECK if isinstance(e, GradcheckFailed) else 1)
-        raise
-    recorder.finish("FINISHED")
-    log.info("test accuracy %.4f (best val_acc %.4f at epoch %d); run %s\nview: mlflow ui "
-             "--backend-store-uri %s", result.test_acc, result.best_val_acc, result.best_epoch,
-             recorder.run_id, uri)
-    return result.best_val_acc
+
+def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trainer,
+                  splits: datalib.Splits, result: TrainResult) -> None:
+    """Final metrics, figures and the model of a finished training."""
+    recorder.log_metrics({"test_loss": result.test_loss, "test_acc": result.test_acc,
+                          "best_val_acc": result.best_val_acc,
+                          "best_epoch": result.best_epoch}, step=result.epochs_run)
+    recorder.set_tags({"checkpoint": str(result.checkpoint),
+                       "stopped_early": str(result.stopped_early).lower()})
+    if cfg.tracking.plots:
+        classes = splits.classes
+        recorder.log_figure(plots.curves_figure(result.history), "curves")
+        recorder.log_figure(plots.confusion_figure(splits.y_test, result.test_pred, classes),
+                            "confusion_matrix")
+        recorder.log_figure(plots.per_class_figure(splits.y_test, result.test_pred, classes),
+                            "per_class_accuracy")
+        recorder.log_figure(plots.weights_figure(trainer.model.params["W1"]),
+                            "first_layer_weights")
+    if cfg.tracking.log_model:
+        recorder.log_model(trainer.model, trainer.normalizer.state_dict(), splits.classes)
+
+
+def _multirun() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_invalid_job(cfg: DictConfig, error: Exception, launch_dir: Path,
+                        overrides: list[str], parent: dict) -> float:
+    """A sweep job that cannot start: a FAILED child run that says why; NaN to the sweeper."""
+    log.error("job cannot run, the sweep goes on: %s", error)
+    _, experiment_id = _connect(cfg, launch_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tags = tracking.environment_tags(launch_dir, overrides, {})
+    tracking.start_failed_run(experiment_id, tracking.run_name(resolved), tags, error,
+                              parent_run_id=parent["run_id"])
+    return math.nan
 
 
 def check(cfg: DictConfig) -> bool:

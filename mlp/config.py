@@ -121,6 +121,16 @@ class TrackingConfig:
 
 
 @dataclass
+class TrialConfig:
+    """Set per trial by the Optuna sweeper (hydra/sweeper=mlp_optuna), never by hand: which
+    trial of which study this job is, so that it can report val_acc for pruning."""
+
+    storage: str | None = None
+    study: str | None = None
+    number: int | None = None
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,6 +139,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
 
 
 SCHEMA_NAME = "mlp_lab_schema"

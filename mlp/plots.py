@@ -2,7 +2,8 @@
 per-class accuracy, first-layer weights as images.
 
 Built on `matplotlib.figure.Figure` directly (no pyplot): no global state and no GUI
-backend, so figures can be made in any process or thread of a sweep.
+backend, so figures can be made in any process or thread of a sweep. Every function
+returns a Figure and leaves saving or logging it to the caller.
 """
 
 from __future__ import annotations
@@ -14,30 +15,58 @@ from matplotlib.figure import Figure
 
 Array = np.ndarray
 
+# CIFAR-10 rows: the R, G and B planes of a 32x32 image, one after the other.
+IMAGE_SHAPE = (3, 32, 32)
+INPUT_DIM = 3 * 32 * 32
+
+
+def _labels(y_true: Array, y_pred: Array, num_classes: int) -> tuple[Array, Array]:
+    """y_true, y_pred as int64 (N,) arrays, checked to be class ids in [0, num_classes)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.ndim != 1 or y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape}: expected two (N,)")
+    # An out-of-range label would not fail in bincount: it would land in another cell.
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{name} has labels outside [0, {num_classes})")
+    return y_true.astype(np.int64), y_pred.astype(np.int64)
+
 
 def confusion_matrix(y_true: Array, y_pred: Array, num_classes: int) -> Array:
-    """Counts (C, C) int64: row = true class, column = predicted class."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    """Counts of (true, predicted) pairs: y_true, y_pred int (N,) in [0, C) -> (C, C) int64,
+    row = true class, column = predicted class. One bincount over the flat index
+    true * C + pred; labels outside [0, C) or mismatched shapes raise ValueError."""
+    y_true, y_pred = _labels(y_true, y_pred, num_classes)
     flat = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
     return flat.reshape(num_classes, num_classes).astype(np.int64)
 
 
 def per_class_accuracy(y_true: Array, y_pred: Array, num_classes: int) -> Array:
-    """Accuracy of each true class (C,), NaN for a class with no samples."""
+    """Accuracy of each true class: y_true, y_pred int (N,) in [0, C) -> (C,) float64, the
+    diagonal of the confusion matrix over its row sums; NaN for a class with no samples
+    (an unknown accuracy, not a zero one)."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
     totals = cm.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, np.diag(cm) / np.maximum(totals, 1), np.nan)
+    return np.where(totals > 0, np.diag(cm) / np.maximum(totals, 1), np.nan)
+
+
+def _accuracy(cm: Array) -> float:
+    """Overall accuracy from a (C, C) confusion matrix; NaN when it counts nothing."""
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else float("nan")
 
 
 def curves_figure(history: dict[str, list[float]]) -> Figure:
-    """Loss and accuracy per epoch, train vs validation, with the gap between them shaded
-    and the final gap and the best validation epoch marked. history: lists of equal
-    length under "train_loss", "val_loss", "train_acc", "val_acc"."""
+    """Loss and accuracy per epoch, train vs validation, in two panels. history holds lists of
+    equal length E >= 1 (epochs 1..E) under "train_loss", "val_loss", "train_acc",
+    "val_acc" (accuracies as fractions). The gap between train and validation is shaded,
+    its final value written at the last epoch (val - train for the loss, train - val in
+    percentage points for the accuracy, as the gap_loss / gap_acc metrics), and the epoch of
+    the best validation accuracy is marked."""
     epochs = np.arange(1, len(history["train_loss"]) + 1)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for ax, key, title in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy")):
+    for ax, key, name in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy")):
         train = np.asarray(history[f"train_{key}"], dtype=float)
         val = np.asarray(history[f"val_{key}"], dtype=float)
         ax.plot(epochs, train, "o-", ms=3, label=f"train {key}")
@@ -45,74 +74,106 @@ def curves_figure(history: dict[str, list[float]]) -> Figure:
         ax.fill_between(epochs, train, val, color="tab:red", alpha=0.15, label="gap")
         gap = val[-1] - train[-1] if key == "loss" else train[-1] - val[-1]
         text = f"gap {gap:.3f}" if key == "loss" else f"gap {100 * gap:.1f} pts"
+        # Left of the last point, so the label stays inside the axes at any epoch count.
         ax.annotate(text, (epochs[-1], (train[-1] + val[-1]) / 2), xytext=(-8, 0),
                     textcoords="offset points", ha="right", va="center", fontsize=9)
-        ax.set_title(title)
+        ax.set_title(f"{name} (train vs val)")
         ax.set_xlabel("epoch")
+        ax.set_ylabel(name.lower())
+        # Integer epochs only: a fractional tick would suggest a mid-epoch evaluation.
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     val_acc = np.asarray(history["val_acc"], dtype=float)
-    best = int(np.argmax(val_acc))
-    ax_acc.axvline(epochs[best], color="gray", ls="--", lw=1,
-                   label=f"best val {val_acc[best]:.3f} (epoch {epochs[best]})")
+    if np.isfinite(val_acc).any():
+        best = int(np.nanargmax(np.where(np.isfinite(val_acc), val_acc, np.nan)))
+        ax_acc.axvline(epochs[best], color="gray", ls="--", lw=1,
+                       label=f"best val {val_acc[best]:.3f} (epoch {epochs[best]})")
+        ax_acc.plot(epochs[best], val_acc[best], "*", color="tab:orange", ms=12)
     ax_loss.legend(fontsize=8)
     ax_acc.legend(fontsize=8)
     return fig
 
 
 def confusion_figure(y_true: Array, y_pred: Array, classes: Sequence[str]) -> Figure:
-    """The row-normalized confusion matrix (rows: true class) with percentages."""
+    """The row-normalized confusion matrix as an image: y_true, y_pred int (N,) in [0, C),
+    classes the C names. Cell (i, j) is the percentage of class i predicted as j, so each
+    row sums to 100 whatever the class sizes; a class with no samples has an empty row.
+    The overall accuracy is in the title."""
     c = len(classes)
     cm = confusion_matrix(y_true, y_pred, c)
-    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    totals = cm.sum(axis=1, keepdims=True)
+    rates = np.where(totals > 0, cm / np.maximum(totals, 1), np.nan)
+    fig = Figure(figsize=(1.5 + 0.6 * c, 1 + 0.55 * c), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i, j in np.ndindex(c, c):
-        ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                color="white" if rates[i, j] > 0.5 else "black")
+        if np.isfinite(rates[i, j]):
+            # White on the dark cells so the number stays readable.
+            ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xticks(range(c), classes, rotation=45, ha="right")
     ax.set_yticks(range(c), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"Test confusion matrix (%), accuracy {np.trace(cm) / max(cm.sum(), 1):.3f}")
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Confusion matrix (% of each true class), accuracy {_accuracy(cm):.3f}")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
     return fig
 
 
 def per_class_figure(y_true: Array, y_pred: Array, classes: Sequence[str]) -> Figure:
-    """Per-class accuracy as horizontal bars, the overall accuracy as a line."""
-    acc = per_class_accuracy(y_true, y_pred, len(classes))
-    overall = float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    """Per-class accuracy as horizontal bars, one per class in the order of classes (C names),
+    with the overall accuracy as a vertical line: y_true, y_pred int (N,) in [0, C). A class
+    with no samples gets no bar and is labelled so, rather than showing a false zero."""
+    c = len(classes)
+    acc = per_class_accuracy(y_true, y_pred, c)
+    overall = _accuracy(confusion_matrix(y_true, y_pred, c))
+    fig = Figure(figsize=(6.5, 1.2 + 0.35 * c), layout="constrained")
     ax = fig.subplots()
-    ax.barh(range(len(classes)), np.nan_to_num(acc), color="tab:blue")
-    ax.axvline(overall, color="tab:red", ls="--", label=f"overall {overall:.3f}")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.invert_yaxis()
+    rows = np.arange(c)
+    ax.barh(rows, np.nan_to_num(acc), color="tab:blue")
+    for row, value in zip(rows, acc, strict=True):
+        if not np.isfinite(value):
+            ax.text(0.01, row, "no samples", va="center", fontsize=8, color="gray")
+        elif value > 0.85:  # a long bar: write inside its end, where there is room
+            ax.text(value - 0.01, row, f"{value:.3f}", va="center", ha="right", fontsize=8,
+                    color="white")
+        else:
+            ax.text(value + 0.01, row, f"{value:.3f}", va="center", fontsize=8)
+    if np.isfinite(overall):
+        ax.axvline(overall, color="tab:red", ls="--", label=f"overall {overall:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(rows, classes)
+    ax.invert_yaxis()  # first class on top, as in the confusion matrix
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy")
-    ax.set_title("Test accuracy per class")
-    ax.legend(loc="lower right")
+    ax.set_title("Accuracy per class")
     return fig
 
 
 def weights_figure(W: Array, max_units: int = 100) -> Figure:
-    """First-layer weights W (3072, H) as 32x32 RGB images, one per unit (up to
-    max_units), each rescaled to [0, 1] on its own as in cs231n."""
-    W = np.asarray(W, dtype=np.float64)
-    if W.ndim != 2 or W.shape[0] != 3072:
-        raise ValueError(f"W has shape {W.shape}: expected (3072, H) first-layer weights")
-    units = W[:, :max_units].T.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    """First-layer weights W (3072, H) as a grid of 32x32 RGB images, one per hidden unit
+    (column of W), for the first min(H, max_units) units. A column holds CIFAR's R, G and B
+    planes, so it is reshaped to (3, 32, 32) and moved to (32, 32, 3); each image is rescaled
+    to [0, 1] on its own (as in cs231n), which shows its pattern, not its scale. Any other
+    input width, or max_units < 1, raises ValueError."""
+    W = np.asarray(W)
+    if W.ndim != 2 or W.shape[0] != INPUT_DIM or W.shape[1] == 0:
+        raise ValueError(f"W has shape {W.shape}: expected first-layer weights ({INPUT_DIM}, H)")
+    if max_units < 1:
+        raise ValueError(f"max_units must be >= 1, got {max_units}")
+    # Slice before converting: W can be wide and only the shown units need float64.
+    shown = W[:, :max_units].T.astype(np.float64)
+    units = shown.reshape(-1, *IMAGE_SHAPE).transpose(0, 2, 3, 1)
     lo = units.min(axis=(1, 2, 3), keepdims=True)
     hi = units.max(axis=(1, 2, 3), keepdims=True)
-    units = (units - lo) / np.maximum(hi - lo, 1e-12)
+    units = (units - lo) / np.maximum(hi - lo, 1e-12)  # a constant unit becomes black
     cols = int(np.ceil(np.sqrt(len(units))))
     rows = int(np.ceil(len(units) / cols))
-    fig = Figure(figsize=(cols * 0.9, rows * 0.9 + 0.4), layout="constrained")
+    fig = Figure(figsize=(max(cols * 0.9, 3.5), rows * 0.9 + 0.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.set_axis_off()
     for ax, image in zip(axes, units, strict=False):
         ax.imshow(image, interpolation="nearest")
-    fig.suptitle(f"First-layer weights ({min(W.shape[1], max_units)} of {W.shape[1]} units)")
+    fig.suptitle(f"First-layer weights ({len(units)} of {W.shape[1]} units)")
     return fig

@@ -328,14 +328,50 @@ class RunRecorder:
 
 
 def start_run(experiment_id: str, name: str, tags: Mapping[str, str],
-              run_id: str | None = None, log_every_steps: int = 10) -> RunRecorder:
+              run_id: str | None = None, log_every_steps: int = 10,
+              parent_run_id: str | None = None) -> RunRecorder:
     """Start a run (or reopen `run_id` to continue it after a resume) as the active run,
-    and return its recorder."""
+    as a child of `parent_run_id` when given, and return its recorder."""
+    tags = dict(tags)
+    if parent_run_id is not None:
+        tags["mlflow.parentRunId"] = parent_run_id
     if run_id is not None:
-        run = mlflow.start_run(run_id=run_id, tags=dict(tags))
+        run = mlflow.start_run(run_id=run_id, tags=tags)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=dict(tags))
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
     return RunRecorder(run.info.run_id, log_every_steps)
+
+
+def open_parent_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
+    """The parent run of a sweep: the one with the same `mlp.sweep.hash` tag if the sweep
+    ran before (reopened as RUNNING), else a new one. Not the fluent active run: the
+    jobs' child runs are."""
+    client = MlflowClient()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlp.sweep.hash` = '{tags['mlp.sweep.hash']}'",
+        max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    return client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
+
+
+def runs_with_config(experiment_id: str, config_hash: str) -> list:
+    """Training runs of the experiment whose `mlp.config_hash` tag is config_hash, newest
+    first."""
+    return MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`mlp.config_hash` = '{config_hash}'",
+        order_by=["attributes.start_time DESC"])
+
+
+def start_failed_run(experiment_id: str, name: str, tags: Mapping[str, str],
+                     error: BaseException, parent_run_id: str | None = None) -> str:
+    """Record a job that could not start (e.g. an invalid combination in a sweep) as a
+    FAILED run with its error, so the sweep shows it."""
+    recorder = start_run(experiment_id, name, tags, parent_run_id=parent_run_id)
+    recorder.finish("FAILED", error)
+    return recorder.run_id
 
 
 # -- the pyfunc loader (mlflow.pyfunc.load_model imports this module) ------------------------

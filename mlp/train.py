@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +122,7 @@ class Trainer:
 
     def __init__(self, model: MLP, optimizer: Optimizer, schedule: Schedule,
                  splits: datalib.Splits, normalizer: datalib.Normalizer,
-                 settings: TrainSettings, observer: Observer | None = None,
+                 settings: TrainSettings, observers: Sequence[Observer] = (),
                  meta: dict | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -130,7 +130,7 @@ class Trainer:
         self.splits = splits
         self.normalizer = normalizer
         self.s = settings
-        self.observer = observer
+        self.observers = list(observers)
         self.meta = dict(meta or {})
         self.dtype = np.dtype(settings.dtype)
         self.rng = np.random.default_rng([settings.seed, 1])
@@ -173,8 +173,8 @@ class Trainer:
                     before = self._snapshot() if s.health and b == batches_per_epoch - 1 else None
                     self.optimizer.step(model.params, grads, lr)
                     st.step, st.batch, seen = st.step + 1, b + 1, seen + len(idx)
-                    if self.observer:
-                        self.observer.on_step(st.step, float(loss), lr)
+                    for observer in self.observers:
+                        observer.on_step(st.step, float(loss), lr)
                     bar.update()
                     if st.step % 20 == 0:
                         bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
@@ -191,8 +191,8 @@ class Trainer:
                 else:
                     st.bad_epochs += 1
                 checkpoint = self.save_checkpoint()
-                if self.observer:
-                    self.observer.on_epoch(st.epoch, metrics)
+                for observer in self.observers:
+                    observer.on_epoch(st.epoch, metrics)
                 if self._signal is not None:
                     raise Interrupted(self._signal, checkpoint)
                 if s.patience is not None and st.bad_epochs >= s.patience:

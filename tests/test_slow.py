@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import tool
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 

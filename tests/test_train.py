@@ -35,7 +35,8 @@ def make_trainer(splits: datalib.Splits, tmp: Path | None = None, dtype: str = "
     settings = TrainSettings(epochs=epochs, batch_size=bs, dtype=dtype, train_eval_size=200,
                              eval_batch_size=64, augment_pad=pad, augment_flip=True,
                              checkpoint_dir=tmp, progress=False, seed=0)
-    return Trainer(model, opt, schedule, splits, norm, settings, observer=observer)
+    return Trainer(model, opt, schedule, splits, norm, settings,
+                   observers=[observer] if observer else [])
 
 
 class Recorder:
@@ -94,7 +95,7 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(
     full = reference.fit()
 
     first = make_trainer(splits, tmp_path / "cut", dtype=dtype)
-    first.observer = Recorder(stop_at_step=stop_at_step, trainer=first)
+    first.observers = [Recorder(stop_at_step=stop_at_step, trainer=first)]
     with pytest.raises(Interrupted) as stopped:
         first.fit()
     assert stopped.value.checkpoint == tmp_path / "cut" / "last.npz"

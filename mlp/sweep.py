@@ -1,0 +1,144 @@
+"""Sweeps: one MLflow parent run per multirun, each job a child run, whatever the launcher.
+
+`SweepCallback` is a Hydra callback (registered in `conf/config.yaml`). Before any job
+starts it creates the tracking store and the experiment (concurrent first use of a fresh
+SQLite store races in MLflow's migrations), opens the parent run and writes its id to
+`<sweep dir>/mlflow_parent.json`, where every job finds it: in this process (basic
+launcher), in joblib's worker processes, in submitit jobs on this or another machine
+(the sweep dir is on a shared file system there). It also gives each joblib worker its
+share of the cores for BLAS before NumPy loads there. After the last job it logs the
+comparison report on the parent and ends it.
+
+A parent is identified by the sweep's definition (config name, overrides, sweeper
+params): re-running the same sweep reopens the same parent, and the jobs skip configs
+that already finished and resume those that were killed (see `cli.train`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("mlp.sweep")
+
+PARENT_FILE = "mlflow_parent.json"
+SWEEP_TAG = "mlp.sweep"
+SWEEP_HASH_TAG = "mlp.sweep.hash"
+CONFIG_HASH_TAG = "mlp.config_hash"
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+# Keys that do not change what a run computes: two configs differing only here are the
+# same experiment (for skipping and resuming).
+_NOT_HASHED = {"tracking", "trial", ("trainer", "progress"), ("trainer", "checkpoint_dir"),
+               ("trainer", "resume"), ("data", "root")}
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    """sha256 (16 hex digits) of the resolved config without the keys that do not change
+    the computation (tracking, output locations, progress bars)."""
+    kept = {}
+    for section, value in resolved.items():
+        if section in _NOT_HASHED or section == "hydra":
+            continue
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if (section, k) not in _NOT_HASHED}
+        kept[section] = value
+    blob = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_parent(sweep_dir: str | Path) -> dict | None:
+    """The parent run written by `SweepCallback` for this sweep dir, if any."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def blas_threads(n_jobs: int, cores: int | None = None) -> int:
+    """BLAS threads per job so that n_jobs parallel jobs share the cores without
+    oversubscription."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, n_jobs))
+
+
+class SweepCallback(Callback):
+    """Parent run around a multirun (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.parent: dict | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlp import tracking  # mlflow loads only when a sweep starts
+
+        hydra = config.hydra
+        launcher = str(hydra.launcher.get("_target_", ""))
+        if "Joblib" in launcher:
+            n_jobs = int(hydra.launcher.get("n_jobs", -1))
+            threads = blas_threads(os.cpu_count() or 1 if n_jobs < 1 else n_jobs)
+            for var in THREAD_VARS:
+                os.environ.setdefault(var, str(threads))
+            log.info("joblib launcher: %s BLAS thread(s) per job",
+                     os.environ["OPENBLAS_NUM_THREADS"])
+
+        uri = tracking.resolve_uri(config.tracking.uri, hydra.runtime.cwd)
+        experiment_id = tracking.connect(uri, config.tracking.experiment)
+        overrides = list(hydra.overrides.task)
+        params = hydra.sweeper.get("params")
+        sweeper_params = OmegaConf.to_container(params, resolve=True) if params else {}
+        definition = {"config": hydra.job.config_name, "overrides": sorted(overrides),
+                      "sweeper": sweeper_params}
+        sweep_hash = hashlib.sha256(json.dumps(definition, sort_keys=True,
+                                               default=str).encode()).hexdigest()[:16]
+        name = _sweep_name(config, overrides)
+        run_id = tracking.open_parent_run(experiment_id, name, {
+            SWEEP_TAG: "true", SWEEP_HASH_TAG: sweep_hash, "mlp.sweep.name": name,
+            "mlp.sweep.overrides": " ".join(overrides),
+            "mlp.sweep.params": json.dumps(sweeper_params),
+            "mlp.sweep.launcher": launcher.rsplit(".", 1)[-1]})
+        self.parent = {"run_id": run_id, "experiment_id": experiment_id, "uri": uri}
+        sweep_dir = Path(hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_FILE).write_text(json.dumps(self.parent))
+        atexit.register(self._end_if_running, "KILLED")
+        log.info("MLflow parent run %s (%s) at %s", run_id, name, uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent is None:
+            return
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.parent["uri"])
+        try:
+            from mlp import report
+
+            summary = report.log_sweep_report(client, self.parent["run_id"])
+            log.info("sweep report:\n%s", summary)
+        except Exception as e:  # a report must never lose the sweep's results
+            log.warning("could not build the sweep report: %s", e)
+        self._end_if_running("FINISHED")
+
+    def _end_if_running(self, status: str) -> None:
+        """End the parent (FINISHED, or KILLED when the process exits mid-sweep)."""
+        if self.parent is None:
+            return
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.parent["uri"])
+        if client.get_run(self.parent["run_id"]).info.status == "RUNNING":
+            client.set_terminated(self.parent["run_id"], status=status)
+
+
+def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
+    """The experiment preset's name when the sweep uses one, else `multirun-<time>`."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "experiment" and "," not in value:
+            return value
+    return "multirun-" + "_".join(Path(config.hydra.sweep.dir).parts[-2:])
