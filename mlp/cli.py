@@ -201,9 +201,9 @@ def train(cfg: DictConfig) -> float:
             sys.exit(EXIT_GRADCHECK if isinstance(e, GradcheckFailed) else 1)
         raise
     recorder.finish("FINISHED")
-    log.info("test accuracy %.4f (best val_acc %.4f at epoch %d); run %s\nview: mlflow ui "
-             "--backend-store-uri %s", result.test_acc, result.best_val_acc, result.best_epoch,
-             recorder.run_id, uri)
+    log.info("test accuracy %.4f (best val_acc %.4f at epoch %d); run %s\nview: %s",
+             result.test_acc, result.best_val_acc, result.best_epoch, recorder.run_id,
+             tracking.how_to_view(uri, experiment_id, recorder.run_id))
     return result.best_val_acc
 
 

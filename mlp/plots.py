@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 Array = np.ndarray
 
@@ -80,8 +81,10 @@ def curves_figure(history: dict[str, list[float]]) -> Figure:
         ax.set_title(f"{name} (train vs val)")
         ax.set_xlabel("epoch")
         ax.set_ylabel(name.lower())
-        # Integer epochs only: a fractional tick would suggest a mid-epoch evaluation.
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        # Integer epochs only (a fractional tick would suggest a mid-epoch evaluation), and
+        # room around a single epoch, which matplotlib would otherwise zoom into.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(0.5, epochs[-1] + 0.5)
         ax.grid(alpha=0.3)
     val_acc = np.asarray(history["val_acc"], dtype=float)
     if np.isfinite(val_acc).any():
@@ -131,17 +134,13 @@ def per_class_figure(y_true: Array, y_pred: Array, classes: Sequence[str]) -> Fi
     ax = fig.subplots()
     rows = np.arange(c)
     ax.barh(rows, np.nan_to_num(acc), color="tab:blue")
+    # Values in a column right of the axes, where neither the bars nor the line can cover them.
     for row, value in zip(rows, acc, strict=True):
-        if not np.isfinite(value):
-            ax.text(0.01, row, "no samples", va="center", fontsize=8, color="gray")
-        elif value > 0.85:  # a long bar: write inside its end, where there is room
-            ax.text(value - 0.01, row, f"{value:.3f}", va="center", ha="right", fontsize=8,
-                    color="white")
-        else:
-            ax.text(value + 0.01, row, f"{value:.3f}", va="center", fontsize=8)
+        text = f"{value:.3f}" if np.isfinite(value) else "no samples"
+        ax.text(1.02, row, text, transform=ax.get_yaxis_transform(), va="center", fontsize=8)
     if np.isfinite(overall):
         ax.axvline(overall, color="tab:red", ls="--", label=f"overall {overall:.3f}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     ax.set_yticks(rows, classes)
     ax.invert_yaxis()  # first class on top, as in the confusion matrix
     ax.set_xlim(0, 1)

@@ -108,6 +108,16 @@ def connect(uri: str, experiment: str) -> str:
     return experiment_id
 
 
+def how_to_view(uri: str, experiment_id: str, run_id: str) -> str:
+    """What to run and open to see a run in the MLflow UI. `workflowType=machine_learning`
+    opens the model-training view: MLflow 3.17's UI starts in its GenAI view whatever the
+    experiment's kind tag says."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{page}"
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """{"model": {"reg": 0.1}} -> {"model.reg": "0.1"}; lists stay whole ("[100, 100]")."""
     flat: dict[str, str] = {}

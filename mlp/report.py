@@ -1,0 +1,623 @@
+"""The comparison of runs: a table and figures from what MLflow recorded, for one sweep
+(a parent run and its children) or for every training run of an experiment.
+
+`build_report` reads the runs and makes a `Report`: one row per run (name, status, the
+params that differ between the runs, val_acc, test_acc, gap_acc, gradient check,
+duration), best val_acc first, unfinished runs last. `figures` draws the val_acc heatmap
+over learning rate x regularization, the learning curves of the best runs, the gap
+against the hidden sizes and the accuracy per activation (each only when that param
+varies). `write_report` writes report.md, a standalone report.html and the PNGs;
+`log_sweep_report` logs the same on the sweep's parent run. `mlp-report` (`main`) does
+it from the command line.
+
+Figures are `matplotlib.figure.Figure` objects (no pyplot), like `plots.py`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before mlflow is imported: no usage telemetry unless the user asks for it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import argparse
+import ast
+import base64
+import html
+import io
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Run, RunTag
+from mlflow.exceptions import MlflowException
+
+from mlp.tracking import _short as short_number
+
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_TAG = "mlp.sweep"
+SWEEP_NAME_TAG = "mlp.sweep.name"
+CONFIG_HASH_TAG = "mlp.config_hash"
+METRIC_COLUMNS = ("val_acc", "test_acc", "gap_acc", "gradcheck", "duration_s")
+# Params that differ between runs without changing what they compute.
+NOT_SWEPT_PREFIXES = ("tracking.", "trial.")
+NOT_SWEPT = {"trainer.progress", "trainer.checkpoint_dir", "trainer.resume", "data.root",
+             "data.archive"}
+FIGURE_DPI = 110
+
+
+@dataclass
+class Report:
+    """A comparison table. rows: one dict per run with the keys of `columns` (raw values:
+    param strings as logged, floats, None when missing) plus `run_id`, `overrides` (the
+    run's Hydra overrides) and `error` (why it failed); sorted by val_acc, best first,
+    runs that did not finish last."""
+
+    title: str
+    columns: list[str]
+    rows: list[dict]
+    swept: list[str]
+    best: dict | None
+    experiment: str = ""
+    parent_run_id: str | None = None
+
+    def best_summary(self) -> str:
+        """One line: the best run, its swept values, val_acc and test_acc."""
+        if self.best is None:
+            return "best: none (no finished run has a val_acc)"
+        b = self.best
+        values = ", ".join(f"{k}={b[k]}" for k in self.swept)
+        return (f"best: {b['run']}{f' ({values})' if values else ''}: val_acc "
+                f"{_cell('val_acc', b['val_acc'])}, test_acc {_cell('test_acc', b['test_acc'])}")
+
+    def _unfinished(self) -> list[str]:
+        return [f"{r['run']}: {r['status']}" + (f": {r['error']}" if r["error"] else "")
+                for r in self.rows if r["status"] != "FINISHED"]
+
+    def __str__(self) -> str:
+        """The terminal table: aligned text, numbers right-aligned."""
+        cells = [self.columns] + [[_cell(c, r[c]) for c in self.columns] for r in self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
+        right = [c in METRIC_COLUMNS and c != "gradcheck" for c in self.columns]
+
+        def line(row: list[str]) -> str:
+            return "  ".join(v.rjust(w) if r else v.ljust(w)
+                             for v, w, r in zip(row, widths, right, strict=True)).rstrip()
+
+        out = [self.title, line(cells[0]), "  ".join("-" * w for w in widths)]
+        out += [line(row) for row in cells[1:]]
+        out += ["", f"{len(self.rows)} runs; {self.best_summary()}"]
+        out += [f"  {u}" for u in self._unfinished()]
+        return "\n".join(out)
+
+    def to_markdown(self, images: Iterable[str] = ()) -> str:
+        """A Markdown page: the table, the best run, then the figures `images` (names of
+        PNGs next to the page, without .png)."""
+        def md(value: str) -> str:
+            return value.replace("|", "\\|")
+
+        out = [f"# {self.title}", "", self.best_summary(), ""]
+        out.append("| " + " | ".join(self.columns) + " |")
+        out.append("| " + " | ".join("---:" if c in METRIC_COLUMNS else "---"
+                                     for c in self.columns) + " |")
+        out += ["| " + " | ".join(md(_cell(c, r[c])) for c in self.columns) + " |"
+                for r in self.rows]
+        unfinished = self._unfinished()
+        if unfinished:
+            out += ["", "Runs that did not finish:", ""] + [f"- {md(u)}" for u in unfinished]
+        for name in images:
+            out += ["", f"![{name}]({name}.png)"]
+        return "\n".join(out) + "\n"
+
+    def to_html(self, images: Mapping[str, bytes] | None = None) -> str:
+        """A standalone HTML page: the table (best row highlighted, unfinished runs
+        marked) and the figures `images` (name -> PNG bytes) embedded as base64."""
+        esc = html.escape
+        head = "".join(f'<th class="{"num" if c in METRIC_COLUMNS else ""}">{esc(c)}</th>'
+                       for c in self.columns)
+        body = []
+        for r in self.rows:
+            cls = "best" if r is self.best else ("bad" if r["status"] != "FINISHED" else "")
+            tds = "".join(f'<td class="{"num" if c in METRIC_COLUMNS else ""}">'
+                          f"{esc(_cell(c, r[c]))}</td>" for c in self.columns)
+            body.append(f'<tr class="{cls}" title="run {esc(r["run_id"])}">{tds}</tr>')
+        unfinished = "".join(f"<li>{esc(u)}</li>" for u in self._unfinished())
+        figs = "".join(
+            f'<figure><img alt="{esc(name)}" src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode()}"><figcaption>{esc(name)}</figcaption></figure>'
+            for name, png in (images or {}).items())
+        return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(self.title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 14px; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; }}
+th {{ background: #f4f4f4; }}
+td.num, th.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+tr.best {{ background: #e6f4ea; font-weight: 600; }}
+tr.bad {{ color: #a33; }}
+figure {{ margin: 2em 0; }} img {{ max-width: 100%; }}
+</style></head>
+<body>
+<h1>{esc(self.title)}</h1>
+<p>{esc(self.best_summary())}</p>
+<table><thead><tr>{head}</tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table>
+{f"<p>Runs that did not finish:</p><ul>{unfinished}</ul>" if unfinished else ""}
+{figs}
+</body></html>
+"""
+
+
+def _cell(column: str, value: object) -> str:
+    """The text of one table cell."""
+    if value is None:
+        return "-"
+    if column in ("val_acc", "test_acc"):
+        return f"{value:.4f}"
+    if column == "gap_acc":
+        return f"{value:+.4f}"
+    if column == "duration_s":
+        return f"{value:.1f}"
+    return str(value)
+
+
+# -- reading the runs ------------------------------------------------------------------------
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
+    """Every active run of the experiment matching filter_string, newest first."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+def _is_training_run(run: Run) -> bool:
+    tags = run.data.tags
+    return tags.get(SWEEP_TAG) != "true" and tags.get("mlp.kind") != "gradcheck"
+
+
+def _experiment_id(client: MlflowClient, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"no experiment named {experiment!r} in {client.tracking_uri}; "
+                         f"experiments there: {', '.join(names) or 'none'}")
+    return found.experiment_id
+
+
+def _find_parent(client: MlflowClient, experiment: str, experiment_id: str, sweep: str) -> Run:
+    """The parent run whose id, run name or mlp.sweep.name tag is `sweep` (the most
+    recent one when several match)."""
+    try:
+        run = client.get_run(sweep)
+    except MlflowException:
+        run = None
+    if run is not None:
+        if run.info.experiment_id != experiment_id:
+            other = client.get_experiment(run.info.experiment_id).name
+            raise ValueError(f"run {sweep} is in experiment {other!r}, not {experiment!r}: "
+                             f"pass --experiment {other!r}")
+        return run
+    parents = _search(client, experiment_id, f"tags.`{SWEEP_TAG}` = 'true'")
+    for parent in parents:  # newest first
+        if sweep in (parent.info.run_name, parent.data.tags.get(SWEEP_NAME_TAG)):
+            return parent
+    known = [f"{p.data.tags.get(SWEEP_NAME_TAG, p.info.run_name)} (run {p.info.run_id})"
+             for p in parents]
+    raise ValueError(f"no sweep {sweep!r} in experiment {experiment!r} (looked for a parent "
+                     f"run with that id or run name, or tag {SWEEP_NAME_TAG}={sweep!r}); "
+                     f"sweeps there: {', '.join(known) or 'none'}")
+
+
+def _attempt_key(run: Run) -> str | None:
+    """What identifies a job of a sweep: its config hash, else (a job that failed before
+    hashing its config) its overrides."""
+    tags = run.data.tags
+    return tags.get(CONFIG_HASH_TAG) or (tags.get("mlp.overrides") and "overrides: "
+                                         + tags["mlp.overrides"])
+
+
+def _latest_attempts(runs: list[Run]) -> list[Run]:
+    """Drop retries' leftovers: of the runs of one job, a FINISHED one (else the newest)
+    stands for it. runs: newest first."""
+    kept, seen = [], set()
+    finished = {_attempt_key(r) for r in runs if r.info.status == "FINISHED"}
+    for run in runs:
+        key = _attempt_key(run)
+        if key is None:
+            kept.append(run)
+        elif key not in seen and (run.info.status == "FINISHED" or key not in finished):
+            seen.add(key)
+            kept.append(run)
+    return kept
+
+
+def _collect(client: MlflowClient, experiment: str, sweep: str | None
+             ) -> tuple[list[Run], Run | None]:
+    """collect_runs, and the sweep's parent run."""
+    experiment_id = _experiment_id(client, experiment)
+    if sweep is None:
+        return [r for r in _search(client, experiment_id) if _is_training_run(r)], None
+    parent = _find_parent(client, experiment, experiment_id, sweep)
+    children = _search(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    if not children and parent.data.tags.get(SWEEP_TAG) != "true":
+        raise ValueError(f"run {parent.info.run_id} ({parent.info.run_name}) in experiment "
+                         f"{experiment!r} is not a sweep: it has no child runs")
+    return _latest_attempts([r for r in children if _is_training_run(r)]), parent
+
+
+def collect_runs(client: MlflowClient, experiment: str, sweep: str | None = None) -> list[Run]:
+    """The training runs to compare, newest first: the children of the sweep's parent run
+    (`sweep` is the parent's run id, its run name, or its mlp.sweep.name tag; the most
+    recent parent when several have that name), or, with sweep=None, every run of the
+    experiment but sweep parents and mlp-gradcheck runs. In a sweep, a job that ran
+    more than once (a retry) counts once: its FINISHED run, else its newest.
+    Raises ValueError naming what was looked for and what exists."""
+    return _collect(client, experiment, sweep)[0]
+
+
+def _swept(runs: Sequence[Run]) -> list[str]:
+    """The params with more than one value among the runs (missing values aside),
+    except those that do not change what a run computes."""
+    values: dict[str, set[str]] = {}
+    for run in runs:
+        for key, value in run.data.params.items():
+            values.setdefault(key, set()).add(value)
+    return sorted(k for k, v in values.items() if len(v) > 1 and k not in NOT_SWEPT
+                  and not k.startswith(NOT_SWEPT_PREFIXES))
+
+
+def _overrides(tag: str) -> dict[str, str]:
+    """`optim.lr=1e-2 +x=1 ~y` -> {"optim.lr": "1e-2", "x": "1"}."""
+    pairs = (item.partition("=") for item in tag.split())
+    return {k.lstrip("+~"): v for k, eq, v in pairs if eq}
+
+
+def _row(run: Run, swept: Sequence[str]) -> dict:
+    m, p, t, info = run.data.metrics, run.data.params, run.data.tags, run.info
+    # A job that failed before logging its config still has its overrides.
+    given = _overrides(t.get("mlp.overrides", ""))
+    gradcheck = None
+    if "gradcheck.passed" in t:
+        error = m.get("gradcheck/max_rel_error")
+        gradcheck = (("pass" if t["gradcheck.passed"] == "true" else "FAIL")
+                     + (f" {error:.1e}" if error is not None else ""))
+    status = "PRUNED" if t.get("optuna.pruned") == "true" else info.status
+    duration = (info.end_time - info.start_time) / 1000 if info.end_time else None
+    return {"run": info.run_name, "run_id": info.run_id, "status": status,
+            **{k: p.get(k, given.get(k)) for k in swept},
+            "val_acc": m.get("best_val_acc", m.get("val_acc")), "test_acc": m.get("test_acc"),
+            "gap_acc": m.get("gap_acc"), "gradcheck": gradcheck, "duration_s": duration,
+            "overrides": t.get("mlp.overrides", ""),
+            "error": (t.get("error.message") or "").strip().split("\n")[0][:200]}
+
+
+def _sort_key(row: dict) -> tuple:
+    val = row["val_acc"]
+    return (row["status"] != "FINISHED", val is None, -(val or 0.0), row["run"] or "")
+
+
+def _make_report(client: MlflowClient, experiment: str, sweep: str | None
+                 ) -> tuple[Report, list[Run]]:
+    runs, parent = _collect(client, experiment, sweep)
+    swept = _swept(runs)
+    rows = sorted((_row(r, swept) for r in runs), key=_sort_key)
+    best = rows[0] if rows and rows[0]["status"] == "FINISHED" and rows[0]["val_acc"] is not None \
+        else None
+    parent_id = title = None
+    if parent is not None:
+        parent_id = parent.info.run_id
+        name = parent.data.tags.get(SWEEP_NAME_TAG, parent.info.run_name)
+        title = f"Sweep {name} (experiment {experiment}): {len(rows)} runs"
+        overrides = parent.data.tags.get("mlp.sweep.overrides")
+        if overrides:
+            title += f", {overrides}"
+    columns = ["run", "status", *swept, *METRIC_COLUMNS]
+    return Report(title=title or f"Experiment {experiment}: {len(rows)} runs", columns=columns,
+                  rows=rows, swept=swept, best=best, experiment=experiment,
+                  parent_run_id=parent_id), runs
+
+
+def build_report(client: MlflowClient, experiment: str, sweep: str | None = None) -> Report:
+    """The comparison table of a sweep or of a whole experiment (see `collect_runs`)."""
+    return _make_report(client, experiment, sweep)[0]
+
+
+# -- figures -------------------------------------------------------------------------------
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _finished(rows: Iterable[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "FINISHED" and r["val_acc"] is not None]
+
+
+def heatmap_figure(report: Report) -> Figure | None:
+    """val_acc over optim.lr (x) x model.reg (y), the best run of each cell (over the
+    other swept params); cells whose runs all failed say so. None unless both vary."""
+    if not {"optim.lr", "model.reg"} <= set(report.swept):
+        return None
+    cells = [(_number(r["optim.lr"]), _number(r["model.reg"]), r) for r in report.rows]
+    cells = [(lr, reg, r) for lr, reg, r in cells if lr is not None and reg is not None]
+    lrs = sorted({lr for lr, _, _ in cells})
+    regs = sorted({reg for _, reg, _ in cells})
+    if len(lrs) < 2 or len(regs) < 2:
+        return None
+    grid = np.full((len(regs), len(lrs)), np.nan)
+    status: dict[tuple[int, int], str] = {}
+    for lr, reg, r in cells:
+        i, j = regs.index(reg), lrs.index(lr)
+        if r["status"] == "FINISHED" and r["val_acc"] is not None:
+            grid[i, j] = np.fmax(grid[i, j], r["val_acc"])
+        else:
+            status.setdefault((i, j), r["status"])
+    fig = Figure(figsize=(1.3 * len(lrs) + 3, 0.8 * len(regs) + 2.2), layout="constrained")
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, origin="lower", aspect="auto")
+    lo, hi = (np.nanmin(grid), np.nanmax(grid)) if np.isfinite(grid).any() else (0, 1)
+    for i, j in np.ndindex(grid.shape):
+        if np.isfinite(grid[i, j]):
+            light = hi > lo and (grid[i, j] - lo) / (hi - lo) > 0.6
+            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=9,
+                    color="black" if light else "white")
+        else:
+            ax.text(j, i, status.get((i, j), "not run"), ha="center", va="center",
+                    fontsize=8, color="#a33")
+    ax.set_xticks(range(len(lrs)), [short_number(x) for x in lrs])
+    ax.set_yticks(range(len(regs)), [short_number(x) for x in regs])
+    ax.set_xlabel("learning rate (optim.lr)")
+    ax.set_ylabel("L2 regularization (model.reg)")
+    others = [k for k in report.swept if k not in ("optim.lr", "model.reg")]
+    ax.set_title("Validation accuracy" + (f" (best over {', '.join(others)})" if others else ""))
+    fig.colorbar(image, ax=ax, label="val_acc")
+    return fig
+
+
+def _label(row: dict, swept: Sequence[str]) -> str:
+    values = [f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in swept if row[k] is not None]
+    return ", ".join(values) or row["run"]
+
+
+def curves_figure(client: MlflowClient, report: Report, top: int = 5) -> Figure | None:
+    """val_acc (solid) and train_acc (dashed) per epoch of the `top` best runs."""
+    best = _finished(report.rows)[:top]
+    if not best:
+        return None
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.subplots()
+    for i, row in enumerate(best):
+        color = f"C{i % 10}"
+        for key, style in (("val_acc", "-"), ("train_acc", "--")):
+            history = sorted(client.get_metric_history(row["run_id"], key),
+                             key=lambda m: m.step)
+            if history:
+                label = f"{_label(row, report.swept)} ({row['val_acc']:.3f})" \
+                    if key == "val_acc" else None
+                ax.plot([m.step for m in history], [m.value for m in history], style,
+                        color=color, marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Learning curves of the {len(best)} best runs (solid: val, dashed: train)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="best val_acc")
+    return fig
+
+
+def _hidden(value: str) -> list[int] | None:
+    try:
+        sizes = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return None
+    return [int(h) for h in sizes] if isinstance(sizes, list | tuple) else None
+
+
+def gap_figure(report: Report) -> Figure | None:
+    """Final gap_acc (train_acc - val_acc) of each run against its hidden layers, ordered
+    by total hidden units; the mean per architecture as a bar. None unless
+    model.hidden_sizes varies."""
+    if "model.hidden_sizes" not in report.swept:
+        return None
+    points = [(_hidden(r["model.hidden_sizes"]), r["gap_acc"]) for r in _finished(report.rows)]
+    groups: dict[tuple[int, ...], list[float]] = {}
+    for sizes, gap in points:
+        if sizes is not None and gap is not None:
+            groups.setdefault(tuple(sizes), []).append(gap)
+    if not groups:
+        return None
+    order = sorted(groups, key=lambda s: (sum(s), len(s), s))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(order) + 2), 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(order)), [np.mean(groups[s]) for s in order], color="tab:red",
+           alpha=0.25, label="mean")
+    for x, sizes in enumerate(order):
+        gaps = groups[sizes]
+        ax.plot(np.full(len(gaps), x) + np.linspace(-0.15, 0.15, len(gaps)), gaps, "o",
+                color="tab:red", ms=5, label="runs" if x == 0 else None)
+    ax.set_xticks(range(len(order)),
+                  [f"{'x'.join(map(str, s)) or 'linear'}\n({sum(s)} units)" for s in order])
+    ax.axhline(0, color="gray", lw=1)
+    ax.set_xlabel("hidden layers (ordered by total hidden units)")
+    ax.set_ylabel("final gap_acc (train_acc - val_acc)")
+    ax.set_title("Overfitting gap vs hidden size")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def activation_figure(report: Report) -> Figure | None:
+    """Per activation: the best val_acc and the test_acc of that same run, as bars.
+    None unless model.activation varies."""
+    if "model.activation" not in report.swept:
+        return None
+    best: dict[str, dict] = {}
+    for row in _finished(report.rows):  # best first: the first row of each activation
+        best.setdefault(row["model.activation"], row)
+    if not best:
+        return None
+    names = list(best)
+    x = np.arange(len(names))
+    fig = Figure(figsize=(max(6.0, 1.2 * len(names) + 2), 4.5), layout="constrained")
+    ax = fig.subplots()
+    for offset, key, color in ((-0.2, "val_acc", "tab:blue"), (0.2, "test_acc", "tab:green")):
+        values = [best[n][key] if best[n][key] is not None else np.nan for n in names]
+        bars = ax.bar(x + offset, values, width=0.4, color=color, label=key)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, min(1.0, 1.15 * max(r["val_acc"] for r in best.values())))
+    ax.set_xlabel("activation")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Best run per activation (by val_acc) and its test accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def figures(client: MlflowClient, runs: list[Run], report: Report, top: int = 5
+            ) -> dict[str, Figure]:
+    """The report's figures, those that apply: "val_acc_heatmap", "top_curves" (the `top`
+    best runs among `runs`), "gap_vs_hidden", "acc_by_activation"."""
+    ids = {r.info.run_id for r in runs}
+    shown = Report(report.title, report.columns, [r for r in report.rows if r["run_id"] in ids],
+                   report.swept, report.best)
+    made = {"val_acc_heatmap": heatmap_figure(shown),
+            "top_curves": curves_figure(client, shown, top),
+            "gap_vs_hidden": gap_figure(shown),
+            "acc_by_activation": activation_figure(shown)}
+    return {name: fig for name, fig in made.items() if fig is not None}
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
+    return buffer.getvalue()
+
+
+def write_report(report: Report, figs: Mapping[str, Figure], out_dir: Path) -> list[Path]:
+    """report.md, report.html (figures embedded) and <figure>.png in out_dir (created);
+    returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = {name: _png(fig) for name, fig in figs.items()}
+    paths = [out_dir / "report.md", out_dir / "report.html"]
+    paths[0].write_text(report.to_markdown(images), encoding="utf-8")
+    paths[1].write_text(report.to_html(images), encoding="utf-8")
+    for name, png in images.items():
+        paths.append(out_dir / f"{name}.png")
+        paths[-1].write_bytes(png)
+    return paths
+
+
+def _log_on_parent(client: MlflowClient, parent_run_id: str, report: Report,
+                   figs: Mapping[str, Figure]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(report, figs, Path(tmp))
+        client.log_artifacts(parent_run_id, tmp, "report")
+    if report.best is None:
+        return
+    best = report.best
+    metrics = [Metric(key, best[column], 0, 0) for key, column
+               in (("best_val_acc", "val_acc"), ("best_test_acc", "test_acc"))
+               if best[column] is not None]
+    tags = [RunTag("mlp.sweep.best_run_id", best["run_id"]),
+            RunTag("mlp.sweep.best_run_name", best["run"] or "")]
+    client.log_batch(parent_run_id, metrics=metrics, tags=tags)
+
+
+def log_sweep_report(client: MlflowClient, parent_run_id: str) -> Report:
+    """Build the report of the sweep under `parent_run_id` and log it on that run:
+    report/report.md, report/report.html and report/<figure>.png, tags
+    mlp.sweep.best_run_id / mlp.sweep.best_run_name, metrics best_val_acc /
+    best_test_acc. Returns the report."""
+    parent = client.get_run(parent_run_id)
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    report, runs = _make_report(client, experiment, parent_run_id)
+    _log_on_parent(client, parent_run_id, report, figures(client, runs, report))
+    return report
+
+
+# -- mlp-report ------------------------------------------------------------------------------
+
+
+def _store_uri(uri: str | None) -> str:
+    """--uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db; a SQLite file must exist (so
+    that a typo does not create an empty store)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ValueError(f"no MLflow store at {path}: run mlp-train here first, or pass "
+                             "--uri (or set MLFLOW_TRACKING_URI) to point at one")
+    return uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mlp-report`: print the comparison table of a sweep (or of every training run of an
+    experiment), write it as Markdown, HTML and PNGs to --out, print the best
+    configuration; with --log also log it on the sweep's parent run. Exit 0, or 2 when
+    the store, experiment or sweep is not found."""
+    parser = argparse.ArgumentParser(
+        prog="mlp-report", description="Compare the runs of a sweep or an experiment "
+        "from MLflow: a table, a val_acc heatmap over lr x reg, learning curves, the gap.")
+    parser.add_argument("--uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                        "else sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--experiment", default="mlp-lab", help="experiment name (mlp-lab)")
+    parser.add_argument("--sweep", help="the sweep: its parent run id, parent run name or "
+                        "mlp.sweep.name (default: every training run of the experiment)")
+    parser.add_argument("--out", type=Path, default=Path("report"),
+                        help="directory for report.md, report.html and the PNGs (./report)")
+    parser.add_argument("--top", type=int, default=5,
+                        help="learning curves of the N best runs (5)")
+    parser.add_argument("--log", action="store_true",
+                        help="also log the report on the sweep's parent run (needs --sweep)")
+    args = parser.parse_args(argv)
+    if args.log and args.sweep is None:
+        parser.error("--log needs --sweep: the report is logged on the sweep's parent run")
+    if args.top < 1:
+        parser.error(f"--top {args.top}: expected N >= 1")
+    try:
+        client = MlflowClient(_store_uri(args.uri))
+        report, runs = _make_report(client, args.experiment, args.sweep)
+    except (ValueError, MlflowException) as e:
+        print(f"mlp-report: {e}", file=sys.stderr)
+        return 2
+    figs = figures(client, runs, report, top=args.top)
+    print(report)
+    print()
+    for path in write_report(report, figs, args.out):
+        print(f"wrote {path}")
+    if report.best is not None:
+        b = report.best
+        print(f"\nbest configuration: run {b['run']} ({b['run_id']})")
+        for key in report.swept:
+            print(f"  {key} = {b[key]}")
+        print(f"  val_acc {_cell('val_acc', b['val_acc'])}, "
+              f"test_acc {_cell('test_acc', b['test_acc'])}")
+        if b["overrides"]:
+            print(f"  reproduce: mlp-train {b['overrides']}")
+    if args.log:
+        _log_on_parent(client, report.parent_run_id, report, figs)
+        print(f"\nlogged under report/ on parent run {report.parent_run_id}")
+    return 0
