@@ -25,6 +25,8 @@ import ast
 import base64
 import html
 import io
+import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,17 +36,19 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 from mlflow.exceptions import MlflowException
 
-from mlp.tracking import _short as short_number
+from mlp.tracking import short_number
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "mlp.sweep"
 SWEEP_NAME_TAG = "mlp.sweep.name"
 CONFIG_HASH_TAG = "mlp.config_hash"
 METRIC_COLUMNS = ("val_acc", "test_acc", "gap_acc", "gradcheck", "duration_s")
+NUMBER_COLUMNS = {"val_acc", "test_acc", "gap_acc", "duration_s"}  # right-aligned
 # Params that differ between runs without changing what they compute.
 NOT_SWEPT_PREFIXES = ("tracking.", "trial.")
 NOT_SWEPT = {"trainer.progress", "trainer.checkpoint_dir", "trainer.resume", "data.root",
@@ -77,14 +81,14 @@ class Report:
                 f"{_cell('val_acc', b['val_acc'])}, test_acc {_cell('test_acc', b['test_acc'])}")
 
     def _unfinished(self) -> list[str]:
-        return [f"{r['run']}: {r['status']}" + (f": {r['error']}" if r["error"] else "")
+        return [f"{r['run']}: {r['status']}" + (f": {r['error']}" if r.get("error") else "")
                 for r in self.rows if r["status"] != "FINISHED"]
 
     def __str__(self) -> str:
         """The terminal table: aligned text, numbers right-aligned."""
         cells = [self.columns] + [[_cell(c, r[c]) for c in self.columns] for r in self.rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
-        right = [c in METRIC_COLUMNS and c != "gradcheck" for c in self.columns]
+        right = [c in NUMBER_COLUMNS for c in self.columns]
 
         def line(row: list[str]) -> str:
             return "  ".join(v.rjust(w) if r else v.ljust(w)
@@ -104,7 +108,7 @@ class Report:
 
         out = [f"# {self.title}", "", self.best_summary(), ""]
         out.append("| " + " | ".join(self.columns) + " |")
-        out.append("| " + " | ".join("---:" if c in METRIC_COLUMNS else "---"
+        out.append("| " + " | ".join("---:" if c in NUMBER_COLUMNS else "---"
                                      for c in self.columns) + " |")
         out += ["| " + " | ".join(md(_cell(c, r[c])) for c in self.columns) + " |"
                 for r in self.rows]
@@ -119,12 +123,12 @@ class Report:
         """A standalone HTML page: the table (best row highlighted, unfinished runs
         marked) and the figures `images` (name -> PNG bytes) embedded as base64."""
         esc = html.escape
-        head = "".join(f'<th class="{"num" if c in METRIC_COLUMNS else ""}">{esc(c)}</th>'
+        head = "".join(f'<th class="{"num" if c in NUMBER_COLUMNS else ""}">{esc(c)}</th>'
                        for c in self.columns)
         body = []
         for r in self.rows:
             cls = "best" if r is self.best else ("bad" if r["status"] != "FINISHED" else "")
-            tds = "".join(f'<td class="{"num" if c in METRIC_COLUMNS else ""}">'
+            tds = "".join(f'<td class="{"num" if c in NUMBER_COLUMNS else ""}">'
                           f"{esc(_cell(c, r[c]))}</td>" for c in self.columns)
             body.append(f'<tr class="{cls}" title="run {esc(r["run_id"])}">{tds}</tr>')
         unfinished = "".join(f"<li>{esc(u)}</li>" for u in self._unfinished())
@@ -278,14 +282,31 @@ def _swept(runs: Sequence[Run]) -> list[str]:
     for run in runs:
         for key, value in run.data.params.items():
             values.setdefault(key, set()).add(value)
-    return sorted(k for k, v in values.items() if len(v) > 1 and k not in NOT_SWEPT
-                  and not k.startswith(NOT_SWEPT_PREFIXES))
+    return sorted(k for k, v in values.items() if len(v) > 1 and not _ignored(k))
+
+
+def _split_overrides(tag: str) -> list[str]:
+    """The mlp.overrides tag (overrides joined by spaces) back into overrides: split only
+    before `key=`, so that `model.hidden_sizes=[100, 50]` stays whole."""
+    return [item for item in re.split(r"\s+(?=[+~]*[\w.]+=)", tag.strip()) if item]
 
 
 def _overrides(tag: str) -> dict[str, str]:
-    """`optim.lr=1e-2 +x=1 ~y` -> {"optim.lr": "1e-2", "x": "1"}."""
-    pairs = (item.partition("=") for item in tag.split())
+    """`optim.lr=1e-2 +x=1` -> {"optim.lr": "1e-2", "x": "1"}."""
+    pairs = (item.partition("=") for item in _split_overrides(tag))
     return {k.lstrip("+~"): v for k, eq, v in pairs if eq}
+
+
+def _ignored(key: str) -> bool:
+    return key in NOT_SWEPT or key.startswith(NOT_SWEPT_PREFIXES)
+
+
+def reproduce_command(overrides_tag: str) -> str:
+    """The mlp-train command line that trains a run again, from its mlp.overrides tag,
+    without the overrides that only place or report it (tracking.*, trial.*, resume)."""
+    kept = [o for o in _split_overrides(overrides_tag)
+            if not _ignored(o.partition("=")[0].lstrip("+~"))]
+    return shlex.join(["mlp-train", *kept])
 
 
 def _row(run: Run, swept: Sequence[str]) -> dict:
@@ -293,10 +314,12 @@ def _row(run: Run, swept: Sequence[str]) -> dict:
     # A job that failed before logging its config still has its overrides.
     given = _overrides(t.get("mlp.overrides", ""))
     gradcheck = None
-    if "gradcheck.passed" in t:
+    if "gradcheck.passed" in t:  # the verdict, the max relative error, failed or not
         error = m.get("gradcheck/max_rel_error")
-        gradcheck = (("pass" if t["gradcheck.passed"] == "true" else "FAIL")
-                     + (f" {error:.1e}" if error is not None else ""))
+        gradcheck = " ".join(part for part in (
+            t.get("gradcheck.verdict"), error is not None and f"{error:.1e}",
+            t["gradcheck.passed"] != "true" and "(failed)") if part)
+    message = (t.get("error.message") or "").strip().split("\n")[0]
     status = "PRUNED" if t.get("optuna.pruned") == "true" else info.status
     duration = (info.end_time - info.start_time) / 1000 if info.end_time else None
     return {"run": info.run_name, "run_id": info.run_id, "status": status,
@@ -304,7 +327,7 @@ def _row(run: Run, swept: Sequence[str]) -> dict:
             "val_acc": m.get("best_val_acc", m.get("val_acc")), "test_acc": m.get("test_acc"),
             "gap_acc": m.get("gap_acc"), "gradcheck": gradcheck, "duration_s": duration,
             "overrides": t.get("mlp.overrides", ""),
-            "error": (t.get("error.message") or "").strip().split("\n")[0][:200]}
+            "error": message if len(message) <= 120 else message[:117] + "..."}
 
 
 def _sort_key(row: dict) -> tuple:
@@ -317,8 +340,7 @@ def _make_report(client: MlflowClient, experiment: str, sweep: str | None
     runs, parent = _collect(client, experiment, sweep)
     swept = _swept(runs)
     rows = sorted((_row(r, swept) for r in runs), key=_sort_key)
-    best = rows[0] if rows and rows[0]["status"] == "FINISHED" and rows[0]["val_acc"] is not None \
-        else None
+    best = next(iter(_finished(rows[:1])), None)
     parent_id = title = None
     if parent is not None:
         parent_id = parent.info.run_id
@@ -412,15 +434,15 @@ def curves_figure(client: MlflowClient, report: Report, top: int = 5) -> Figure 
             history = sorted(client.get_metric_history(row["run_id"], key),
                              key=lambda m: m.step)
             if history:
-                label = f"{_label(row, report.swept)} ({row['val_acc']:.3f})" \
-                    if key == "val_acc" else None
+                label = f"{_label(row, report.swept)} ({row['val_acc']:.3f})"
                 ax.plot([m.step for m in history], [m.value for m in history], style,
-                        color=color, marker="o", ms=3, label=label)
+                        color=color, marker="o", ms=3, label=label if key == "val_acc" else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_title(f"Learning curves of the {len(best)} best runs (solid: val, dashed: train)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="best val_acc")
+    fig.legend(loc="outside lower center", fontsize=8, ncols=2, title="best val_acc")
     return fig
 
 
@@ -434,26 +456,32 @@ def _hidden(value: str) -> list[int] | None:
 
 def gap_figure(report: Report) -> Figure | None:
     """Final gap_acc (train_acc - val_acc) of each run against its hidden layers, ordered
-    by total hidden units; the mean per architecture as a bar. None unless
-    model.hidden_sizes varies."""
+    by total hidden units, colored by activation when that varies too; the mean per
+    architecture as a bar. None unless model.hidden_sizes varies."""
     if "model.hidden_sizes" not in report.swept:
         return None
-    points = [(_hidden(r["model.hidden_sizes"]), r["gap_acc"]) for r in _finished(report.rows)]
-    groups: dict[tuple[int, ...], list[float]] = {}
-    for sizes, gap in points:
-        if sizes is not None and gap is not None:
-            groups.setdefault(tuple(sizes), []).append(gap)
+    by_activation = "model.activation" in report.swept
+    groups: dict[tuple[int, ...], list[tuple[float, str]]] = {}
+    for row in _finished(report.rows):
+        sizes = _hidden(row["model.hidden_sizes"])
+        if sizes is not None and row["gap_acc"] is not None:
+            kind = row["model.activation"] if by_activation else "runs"
+            groups.setdefault(tuple(sizes), []).append((row["gap_acc"], kind))
     if not groups:
         return None
     order = sorted(groups, key=lambda s: (sum(s), len(s), s))
+    kinds = sorted({kind for points in groups.values() for _, kind in points})
     fig = Figure(figsize=(max(6.0, 1.1 * len(order) + 2), 4.5), layout="constrained")
     ax = fig.subplots()
-    ax.bar(range(len(order)), [np.mean(groups[s]) for s in order], color="tab:red",
-           alpha=0.25, label="mean")
+    ax.bar(range(len(order)), [np.mean([g for g, _ in groups[s]]) for s in order],
+           color="gray", alpha=0.25, label="mean")
     for x, sizes in enumerate(order):
-        gaps = groups[sizes]
-        ax.plot(np.full(len(gaps), x) + np.linspace(-0.15, 0.15, len(gaps)), gaps, "o",
-                color="tab:red", ms=5, label="runs" if x == 0 else None)
+        points = groups[sizes]
+        offsets = np.linspace(-0.2, 0.2, len(points)) if len(points) > 1 else [0.0]
+        for dx, (gap, kind) in zip(offsets, points, strict=True):
+            ax.plot(x + dx, gap, "o", ms=5, color=f"C{kinds.index(kind) % 10}")
+    for i, kind in enumerate(kinds):
+        ax.plot([], [], "o", color=f"C{i % 10}", label=kind)
     ax.set_xticks(range(len(order)),
                   [f"{'x'.join(map(str, s)) or 'linear'}\n({sum(s)} units)" for s in order])
     ax.axhline(0, color="gray", lw=1)
@@ -616,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  val_acc {_cell('val_acc', b['val_acc'])}, "
               f"test_acc {_cell('test_acc', b['test_acc'])}")
         if b["overrides"]:
-            print(f"  reproduce: mlp-train {b['overrides']}")
+            print(f"  reproduce: {reproduce_command(b['overrides'])}")
     if args.log:
         _log_on_parent(client, report.parent_run_id, report, figs)
         print(f"\nlogged under report/ on parent run {report.parent_run_id}")

@@ -130,7 +130,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _short(x: float) -> str:
+def short_number(x: float) -> str:
     """1e-3 -> '1e-3', 0.0005 -> '5e-4', 0 -> '0', 0.5 -> '0.5'."""
     if x == 0:
         return "0"
@@ -143,8 +143,9 @@ def _short(x: float) -> str:
 def run_name(cfg: Mapping[str, Any]) -> str:
     """A run name that says what the run is, e.g. `relu-h100-lr1e-3-reg1e-4`."""
     m, o = cfg["model"], cfg["optim"]
-    hidden = "x".join(str(h) for h in m["hidden_sizes"]) or "linear"
-    name = f"{m['activation']}-h{hidden}-lr{_short(o['lr'])}-reg{_short(m['reg'])}"
+    hidden = "h" + "x".join(str(h) for h in m["hidden_sizes"]) if m["hidden_sizes"] else "linear"
+    lr, reg = short_number(o["lr"]), short_number(m["reg"])
+    name = f"{m['activation']}-{hidden}-lr{lr}-reg{reg}"
     if m["loss"] != "softmax":
         name += f"-{m['loss']}"
     return name
