@@ -48,7 +48,8 @@ def build_model(cfg: DictConfig, max_width: int | None = None, dtype: str | None
     return MLP(input_dim=3072, hidden_sizes=hidden, num_classes=len(datalib.CLASSES),
                activation=m.activation, loss=m.loss, reg=m.reg, init=m.init,
                weight_scale=m.weight_scale, dtype=dtype or cfg.trainer.dtype, seed=cfg.seed,
-               leaky_slope=m.leaky_slope, elu_alpha=m.elu_alpha, maxout_pieces=m.maxout_pieces)
+               leaky_slope=m.leaky_slope, elu_alpha=m.elu_alpha, maxout_pieces=m.maxout_pieces,
+               dropout=m.dropout, norm=m.norm)
 
 
 def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
@@ -162,7 +163,7 @@ def train(cfg: DictConfig) -> float:
         from mlp.pruning import TrialReporter
 
         trainer.observers.append(TrialReporter(cfg.trial.storage, cfg.trial.study,
-                                               cfg.trial.number))
+                                               cfg.trial.id))
     log.info("MLflow run %s in experiment %r at %s", recorder.run_id, cfg.tracking.experiment, uri)
     try:
         if resumed_run is None:

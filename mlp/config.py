@@ -21,6 +21,7 @@ from mlp.layers import ACTIVATIONS
 from mlp.model import INITS
 
 NORMALIZATIONS = ("mean_image", "channel", "none")
+NORMS = (None, "none", "batch", "layer")
 DATASETS = ("cifar10", "synthetic")
 TRAIN_DTYPES = ("float32", "float64")
 
@@ -36,6 +37,8 @@ class ModelConfig:
     leaky_slope: float = 0.01
     elu_alpha: float = 1.0
     maxout_pieces: int = 2
+    dropout: float = 0.0
+    norm: str | None = None
 
 
 @dataclass
@@ -127,7 +130,7 @@ class TrialConfig:
 
     storage: str | None = None
     study: str | None = None
-    number: int | None = None
+    id: int | None = None  # Optuna's trial id in the storage (not the per-study number)
 
 
 @dataclass
@@ -179,6 +182,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(0 <= m.leaky_slope < 1, "model.leaky_slope", m.leaky_slope, "a number in [0, 1)")
     _check(m.elu_alpha > 0, "model.elu_alpha", m.elu_alpha, "a number > 0")
     _check(m.maxout_pieces >= 2, "model.maxout_pieces", m.maxout_pieces, "an integer >= 2")
+    _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "a drop probability in [0, 1)")
+    _check(m.norm in NORMS, "model.norm", m.norm, f"one of {list(NORMS)}")
 
     _check(o.name in optim.OPTIMIZERS, "optim.name", o.name, f"one of {list(optim.OPTIMIZERS)}")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")

@@ -315,7 +315,10 @@ def safe_extract(archive: Path, dest: Path) -> None:
                         "official one."
                     )
             dest.mkdir(parents=True, exist_ok=True)
-            tar.extractall(dest, members=members, filter="data")
+            # The "data" filter exists from Python 3.11.4 on (Debian 12 ships 3.11.2); the
+            # members were already checked one by one above, so it is a second line of defense.
+            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(dest, members=members, **extra)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(
             f"{archive}: cannot extract ({type(e).__name__}: {e}). If the archive is corrupt or "

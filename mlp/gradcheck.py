@@ -232,8 +232,14 @@ def check_model(
     centered difference of the matching loss (numerics in `NUMERIC_DTYPE`).
     `num_checks` samples that many coordinates per parameter (None: all of them). The
     caller's model is not touched.
+
+    Every loss runs in training mode. Both copies start from the caller's dropout RNG
+    state and freeze their Dropout masks, so they drop the same units in every pass;
+    BatchNorm uses the batch's statistics (its running statistics, updated by each pass,
+    do not enter the training-mode loss).
     """
     analytic_net = model.copy("float64")
+    analytic_net.freeze_dropout()
     grads = {
         "data": analytic_net.data_loss_and_grads(X, y)[1],
         "reg": analytic_net.reg_loss_and_grads()[1],
@@ -242,6 +248,7 @@ def check_model(
     grads["total"] = analytic_net.loss_and_grads(X, y)[1]
 
     net = model.copy(NUMERIC_DTYPE)
+    net.freeze_dropout()
     X = np.asarray(X, dtype=NUMERIC_DTYPE)
 
     def losses() -> Array:

@@ -1,9 +1,16 @@
-"""Layers: `Linear`, the activations of the lecture, and `Maxout`.
+"""Layers: `Linear`, the activations of the lecture, `Maxout`, and the layers for
+accuracy: `BatchNorm`, `LayerNorm` and `Dropout`.
 
 Every layer has `forward(x)`, which caches what `backward(dout)` needs, and
 `backward(dout)`, which returns dx and stores the parameter gradients in `grads` (keyed
 like `params`). Both are vectorized over the batch. Activations apply the elementwise
 gates of `gates.py` to whole arrays: the derivative rules are written once, there.
+
+`training` (True unless set) says which function a layer computes; only `BatchNorm`
+(batch statistics vs running statistics) and `Dropout` (random mask vs identity) differ
+between the modes. The model sets it on every layer at each forward pass. `buffers`
+holds state that is not trained but belongs to the model (BatchNorm's running
+statistics): no gradient, but saved and copied with the parameters.
 
 `kink_state()` returns the branch each unit took in the last forward pass (which side of
 a ReLU's 0, which Maxout piece), or None for smooth layers: the gradient check compares
@@ -24,11 +31,14 @@ class Layer:
 
     params: dict[str, Array]
     grads: dict[str, Array]
+    buffers: dict[str, Array]
     weight_keys: tuple[str, ...] = ()
+    training: bool = True
 
     def __init__(self) -> None:
         self.params = {}
         self.grads = {}
+        self.buffers = {}
 
     def forward(self, x: Array) -> Array:
         raise NotImplementedError
@@ -95,29 +105,20 @@ class Activation(Layer):
         return f"Activation({self.gate!r})"
 
 
-class Maxout(Layer):
-    """Maxout: k affine pieces per unit, out = max over the pieces.
+class PieceMax(Layer):
+    """The max gate of Maxout on its own: the max over groups of k consecutive columns.
 
-    W (D, H*k) and b (H*k,), where column h*k + j is piece j of unit h.
-    forward: x (N, D) -> z (N, H, k) -> out (N, H). backward: the max gate routes dout
-    (N, H) to the winning piece only, then the affine backward as in `Linear`.
+    forward: z (N, H*k) -> out (N, H), where column h*k + j is piece j of unit h.
+    backward: the max gate routes dout (N, H) to the winning piece only -> dz (N, H*k).
     """
 
-    weight_keys = ("W",)
-
-    def __init__(self, W: Array, b: Array, pieces: int) -> None:
+    def __init__(self, pieces: int) -> None:
         super().__init__()
-        if W.shape[1] % pieces:
-            raise ValueError(f"Maxout: W has {W.shape[1]} columns, not a multiple of {pieces}")
         self.pieces = pieces
-        self.params = {"W": W, "b": b}
-        self.grads = {"W": np.zeros_like(W), "b": np.zeros_like(b)}
-        self.x: Array | None = None
         self.argmax: Array | None = None
 
     def forward(self, x: Array) -> Array:
-        self.x = x
-        z = (x @ self.params["W"] + self.params["b"]).reshape(x.shape[0], -1, self.pieces)
+        z = x.reshape(x.shape[0], -1, self.pieces)
         self.argmax = z.argmax(axis=2)
         return np.take_along_axis(z, self.argmax[..., None], axis=2)[..., 0]
 
@@ -125,13 +126,184 @@ class Maxout(Layer):
         n, h = dout.shape
         dz = np.zeros((n, h, self.pieces), dtype=dout.dtype)
         np.put_along_axis(dz, self.argmax[..., None], dout[..., None], axis=2)
-        dz = dz.reshape(n, h * self.pieces)
-        np.matmul(self.x.T, dz, out=self.grads["W"])
-        np.sum(dz, axis=0, out=self.grads["b"])
-        return dz @ self.params["W"].T
+        return dz.reshape(n, h * self.pieces)
 
     def kink_state(self) -> Array | None:
         return self.argmax
+
+    def __repr__(self) -> str:
+        return f"PieceMax({self.pieces})"
+
+
+class Maxout(Linear):
+    """Maxout: k affine pieces per unit, out = max over the pieces (`Linear`, then
+    `PieceMax`).
+
+    W (D, H*k) and b (H*k,), where column h*k + j is piece j of unit h.
+    forward: x (N, D) -> z (N, H*k) -> out (N, H). backward: the max gate routes dout
+    (N, H) to the winning piece only, then the affine backward of `Linear`.
+    """
+
+    def __init__(self, W: Array, b: Array, pieces: int) -> None:
+        if W.shape[1] % pieces:
+            raise ValueError(f"Maxout: W has {W.shape[1]} columns, not a multiple of {pieces}")
+        super().__init__(W, b)
+        self.max = PieceMax(pieces)
+
+    def forward(self, x: Array) -> Array:
+        return self.max.forward(super().forward(x))
+
+    def backward(self, dout: Array) -> Array:
+        return super().backward(self.max.backward(dout))
+
+    def kink_state(self) -> Array | None:
+        return self.max.kink_state()
+
+
+class _Normalization(Layer):
+    """What BatchNorm and LayerNorm share: out = gamma * xhat + beta, where
+    xhat = (x - mean) / sqrt(var + eps) and mean, var are taken over `axis` of the batch
+    (0: per feature, over the samples; 1: per sample, over the features) or given.
+
+    gamma (D,) starts at 1 and beta (D,) at 0, so a fresh layer only normalizes.
+    forward: x (N, D) -> out (N, D). backward: dout (N, D) -> dx (N, D), with
+    grads["gamma"] = sum of dout * xhat over the batch (D,), grads["beta"] = sum of dout
+    (D,). When mean and var came from x itself, dx is the compact cs231n formula
+    dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / std (means over `axis`,
+    dxhat = dout * gamma): the paths through the mean and the variance in one line;
+    with given statistics it is dxhat / std.
+    """
+
+    axis: int
+
+    def __init__(self, dim: int, eps: float = 1e-5, dtype: np.dtype | type = np.float64) -> None:
+        super().__init__()
+        self.eps = float(eps)  # a Python float, so float32 arrays stay float32
+        self.params = {"gamma": np.ones(dim, dtype=dtype), "beta": np.zeros(dim, dtype=dtype)}
+        self.grads = {k: np.zeros_like(p) for k, p in self.params.items()}
+        self.xhat: Array | None = None
+        self.std: Array | None = None
+        self.batch_stats = True
+
+    def statistics(self, x: Array) -> tuple[Array, Array]:
+        """(mean, var) of x over `axis`, keepdims, variance from centered values."""
+        mean = x.mean(axis=self.axis, keepdims=True)
+        xc = x - mean
+        return mean, (xc * xc).mean(axis=self.axis, keepdims=True)
+
+    def normalize(self, x: Array, mean: Array, var: Array, batch_stats: bool) -> Array:
+        """xhat from x and its statistics; caches what backward needs."""
+        self.batch_stats = batch_stats
+        self.std = np.sqrt(var + self.eps)
+        self.xhat = (x - mean) / self.std
+        return self.params["gamma"] * self.xhat + self.params["beta"]
+
+    def backward(self, dout: Array) -> Array:
+        xhat = self.xhat
+        np.sum(dout * xhat, axis=0, out=self.grads["gamma"])
+        np.sum(dout, axis=0, out=self.grads["beta"])
+        dxhat = dout * self.params["gamma"]
+        if not self.batch_stats:
+            return dxhat / self.std
+        return (dxhat - dxhat.mean(axis=self.axis, keepdims=True)
+                - xhat * (dxhat * xhat).mean(axis=self.axis, keepdims=True)) / self.std
+
+
+class BatchNorm(_Normalization):
+    """Batch normalization (Ioffe & Szegedy 2015), as in cs231n: per feature, over the batch.
+
+    Training: the batch's mean and (biased) variance per feature, and the running
+    statistics move toward them, running = momentum * running + (1 - momentum) * batch.
+    Evaluation: the running statistics, so each sample's output depends on it alone.
+    buffers["running_mean"] (D,) starts at 0, buffers["running_var"] (D,) at 1.
+    Shapes and backward as in `_Normalization`, with axis 0.
+    """
+
+    axis = 0
+
+    def __init__(self, dim: int, momentum: float = 0.9, eps: float = 1e-5,
+                 dtype: np.dtype | type = np.float64) -> None:
+        super().__init__(dim, eps, dtype)
+        self.momentum = float(momentum)
+        self.buffers = {"running_mean": np.zeros(dim, dtype=dtype),
+                        "running_var": np.ones(dim, dtype=dtype)}
+
+    def forward(self, x: Array) -> Array:
+        running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
+        if not self.training:
+            return self.normalize(x, running_mean, running_var, batch_stats=False)
+        mean, var = self.statistics(x)
+        m = self.momentum
+        running_mean *= m
+        running_mean += (1 - m) * mean[0]
+        running_var *= m
+        running_var += (1 - m) * var[0]
+        return self.normalize(x, mean, var, batch_stats=True)
+
+    def __repr__(self) -> str:
+        return (f"BatchNorm({len(self.params['gamma'])}, momentum={self.momentum}, "
+                f"eps={self.eps})")
+
+
+class LayerNorm(_Normalization):
+    """Layer normalization (Ba et al. 2016): per sample, over its features; the same
+    function in training and evaluation. Shapes and backward as in `_Normalization`,
+    with axis 1.
+    """
+
+    axis = 1
+
+    def forward(self, x: Array) -> Array:
+        return self.normalize(x, *self.statistics(x), batch_stats=True)
+
+    def __repr__(self) -> str:
+        return f"LayerNorm({len(self.params['gamma'])}, eps={self.eps})"
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training each unit is kept with probability 1 - p and scaled
+    by 1 / (1 - p), so the expected output is x and evaluation is the identity.
+
+    forward: x (N, H) -> out = x * mask (N, H), mask drawn from `rng` (uniforms drawn in
+    float64 whatever the dtype, so nets of one seed in any dtype draw the same masks).
+    backward: dx = dout * mask (the mul gate: the gradient flows through kept units
+    only). `freeze()` makes the next training forward draw a mask and every later one
+    reuse it, so the layer is a fixed function (for gradient checks); `freeze(False)`
+    draws anew at every forward again.
+    """
+
+    def __init__(self, p: float, rng: np.random.Generator) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p={p!r} is not allowed: expected a number in [0, 1)")
+        self.p = float(p)
+        self.rng = rng
+        self.frozen = False
+        self.mask: Array | None = None
+        self.active = False
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Reuse one mask (drawn at the next training forward) until `freeze(False)`."""
+        self.frozen = frozen
+        self.mask = None
+
+    def forward(self, x: Array) -> Array:
+        self.active = self.training
+        if not self.active:
+            return x
+        if not self.frozen or self.mask is None:
+            self.mask = (self.rng.random(x.shape) >= self.p).astype(x.dtype)
+            self.mask *= 1 / (1 - self.p)
+        elif self.mask.shape != x.shape:
+            raise ValueError(f"Dropout: the frozen mask has shape {self.mask.shape}, the "
+                             f"batch {x.shape}")
+        return x * self.mask
+
+    def backward(self, dout: Array) -> Array:
+        return dout * self.mask if self.active else dout
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p})"
 
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout")

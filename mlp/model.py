@@ -1,13 +1,32 @@
 """The multi-layer perceptron: a stack of layers, a loss and L2 regularization.
 
-    X (N, D) -> [Linear -> activation] x len(hidden_sizes) -> Linear -> scores (N, C)
+    X (N, D) -> {Linear -> [norm] -> activation -> [Dropout]} x len(hidden_sizes)
+             -> Linear -> scores (N, C)
 
-(with activation="maxout" each hidden pair is one `Maxout` layer). Parameters are named
-like cs231n's: W1, b1 for the first layer, ..., WL, bL for the scores layer, and
-`model.params` maps those names to the very arrays the layers compute with, so an
-optimizer that updates `params` in place trains the net.
+as cs231n's FullyConnectedNet: the norm is `BatchNorm` (norm="batch") or `LayerNorm`
+(norm="layer") of the affine output, `Dropout` follows each hidden activation when
+dropout > 0. With activation="maxout" the Linear -> activation pair is one `Maxout`
+layer, or, with a norm, Linear (H*k pieces) -> norm over the H*k pieces -> `PieceMax`.
 
-The loss is data loss + reg * sum of squared weights (biases not regularized).
+Parameters are named like cs231n's: W1, b1 (and gamma1, beta1 with a norm) for the
+first layer, ..., WL, bL for the scores layer, and `model.params` maps those names to the
+very arrays the layers compute with, so an optimizer that updates `params` in place
+trains the net. `model.params` holds trainable parameters only; `model.buffers` maps
+names to the arrays that are state but not trained (BatchNorm's running_mean1,
+running_var1, ...). `save`/`load`, `set_params` and `copy` carry both.
+
+Training and evaluation mode are chosen by the method called, never by a flag to
+remember: the losses and gradients (`loss_and_grads`, `data_loss_and_grads`, `loss`,
+`data_loss`) run in training mode (Dropout drops units, BatchNorm normalizes with the
+batch's statistics and updates its running ones), `scores(X)` and `predict(X)` in
+evaluation mode (Dropout is the identity, BatchNorm uses its running statistics);
+`scores(X, training=True)` gives the training-mode scores. Each pass sets `training` on
+every layer. Without Dropout and BatchNorm both modes compute the same function. For a
+gradient check, `freeze_dropout()` makes each Dropout layer reuse one mask, so every
+training-mode pass computes the same function (BatchNorm then depends on the batch only).
+
+The loss is data loss + reg * sum of squared weights (biases, gamma and beta not
+regularized).
 """
 
 from __future__ import annotations
@@ -22,11 +41,23 @@ from pathlib import Path
 import numpy as np
 
 from mlp import losses
-from mlp.layers import ACTIVATIONS, Activation, Layer, Linear, Maxout, activation_gate
+from mlp.layers import (
+    ACTIVATIONS,
+    Activation,
+    BatchNorm,
+    Dropout,
+    Layer,
+    LayerNorm,
+    Linear,
+    Maxout,
+    PieceMax,
+    activation_gate,
+)
 
 Array = np.ndarray
 
 INITS = ("he", "xavier", "normal")
+NORMS = {"batch": BatchNorm, "layer": LayerNorm}  # and None (or "none"): no norm layer
 # longdouble (80-bit extended on x86-64) is for the gradient check's finite differences.
 DTYPES = ("float32", "float64", np.dtype(np.longdouble).name)
 
@@ -45,6 +76,8 @@ class Architecture:
     leaky_slope: float = 0.01
     elu_alpha: float = 1.0
     maxout_pieces: int = 2
+    dropout: float = 0.0
+    norm: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the argument, its value and what is allowed."""
@@ -66,6 +99,10 @@ class Architecture:
                  "elu_alpha", self.elu_alpha, "a number > 0")
         _require(_is_int(self.maxout_pieces) and self.maxout_pieces >= 2,
                  "maxout_pieces", self.maxout_pieces, "an integer >= 2")
+        _require(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout,
+                 "a drop probability in [0, 1) (0: no dropout)")
+        _require(self.norm is None or (isinstance(self.norm, str) and self.norm in NORMS),
+                 "norm", self.norm, f"one of {[None, 'none', *NORMS]}")
 
 
 def _is_int(v: object) -> bool:
@@ -85,10 +122,14 @@ class MLP:
     """A fully connected net with hand-written backprop.
 
     Build with `MLP(input_dim, hidden_sizes, num_classes, activation=..., loss=...,
-    reg=..., init=..., weight_scale=..., dtype=..., seed=...)`; `init` is "he"
-    (std sqrt(2/fan_in)), "xavier" (Glorot, std sqrt(2/(fan_in+fan_out))) or "normal"
-    (std = weight_scale, as in cs231n). Initial values are drawn in float64 from `seed`
-    and then cast, so float32 and float64 nets of one seed start from the same weights.
+    reg=..., init=..., weight_scale=..., dtype=..., seed=..., dropout=..., norm=...)`;
+    `init` is "he" (std sqrt(2/fan_in)), "xavier" (Glorot, std sqrt(2/(fan_in+fan_out)))
+    or "normal" (std = weight_scale, as in cs231n). Initial values are drawn in float64
+    from `seed` and then cast, so float32 and float64 nets of one seed start from the
+    same weights. `dropout` is the drop probability after each hidden activation (0: no
+    Dropout layers), `norm` None/"none", "batch" or "layer" (stored as None, "batch" or
+    "layer"). The Dropout masks come from `dropout_rng`, seeded with [seed, 4], so runs
+    of one seed drop the same units.
     """
 
     def __init__(
@@ -106,6 +147,8 @@ class MLP:
         leaky_slope: float = 0.01,
         elu_alpha: float = 1.0,
         maxout_pieces: int = 2,
+        dropout: float = 0.0,
+        norm: str | None = None,
     ) -> None:
         if isinstance(hidden_sizes, int | str) or not isinstance(hidden_sizes, Sequence):
             raise ValueError(f"hidden_sizes={hidden_sizes!r} is not allowed: expected a list of "
@@ -117,7 +160,8 @@ class MLP:
         self.arch = Architecture(
             input_dim=input_dim, hidden_sizes=tuple(hidden_sizes), num_classes=num_classes,
             activation=activation, loss=loss, reg=reg, dtype=dtype_name,
-            leaky_slope=leaky_slope, elu_alpha=elu_alpha, maxout_pieces=maxout_pieces)
+            leaky_slope=leaky_slope, elu_alpha=elu_alpha, maxout_pieces=maxout_pieces,
+            dropout=dropout, norm=None if norm == "none" else norm)
         self.arch.validate()
         _require(init in INITS, "init", init, f"one of {list(INITS)}")
         _require(_is_number(weight_scale) and weight_scale > 0, "weight_scale", weight_scale,
@@ -127,20 +171,26 @@ class MLP:
         self.loss_kink_fn = losses.KINK_STATES[loss]
         self.layers: list[Layer] = []
         self.params: dict[str, Array] = {}
+        self.buffers: dict[str, Array] = {}
         self._param_layers: dict[str, tuple[Layer, str]] = {}
         rng = np.random.default_rng(seed)
+        self.dropout_rng = np.random.default_rng(None if seed is None else [seed, 4])
         arch = self.arch
         dims = [arch.input_dim, *arch.hidden_sizes]
+        maxout = arch.activation == "maxout"
+        k = arch.maxout_pieces if maxout else 1
         for i, (fan_in, width) in enumerate(itertools.pairwise(dims), start=1):
-            if arch.activation == "maxout":
-                k = arch.maxout_pieces
-                W, b = self._init(rng, init, weight_scale, fan_in, width * k)
+            W, b = self._init(rng, init, weight_scale, fan_in, width * k)
+            if maxout and arch.norm is None:
                 self._add(str(i), Maxout(W, b, k))
             else:
-                W, b = self._init(rng, init, weight_scale, fan_in, width)
                 self._add(str(i), Linear(W, b))
-                self.layers.append(Activation(activation_gate(
+                if arch.norm is not None:
+                    self._add(str(i), NORMS[arch.norm](width * k, dtype=self.dtype))
+                self.layers.append(PieceMax(k) if maxout else Activation(activation_gate(
                     arch.activation, arch.leaky_slope, arch.elu_alpha)))
+            if arch.dropout:
+                self.layers.append(Dropout(arch.dropout, self.dropout_rng))
         W, b = self._init(rng, init, weight_scale, dims[-1], arch.num_classes)
         self._add(str(len(dims)), Linear(W, b))
         self._last_scores: Array | None = None
@@ -158,6 +208,8 @@ class MLP:
         for key, value in layer.params.items():
             self.params[key + suffix] = value
             self._param_layers[key + suffix] = (layer, key)
+        for key, value in layer.buffers.items():
+            self.buffers[key + suffix] = value
 
     # -- forward / backward --------------------------------------------------------------
 
@@ -170,22 +222,26 @@ class MLP:
         return [name for name, (layer, key) in self._param_layers.items()
                 if key in layer.weight_keys]
 
-    def scores(self, X: Array) -> Array:
-        """Class scores (N, C) for inputs X (N, D), cast to the model's dtype."""
+    def scores(self, X: Array, training: bool = False) -> Array:
+        """Class scores (N, C) for inputs X (N, D), cast to the model's dtype; in
+        evaluation mode unless `training` (see the module docstring)."""
         out = self._check_X(X)
         for layer in self.layers:
+            layer.training = training
             out = layer.forward(out)
         return out
 
     def predict(self, X: Array, batch_size: int = 1000) -> Array:
-        """Predicted class ids (N,) for X (N, D), in chunks of batch_size rows."""
+        """Predicted class ids (N,) for X (N, D), in chunks of batch_size rows (evaluation
+        mode)."""
         self._check_X(X)
         return np.concatenate([self.scores(X[i:i + batch_size]).argmax(axis=1)
                                for i in range(0, max(len(X), 1), batch_size)])[:len(X)]
 
     def data_loss(self, X: Array, y: Array) -> float:
-        """The data loss alone, forward only (what the gradient check perturbs)."""
-        scores = self.scores(X)
+        """The data loss alone, forward only in training mode (what the gradient check
+        perturbs)."""
+        scores = self.scores(X, training=True)
         y = self._check_y(y, len(scores))
         self._last_scores, self._last_y = scores, y
         return self.loss_fn(scores, y)[0]
@@ -198,12 +254,13 @@ class MLP:
                               for n in self.weight_names())
 
     def loss(self, X: Array, y: Array) -> float:
-        """Data loss + regularization loss, forward only."""
+        """Data loss + regularization loss, forward only in training mode."""
         return self.data_loss(X, y) + self.reg_loss()
 
     def data_loss_and_grads(self, X: Array, y: Array) -> tuple[float, dict[str, Array]]:
-        """Data loss and its gradients: forward, loss, then backward through the layers."""
-        scores = self.scores(X)
+        """Data loss and its gradients: forward in training mode, loss, then backward
+        through the layers."""
+        scores = self.scores(X, training=True)
         y = self._check_y(y, len(scores))
         loss, dout = self.loss_fn(scores, y)
         for layer in reversed(self.layers):
@@ -218,7 +275,8 @@ class MLP:
         return self.reg_loss(), grads
 
     def loss_and_grads(self, X: Array, y: Array) -> tuple[float, dict[str, Array]]:
-        """Total loss and gradients keyed like `params`, for a batch X (N, D), y (N,).
+        """Total loss and gradients keyed like `params`, for a batch X (N, D), y (N,), in
+        training mode.
 
         The gradient arrays are the layers' own buffers, overwritten by the next call:
         copy them to keep them.
@@ -228,6 +286,14 @@ class MLP:
             for name in self.weight_names():
                 grads[name] += (2 * self.reg) * self.params[name]
         return loss + self.reg_loss(), grads
+
+    def freeze_dropout(self, frozen: bool = True) -> None:
+        """Make every Dropout layer draw one mask at the next training-mode pass and reuse
+        it (the batch size must then stay the same), so the loss is one fixed function of
+        the parameters, as a gradient check needs; `freeze_dropout(False)` undoes it."""
+        for layer in self.layers:
+            if isinstance(layer, Dropout):
+                layer.freeze(frozen)
 
     def kink_state(self) -> list[Array]:
         """The branch taken by every max in the last forward pass (layers, then the loss)."""
@@ -256,24 +322,22 @@ class MLP:
 
     # -- parameters and files -----------------------------------------------------------
 
-    def set_params(self, params: dict[str, Array]) -> None:
-        """Copy values into the model's parameters (names and shapes must match exactly)."""
-        missing = sorted(set(self.params) - set(params))
-        unexpected = sorted(set(params) - set(self.params))
-        if missing or unexpected:
-            raise ValueError(f"parameters do not match the architecture: missing {missing}, "
-                             f"unexpected {unexpected}")
-        for name, value in params.items():
-            if value.shape != self.params[name].shape:
-                raise ValueError(f"parameter {name} has shape {value.shape}: expected "
-                                 f"{self.params[name].shape}")
-            self.params[name][...] = value
+    def set_params(self, params: dict[str, Array],
+                   buffers: dict[str, Array] | None = None) -> None:
+        """Copy values into the model's parameters and, when given, its buffers (names and
+        shapes must match exactly; values are cast to the model's dtype)."""
+        _assign(self.params, params, "parameter")
+        if buffers is not None:
+            _assign(self.buffers, buffers, "buffer")
 
     def copy(self, dtype: str | np.dtype | None = None) -> MLP:
-        """A deep copy, optionally in another dtype (e.g. float64 for a gradient check)."""
+        """A deep copy, optionally in another dtype (e.g. float64 for a gradient check):
+        parameters, buffers and the state of `dropout_rng` (so the copy draws the masks
+        this model would draw next)."""
         arch = self.arch if dtype is None else replace(self.arch, dtype=np.dtype(dtype).name)
         clone = MLP.from_architecture(arch)
-        clone.set_params(self.params)
+        clone.set_params(self.params, self.buffers)
+        clone.dropout_rng.bit_generator.state = self.dropout_rng.bit_generator.state
         return clone
 
     @classmethod
@@ -282,14 +346,15 @@ class MLP:
         return cls(**asdict(arch), **kwargs)
 
     def save(self, path: str | Path) -> Path:
-        """Write params and architecture to an .npz file (no pickles) and return its path."""
+        """Write params, buffers and architecture to an .npz file (no pickles) and return
+        its path."""
         path = Path(path)
         arch = asdict(self.arch)
         arch["hidden_sizes"] = list(arch["hidden_sizes"])
         with open(path, "wb") as f:
             # .item(): NumPy scalars the constructor accepted become plain JSON numbers
             np.savez(f, __architecture__=np.array(json.dumps(arch, default=lambda v: v.item())),
-                     **self.params)
+                     **self.params, **self.buffers)
         return path
 
     @classmethod
@@ -315,8 +380,23 @@ class MLP:
             model = cls(**arch, seed=0)
         except (TypeError, KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} has an unreadable architecture entry: {e}") from e
+        buffers = {k: v for k, v in arrays.items() if k in model.buffers}
         try:
-            model.set_params(arrays)
+            model.set_params({k: v for k, v in arrays.items() if k not in buffers}, buffers)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
         return model
+
+
+def _assign(target: dict[str, Array], values: dict[str, Array], kind: str) -> None:
+    """Copy values into target's arrays in place; names and shapes must match exactly."""
+    missing = sorted(set(target) - set(values))
+    unexpected = sorted(set(values) - set(target))
+    if missing or unexpected:
+        raise ValueError(f"{kind}s do not match the architecture: missing {missing}, "
+                         f"unexpected {unexpected}")
+    for name, value in values.items():
+        if value.shape != target[name].shape:
+            raise ValueError(f"{kind} {name} has shape {value.shape}: expected "
+                             f"{target[name].shape}")
+        target[name][...] = value

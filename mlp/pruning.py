@@ -2,7 +2,7 @@
 
 The Optuna sweeper (`hydra/sweeper=mlp_optuna`, in `hydra_plugins/mlp_optuna_sweeper`) asks
 Optuna for a trial, runs it as a Hydra job, and tells each job which trial it is with the
-overrides `trial.storage`, `trial.study` and `trial.number` (the trial's id in the
+overrides `trial.storage`, `trial.study` and `trial.id` (the trial's id in the
 storage). `mlp-train` then adds a `TrialReporter` to the training loop's observers: after
 every epoch it reports `val_acc` to the trial and raises `optuna.TrialPruned` when the
 study's pruner says the trial is worse than the others were at that epoch.

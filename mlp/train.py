@@ -136,6 +136,7 @@ class Trainer:
         self.rng = np.random.default_rng([settings.seed, 1])
         self.state = _State(history={k: [] for k in HISTORY_KEYS})
         self.best_params = {n: p.copy() for n, p in model.params.items()}
+        self.best_buffers = {n: b.copy() for n, b in model.buffers.items()}
         n_eval = min(settings.train_eval_size, len(splits.y_train))
         eval_rows = np.random.default_rng([settings.seed, 2]).choice(
             len(splits.y_train), n_eval, replace=False)
@@ -188,6 +189,8 @@ class Trainer:
                     st.best_val_acc, st.best_epoch, st.bad_epochs = metrics["val_acc"], st.epoch, 0
                     for name, p in model.params.items():
                         self.best_params[name][...] = p
+                    for name, b in model.buffers.items():
+                        self.best_buffers[name][...] = b
                 else:
                     st.bad_epochs += 1
                 checkpoint = self.save_checkpoint()
@@ -198,7 +201,7 @@ class Trainer:
                 if s.patience is not None and st.bad_epochs >= s.patience:
                     stopped_early = True
                     break
-        model.set_params(self.best_params)
+        model.set_params(self.best_params, self.best_buffers)
         test_loss, test_acc, test_pred = self.evaluate(self.splits.X_test, self.splits.y_test)
         return TrainResult(history=st.history, best_epoch=st.best_epoch,
                            best_val_acc=st.best_val_acc, test_loss=test_loss, test_acc=test_acc,
@@ -313,11 +316,14 @@ class Trainer:
                 "first_loss": st.first_loss, "best_val_acc": st.best_val_acc,
                 "best_epoch": st.best_epoch, "bad_epochs": st.bad_epochs,
                 "history": st.history, "rng": self.rng.bit_generator.state,
+                "dropout_rng": self.model.dropout_rng.bit_generator.state,
                 "arch": _arch_dict(self.model), "optimizer": self.optimizer.name,
                 "dtype": self.s.dtype, "extra": self.meta}
         arrays = {"meta": np.array(json.dumps(meta))}
         arrays |= {f"param/{n}": p for n, p in self.model.params.items()}
         arrays |= {f"best/{n}": p for n, p in self.best_params.items()}
+        arrays |= {f"buffer/{n}": b for n, b in self.model.buffers.items()}
+        arrays |= {f"bestbuffer/{n}": b for n, b in self.best_buffers.items()}
         arrays |= {f"optim/{k}": v for k, v in self.optimizer.state_dict().items()}
         arrays |= {f"norm/{k}": v for k, v in self.normalizer.state_dict().items()}
         if st.order is not None:
@@ -352,9 +358,12 @@ class Trainer:
                                  f"{meta[key]!r}, this run has {mine!r}")
         group = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items()  # noqa: E731
                                 if k.startswith(prefix)}
-        self.model.set_params(group("param/"))
+        self.model.set_params(group("param/"), group("buffer/"))
         for name, value in group("best/").items():
             self.best_params[name][...] = value
+        for name, value in group("bestbuffer/").items():
+            self.best_buffers[name][...] = value
+        self.model.dropout_rng.bit_generator.state = meta["dropout_rng"]
         self.optimizer.load_state_dict(group("optim/"))
         self.normalizer.load_state_dict(group("norm/"))
         self.rng.bit_generator.state = meta["rng"]

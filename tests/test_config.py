@@ -83,6 +83,8 @@ BAD = [
     ("trainer.dtype=float16", "trainer.dtype"),
     ("optim.momentum=1.5", "optim.momentum"),
     ("data.md5=xyz", "data.md5"),
+    ("model.dropout=1.0", "model.dropout"),
+    ("model.norm=group", "model.norm"),
 ]
 
 

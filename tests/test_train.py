@@ -25,8 +25,9 @@ def splits(tmp_path_factory: pytest.TempPathFactory) -> datalib.Splits:
 
 def make_trainer(splits: datalib.Splits, tmp: Path | None = None, dtype: str = "float64",
                  epochs: int = 3, lr: float = 0.01, observer=None, name: str = "momentum",
-                 pad: int = 2) -> Trainer:
-    model = MLP(3072, [32], 10, activation="relu", reg=1e-3, dtype=dtype, seed=0)
+                 pad: int = 2, norm: str | None = None, dropout: float = 0.0) -> Trainer:
+    model = MLP(3072, [32], 10, activation="relu", reg=1e-3, dtype=dtype, seed=0, norm=norm,
+                dropout=dropout)
     opt = optim.make_optimizer(name, model.params)
     bs = 50
     schedule = optim.Schedule("cosine", lr, steps_per_epoch=math.ceil(len(splits.y_train) / bs),
@@ -109,6 +110,24 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(
     assert abs(resumed.test_loss - full.test_loss) <= tol
     for name, p in second.model.params.items():
         np.testing.assert_allclose(p, reference.model.params[name], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_resume_with_norm_and_dropout_is_exact(splits: datalib.Splits, tmp_path: Path,
+                                               norm: str):
+    reference = make_trainer(splits, tmp_path / "full", norm=norm, dropout=0.3)
+    full = reference.fit()
+    first = make_trainer(splits, tmp_path / "cut", norm=norm, dropout=0.3)
+    first.observers = [Recorder(stop_at_step=5, trainer=first)]
+    with pytest.raises(Interrupted) as stopped:
+        first.fit()
+    second = make_trainer(splits, tmp_path / "cut", norm=norm, dropout=0.3)
+    second.load_checkpoint(stopped.value.checkpoint)
+    resumed = second.fit()
+    assert resumed.history["val_loss"] == full.history["val_loss"]
+    assert resumed.test_loss == full.test_loss
+    for name, b in second.model.buffers.items():
+        np.testing.assert_array_equal(b, reference.model.buffers[name])
 
 
 def test_divergence_stops_with_a_clear_error(splits: datalib.Splits):
