@@ -310,3 +310,13 @@ def test_hinge_kinks_are_counted_and_excluded():
     assert rows["b1", "data"].kinks == C
     assert rows["W1", "data"].kinks == 0
     assert report.passed, str(report)
+
+
+def test_a_part_with_only_kinks_does_not_pass():
+    from mlp.gradcheck import GradcheckReport, ParamCheck
+
+    rows = [ParamCheck("W1", "data", (2,), 2, 2, 0.0, 0.0),
+            ParamCheck("W1", "reg", (2,), 2, 0, 1e-12, 1e-12)]
+    assert not GradcheckReport(rows=rows).passed
+    rows[0] = ParamCheck("W1", "data", (2,), 2, 1, 1e-12, 1e-12)
+    assert GradcheckReport(rows=rows).passed
