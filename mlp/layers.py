@@ -55,6 +55,8 @@ class Linear(Layer):
 
     forward: x (N, D) -> out (N, H). backward: dout (N, H) -> dx (N, D), with
     grads["W"] = x^T dout (D, H) and grads["b"] = sum of dout over the batch (H,).
+    With `input_grad = False` (the first layer of a net: nothing upstream needs dx)
+    backward skips dout W^T, a third of the layer's backward work, and returns None.
     """
 
     weight_keys = ("W",)
@@ -63,17 +65,20 @@ class Linear(Layer):
         super().__init__()
         self.params = {"W": W, "b": b}
         self.grads = {"W": np.zeros_like(W), "b": np.zeros_like(b)}
+        self.input_grad = True
         self.x: Array | None = None
 
     def forward(self, x: Array) -> Array:
         self.x = x
-        return x @ self.params["W"] + self.params["b"]
+        out = x @ self.params["W"]
+        out += self.params["b"]  # in place: no second (N, H) array
+        return out
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array) -> Array | None:
         x = self.x
         np.matmul(x.T, dout, out=self.grads["W"])
         np.sum(dout, axis=0, out=self.grads["b"])
-        return dout @ self.params["W"].T
+        return dout @ self.params["W"].T if self.input_grad else None
 
 
 class Activation(Layer):

@@ -193,6 +193,7 @@ class MLP:
                 self.layers.append(Dropout(arch.dropout, self.dropout_rng))
         W, b = self._init(rng, init, weight_scale, dims[-1], arch.num_classes)
         self._add(str(len(dims)), Linear(W, b))
+        self.layers[0].input_grad = False  # the gradient of the data is never needed
         self._last_scores: Array | None = None
         self._last_y: Array | None = None
 
