@@ -63,8 +63,10 @@ def read_parent(sweep_dir: str | Path) -> dict | None:
 
 def blas_threads(n_jobs: int, cores: int | None = None) -> int:
     """BLAS threads per job so that n_jobs parallel jobs share the cores without
-    oversubscription."""
+    oversubscription. n_jobs as joblib reads it: -1 all cores, -2 all but one, ..."""
     cores = cores or os.cpu_count() or 1
+    if n_jobs < 0:
+        n_jobs = cores + 1 + n_jobs
     return max(1, cores // max(1, n_jobs))
 
 
@@ -80,8 +82,7 @@ class SweepCallback(Callback):
         hydra = config.hydra
         launcher = str(hydra.launcher.get("_target_", ""))
         if "Joblib" in launcher:
-            n_jobs = int(hydra.launcher.get("n_jobs", -1))
-            threads = blas_threads(os.cpu_count() or 1 if n_jobs < 1 else n_jobs)
+            threads = blas_threads(int(hydra.launcher.get("n_jobs", -1)))
             for var in THREAD_VARS:
                 os.environ.setdefault(var, str(threads))
             log.info("joblib launcher: %s BLAS thread(s) per job",

@@ -133,3 +133,12 @@ def test_killed_sweep_resumes_the_killed_job(tmp_path: Path, run_env: dict):
     assert [(c.info.run_id, c.info.status) for c in children] == [(killed, "FINISHED")]
     assert [p.step for p in client.get_metric_history(killed, "val_acc")] == list(range(1, 26))
     assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(("n_jobs", "cores", "threads"),
+                         [(1, 2, 2), (2, 2, 1), (4, 2, 1), (-1, 2, 1), (-1, 8, 1),
+                          (-2, 8, 1), (2, 8, 4), (-5, 8, 2)])
+def test_blas_threads_share_the_cores(n_jobs: int, cores: int, threads: int):
+    from mlp.sweep import blas_threads
+
+    assert blas_threads(n_jobs, cores) == threads
