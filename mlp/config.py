@@ -16,12 +16,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mlp import losses, optim
+from mlp import losses, model, optim
 from mlp.layers import ACTIVATIONS
 from mlp.model import INITS
 
 NORMALIZATIONS = ("mean_image", "channel", "none")
-NORMS = (None, "none", "batch", "layer")
+NORMS = (None, "none", *model.NORMS)
 DATASETS = ("cifar10", "synthetic")
 TRAIN_DTYPES = ("float32", "float64")
 

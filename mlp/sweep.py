@@ -51,8 +51,12 @@ def config_hash(resolved: dict[str, Any]) -> str:
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if (section, k) not in _NOT_HASHED}
         kept[section] = value
-    blob = json.dumps(kept, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _digest(kept)
+
+
+def _digest(tree: Any) -> str:
+    """16 hex digits of the sha256 of a JSON-able tree, independent of key order."""
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_parent(sweep_dir: str | Path) -> dict | None:
@@ -95,8 +99,7 @@ class SweepCallback(Callback):
         sweeper_params = OmegaConf.to_container(params, resolve=True) if params else {}
         definition = {"config": hydra.job.config_name, "overrides": sorted(overrides),
                       "sweeper": sweeper_params}
-        sweep_hash = hashlib.sha256(json.dumps(definition, sort_keys=True,
-                                               default=str).encode()).hexdigest()[:16]
+        sweep_hash = _digest(definition)
         name = _sweep_name(config, overrides)
         run_id = tracking.open_parent_run(experiment_id, name, {
             SWEEP_TAG: "true", SWEEP_HASH_TAG: sweep_hash, "mlp.sweep.name": name,
