@@ -29,21 +29,23 @@ class Gate:
 
     `forward(x)` and `local_grad(x, out)` take arrays of any shape (N, ...) and return an
     array of the same shape; `backward(dout, x, out)` is the chain rule
-    `dout * local_grad(x, out)`. `kink` is the input where the derivative jumps (None for
+    `dout * local_grad(x, out)`. `forward(x, out=buf)` and `backward(..., dx=buf)` write
+    into a given array of that shape and dtype instead of allocating one (the training
+    loop reuses its arrays). `kink` is the input where the derivative jumps (None for
     smooth gates); the gradient check uses it to skip coordinates that straddle it.
     """
 
     name = "gate"
     kink: float | None = None
 
-    def forward(self, x: Array) -> Array:
+    def forward(self, x: Array, out: Array | None = None) -> Array:
         raise NotImplementedError
 
     def local_grad(self, x: Array, out: Array) -> Array:
         raise NotImplementedError
 
-    def backward(self, dout: Array, x: Array, out: Array) -> Array:
-        return dout * self.local_grad(x, out)
+    def backward(self, dout: Array, x: Array, out: Array, dx: Array | None = None) -> Array:
+        return np.multiply(dout, self.local_grad(x, out), out=dx)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -57,8 +59,8 @@ class Scale(Gate):
     def __init__(self, c: float) -> None:
         self.c = c
 
-    def forward(self, x: Array) -> Array:
-        return self.c * x
+    def forward(self, x: Array, out: Array | None = None) -> Array:
+        return np.multiply(x, self.c, out=out)
 
     def local_grad(self, x: Array, out: Array) -> Array:
         return np.full_like(x, self.c)
@@ -75,8 +77,8 @@ class Shift(Gate):
     def __init__(self, c: float) -> None:
         self.c = c
 
-    def forward(self, x: Array) -> Array:
-        return x + self.c
+    def forward(self, x: Array, out: Array | None = None) -> Array:
+        return np.add(x, self.c, out=out)
 
     def local_grad(self, x: Array, out: Array) -> Array:
         return np.ones_like(x)
@@ -90,8 +92,8 @@ class Exp(Gate):
 
     name = "exp"
 
-    def forward(self, x: Array) -> Array:
-        return np.exp(x)
+    def forward(self, x: Array, out: Array | None = None) -> Array:
+        return np.exp(x, out=out)
 
     def local_grad(self, x: Array, out: Array) -> Array:
         return out
@@ -102,8 +104,8 @@ class Reciprocal(Gate):
 
     name = "reciprocal"
 
-    def forward(self, x: Array) -> Array:
-        return 1.0 / x
+    def forward(self, x: Array, out: Array | None = None) -> Array:
+        return np.divide(1.0, x, out=out)
 
     def local_grad(self, x: Array, out: Array) -> Array:
         return -(out * out)
@@ -117,9 +119,9 @@ class Sigmoid(Gate):
 
     name = "sigmoid"
 
-    def forward(self, x: Array) -> Array:
+    def forward(self, x: Array, out: Array | None = None) -> Array:
         z = np.exp(-np.abs(x))
-        return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z)).astype(z.dtype, copy=False)
+        return _into(np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z)), out, z.dtype)
 
     def local_grad(self, x: Array, out: Array) -> Array:
         return out * (1.0 - out)
@@ -130,8 +132,8 @@ class Tanh(Gate):
 
     name = "tanh"
 
-    def forward(self, x: Array) -> Array:
-        return np.tanh(x)
+    def forward(self, x: Array, out: Array | None = None) -> Array:
+        return np.tanh(x, out=out)
 
     def local_grad(self, x: Array, out: Array) -> Array:
         return 1.0 - out * out
@@ -143,15 +145,16 @@ class ReLU(Gate):
     name = "relu"
     kink = 0.0
 
-    def forward(self, x: Array) -> Array:
-        return np.maximum(x, 0)
+    def forward(self, x: Array, out: Array | None = None) -> Array:
+        return np.maximum(x, 0, out=out)
 
     def local_grad(self, x: Array, out: Array) -> Array:
         return (x > 0).astype(x.dtype)
 
-    def backward(self, dout: Array, x: Array, out: Array) -> Array:
-        # Routing, not multiplying: zero where the max chose 0.
-        return np.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
+    def backward(self, dout: Array, x: Array, out: Array, dx: Array | None = None) -> Array:
+        # Routing: dout passes where the max chose x and is zeroed where it chose 0 (a
+        # product with the 0/1 mask, which needs no float copy of the local gradient).
+        return np.multiply(dout, x > 0, out=dx)
 
 
 class LeakyReLU(Gate):
@@ -163,8 +166,8 @@ class LeakyReLU(Gate):
     def __init__(self, slope: float = 0.01) -> None:
         self.slope = slope
 
-    def forward(self, x: Array) -> Array:
-        return np.where(x > 0, x, self.slope * x).astype(x.dtype, copy=False)
+    def forward(self, x: Array, out: Array | None = None) -> Array:
+        return _into(np.where(x > 0, x, self.slope * x), out, x.dtype)
 
     def local_grad(self, x: Array, out: Array) -> Array:
         return np.where(x > 0, 1.0, self.slope).astype(x.dtype, copy=False)
@@ -185,15 +188,23 @@ class ELU(Gate):
     def __init__(self, alpha: float = 1.0) -> None:
         self.alpha = alpha
 
-    def forward(self, x: Array) -> Array:
+    def forward(self, x: Array, out: Array | None = None) -> Array:
         neg = self.alpha * np.expm1(np.minimum(x, 0))
-        return np.where(x > 0, x, neg).astype(x.dtype, copy=False)
+        return _into(np.where(x > 0, x, neg), out, x.dtype)
 
     def local_grad(self, x: Array, out: Array) -> Array:
         return np.where(x > 0, 1.0, out + self.alpha).astype(x.dtype, copy=False)
 
     def __repr__(self) -> str:
         return f"ELU(alpha={self.alpha})"
+
+
+def _into(value: Array, out: Array | None, dtype: np.dtype) -> Array:
+    """value as `dtype` (np.where promotes float32 with a Python float), in `out` if given."""
+    if out is None:
+        return value.astype(dtype, copy=False)
+    np.copyto(out, value, casting="same_kind")
+    return out
 
 
 # ---------------------------------------------------------------------------------------

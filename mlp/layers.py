@@ -12,6 +12,11 @@ between the modes. The model sets it on every layer at each forward pass. `buffe
 holds state that is not trained but belongs to the model (BatchNorm's running
 statistics): no gradient, but saved and copied with the parameters.
 
+With `reuse_buffers` (off unless set; the model sets it on every layer but the last),
+`Linear` and `Activation` write their outputs and input gradients into arrays allocated
+once per shape and overwritten by the next pass, so the training loop allocates nothing:
+an output stays valid until the layer's next forward, a dx until its next backward.
+
 `kink_state()` returns the branch each unit took in the last forward pass (which side of
 a ReLU's 0, which Maxout piece), or None for smooth layers: the gradient check compares
 it between x+h and x-h to spot coordinates that straddle a kink.
@@ -34,11 +39,23 @@ class Layer:
     buffers: dict[str, Array]
     weight_keys: tuple[str, ...] = ()
     training: bool = True
+    reuse_buffers: bool = False
 
     def __init__(self) -> None:
         self.params = {}
         self.grads = {}
         self.buffers = {}
+        self._work: dict[str, Array] = {}
+
+    def _out(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> Array | None:
+        """The reused array `name` of that shape and dtype (allocated when either changes,
+        e.g. for the last, smaller batch), or None (allocate) without `reuse_buffers`."""
+        if not self.reuse_buffers:
+            return None
+        buf = self._work.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._work[name] = np.empty(shape, dtype)
+        return buf
 
     def forward(self, x: Array) -> Array:
         raise NotImplementedError
@@ -70,15 +87,18 @@ class Linear(Layer):
 
     def forward(self, x: Array) -> Array:
         self.x = x
-        out = x @ self.params["W"]
+        W = self.params["W"]
+        out = np.matmul(x, W, out=self._out("out", (len(x), W.shape[1]), np.result_type(x, W)))
         out += self.params["b"]  # in place: no second (N, H) array
         return out
 
     def backward(self, dout: Array) -> Array | None:
-        x = self.x
-        np.matmul(x.T, dout, out=self.grads["W"])
+        x, W = self.x, self.params["W"]
+        np.matmul(x.T, dout, out=self.grads["W"])  # x.T is a view: BLAS reads it transposed
         np.sum(dout, axis=0, out=self.grads["b"])
-        return dout @ self.params["W"].T if self.input_grad else None
+        if not self.input_grad:
+            return None
+        return np.matmul(dout, W.T, out=self._out("dx", x.shape, np.result_type(dout, W)))
 
 
 class Activation(Layer):
@@ -95,11 +115,12 @@ class Activation(Layer):
 
     def forward(self, x: Array) -> Array:
         self.x = x
-        self.out = self.gate.forward(x)
+        self.out = self.gate.forward(x, out=self._out("out", x.shape, x.dtype))
         return self.out
 
     def backward(self, dout: Array) -> Array:
-        return self.gate.backward(dout, self.x, self.out)
+        dx = self._out("dx", dout.shape, np.result_type(dout, self.x))
+        return self.gate.backward(dout, self.x, self.out, dx=dx)
 
     def kink_state(self) -> Array | None:
         if self.gate.kink is None:

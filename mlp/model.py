@@ -194,6 +194,8 @@ class MLP:
         W, b = self._init(rng, init, weight_scale, dims[-1], arch.num_classes)
         self._add(str(len(dims)), Linear(W, b))
         self.layers[0].input_grad = False  # the gradient of the data is never needed
+        for layer in self.layers[:-1]:  # the scores are returned: the caller may keep them
+            layer.reuse_buffers = True
         self._last_scores: Array | None = None
         self._last_y: Array | None = None
 
@@ -254,6 +256,11 @@ class MLP:
         return self.reg * sum(np.vdot(self.params[n], self.params[n])
                               for n in self.weight_names())
 
+    def l2_coefficients(self) -> dict[str, float]:
+        """c for each regularized parameter, so that the gradient of the L2 term is c * W
+        (c = 2 reg): what `Optimizer.step(..., l2=...)` adds in its own pass."""
+        return {name: 2 * self.reg for name in self.weight_names()} if self.reg else {}
+
     def loss(self, X: Array, y: Array) -> float:
         """Data loss + regularization loss, forward only in training mode."""
         return self.data_loss(X, y) + self.reg_loss()
@@ -280,12 +287,12 @@ class MLP:
         training mode.
 
         The gradient arrays are the layers' own buffers, overwritten by the next call:
-        copy them to keep them.
+        copy them to keep them. (The trainer computes the same thing in two parts: the data
+        part here and the L2 part, `l2_coefficients()`, inside the optimizer's pass.)
         """
         loss, grads = self.data_loss_and_grads(X, y)
-        if self.reg:
-            for name in self.weight_names():
-                grads[name] += (2 * self.reg) * self.params[name]
+        for name, c in self.l2_coefficients().items():
+            grads[name] += c * self.params[name]
         return loss + self.reg_loss(), grads
 
     def freeze_dropout(self, frozen: bool = True) -> None:

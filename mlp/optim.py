@@ -4,18 +4,23 @@ An optimizer is built for a dict of parameters (name -> array, float32 or float6
 then `step(params, grads, lr)` updates those arrays in place, so the model that holds
 them trains. Its state (velocities, moment estimates, the step counter `t`) lives in
 arrays of the parameters' dtype, allocated once, and `state_dict()` returns it flat
-("v/W1", "m/b2", "t") so that it fits an `.npz` without pickling. Each step works through
-one preallocated scratch array per parameter: the update is the hot loop of training.
+("v/W1", "m/b2", "t") so that it fits an `.npz` without pickling. The update is the hot
+loop of training and memory-bound: each rule's `_update` works on chunks that fit the
+cache, on a few threads (`mlp.elementwise`), with a small scratch array per thread.
 
 A `Schedule` maps the global step (0 for the first update) to the learning rate.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
+from mlp import elementwise
 
 Array = np.ndarray
 
@@ -37,10 +42,11 @@ def _require_eps(eps: float) -> None:
 
 
 class Optimizer:
-    """Base class: per-parameter state buffers named by `buffers`, a scratch array, `t`.
+    """Base class: per-parameter state buffers named by `buffers`, and `t`.
 
-    Subclasses set `name` and `buffers` and implement `_update(p, g, lr, scratch, *state)`,
-    which changes p in place; state buffers and scratch have p's shape and dtype.
+    Subclasses set `name` and `buffers` and implement `_update(p, g, *state, lr, scratch)`,
+    which changes p (and the state) in place: it is called on matching 1-d chunks of the
+    parameter, its gradient and its state buffers, with a scratch array of the same size.
     """
 
     name: str = ""
@@ -53,13 +59,20 @@ class Optimizer:
         for key, p in params.items():
             state = {f"{buf}/{key}": np.zeros_like(p) for buf in self.buffers}
             self.state.update(state)
-            self._slots[key] = (np.empty_like(p), *state.values())
+            self._slots[key] = tuple(state.values())
 
-    def step(self, params: dict[str, Array], grads: dict[str, Array], lr: float) -> None:
+    def step(self, params: dict[str, Array], grads: dict[str, Array], lr: float,
+             l2: Mapping[str, float] | None = None) -> float:
         """One update of every parameter in place: params[k] (any shape) from grads[k] (same).
 
         `params` must have the keys the optimizer was built for; `lr` is the learning rate
-        of this step (a schedule's value).
+        of this step (a schedule's value). `l2` maps some keys to c: for those, the gradient
+        is grads[k] + c * params[k] (the gradient of an L2 term c/2 * |p|^2; the model's
+        `l2_coefficients()`), formed chunk by chunk in the pass that updates p, so that each
+        weight is read from memory once per step (grads[k] itself is not changed).
+
+        Returns the L2 term, the sum of c/2 * |p|^2 at the parameters before this update,
+        summed in the same pass (0.0 without `l2`).
         """
         if params.keys() != self._slots.keys():
             raise ValueError(f"optimizer was built for parameters {sorted(self._slots)}, "
@@ -67,10 +80,29 @@ class Optimizer:
         self.t += 1
         # A Python float keeps float32 arithmetic in float32 (a NumPy float64 would not).
         lr = float(lr)
+        l2 = l2 or {}
+        l2_term = 0.0
         for key, p in params.items():
-            self._update(p, grads[key], lr, *self._slots[key])
+            if l2.get(key):
+                squares: list[Array] = []
+                update = functools.partial(self._update_l2, l2[key], squares, lr=lr)
+                elementwise.chunked(update, p, grads[key], *self._slots[key], rows=2)
+                l2_term += l2[key] / 2 * float(np.sum(squares))
+            else:
+                update = functools.partial(self._update, lr=lr)
+                elementwise.chunked(update, p, grads[key], *self._slots[key])
+        return l2_term
 
-    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+    def _update_l2(self, c: float, squares: list[Array], p: Array, g: Array, *state: Array,
+                   lr: float, scratch: Array) -> None:
+        """_update with the gradient g + c p, on a chunk; appends the chunk's |p|^2."""
+        squares.append(np.vdot(p, p))
+        total_grad, scratch = scratch
+        np.multiply(p, c, out=total_grad)
+        total_grad += g
+        self._update(p, total_grad, *state, lr=lr, scratch=scratch)
+
+    def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Array]:
@@ -107,7 +139,7 @@ class SGD(Optimizer):
 
     name = "sgd"
 
-    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+    def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         np.multiply(g, lr, out=scratch)
         p -= scratch
 
@@ -123,7 +155,7 @@ class Momentum(Optimizer):
         super().__init__(params)
         self.momentum = momentum
 
-    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+    def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         (v,) = state
         self._advance(v, g, lr, scratch)
         p += v
@@ -142,7 +174,7 @@ class Nesterov(Momentum):
 
     name = "nesterov"
 
-    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+    def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         (v,) = state
         mu = self.momentum
         # The -mu * v_prev term goes in first, while v still holds v_prev.
@@ -170,7 +202,7 @@ class RMSProp(Optimizer):
         self.decay_rate = decay_rate
         self.eps = eps
 
-    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+    def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         (cache,) = state
         cache *= self.decay_rate
         np.square(g, out=scratch)
@@ -204,7 +236,7 @@ class Adam(Optimizer):
         self.beta2 = beta2
         self.eps = eps
 
-    def _update(self, p: Array, g: Array, lr: float, scratch: Array, *state: Array) -> None:
+    def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         m, v = state
         m *= self.beta1
         np.multiply(g, 1 - self.beta1, out=scratch)

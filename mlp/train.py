@@ -168,11 +168,15 @@ class Trainer:
                     if s.augment_pad or s.augment_flip:
                         Xb = datalib.augment(Xb, self.rng, s.augment_pad, s.augment_flip)
                     lr = self.schedule(st.step)
-                    loss, grads = model.loss_and_grads(
+                    loss, grads = model.data_loss_and_grads(
                         self.normalizer(Xb, self.dtype, out=self._batch_buffer(len(idx))), y[idx])
                     self._guard(float(loss))
                     before = self._snapshot() if s.health and b == batches_per_epoch - 1 else None
-                    self.optimizer.step(model.params, grads, lr)
+                    # The L2 term (model.loss_and_grads computes it apart) is left to the
+                    # optimizer: it adds the gradient and sums the loss term in the one pass
+                    # it makes over the weights.
+                    loss += self.optimizer.step(model.params, grads, lr,
+                                                l2=model.l2_coefficients())
                     st.step, st.batch, seen = st.step + 1, b + 1, seen + len(idx)
                     for observer in self.observers:
                         observer.on_step(st.step, float(loss), lr)
@@ -221,7 +225,7 @@ class Trainer:
         return metrics
 
     def _guard(self, loss: float) -> None:
-        """Stop on NaN/inf, or a loss beyond diverge_factor x the first batch's loss."""
+        """Stop on NaN/inf, or a data loss beyond diverge_factor x the first batch's."""
         st = self.state
         if st.first_loss is None:
             st.first_loss = loss

@@ -1,0 +1,308 @@
+"""Speed benchmark: mlp-lab's training step against the matrix-multiply floor and PyTorch.
+
+For each net, in one process, with the same shapes, dtype, batch and thread count:
+
+* **mlp-lab**: the step `mlp-train` runs, `model.loss_and_grads` then `optimizer.step`
+  (SGD momentum, L2 reg, ReLU, softmax), on a batch that is already normalized;
+* **floor**: only the matrix multiplies of that step (forward, and the backward of every
+  layer, without the data's gradient), into preallocated arrays: no framework can beat it;
+* **PyTorch** (when `torch` is importable; never a dependency of mlp-lab): the same net,
+  loss, momentum and weight decay, `zero_grad / backward / step`.
+
+Repetitions alternate between the implementations, so a machine that slows down mid-run
+slows all of them; each is reported as the median over repetitions, scaled to seconds per
+50,000-image epoch, and the ratios mlp-lab/floor and mlp-lab/PyTorch are the numbers to
+read (absolute times move with the machine's load; ratios measured in one run do not).
+
+The data pipeline (gathering a shuffled batch from the uint8 images, crop+flip, per-batch
+normalization into float32) is timed apart, per epoch, as the trainer runs it. Peak memory
+is measured in a child process that trains the first net on a full-size (50,000 x 3072)
+uint8 data set with `mlp.train.Trainer`: its peak resident set, as `ps` would show.
+
+    python experiments/bench_speed.py                      # the three nets of issue 7
+    python experiments/bench_speed.py --threads 1 --reps 9
+    python experiments/bench_speed.py --quick              # tiny shapes (the test suite)
+    python experiments/bench_speed.py --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+EPOCH_IMAGES = 50_000
+NETS = {  # name -> (input_dim, hidden sizes, classes)
+    "3072-1024-1024-10": (3072, (1024, 1024), 10),
+    "3072-100-10": (3072, (100,), 10),
+    "3072-512x4-10": (3072, (512, 512, 512, 512), 10),
+}
+QUICK_NETS = {"48-32-32-10": (48, (32, 32), 10), "48-16-10": (48, (16,), 10)}
+REG, LR, MOMENTUM = 5e-4, 1e-2, 0.9
+
+
+def _set_threads(threads: int) -> None:
+    """BLAS (and OpenMP) threads, before NumPy is imported."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+# -- the three implementations: each is a `step()` closure over its own arrays -------------
+
+
+def mlp_lab_step(dims: tuple, batch: int, seed: int = 0) -> Callable[[], None]:
+    """The training step as `mlp.train.Trainer.fit` runs it."""
+    import numpy as np
+
+    from mlp.model import MLP
+    from mlp.optim import Momentum
+
+    input_dim, hidden, classes = dims
+    model = MLP(input_dim, hidden, classes, reg=REG, dtype="float32", seed=seed)
+    optimizer = Momentum(model.params, MOMENTUM)
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((batch, input_dim), dtype=np.float32)
+    y = rng.integers(0, classes, batch)
+
+    def step() -> None:  # the lines of Trainer.fit, without the divergence guard
+        loss, grads = model.data_loss_and_grads(X, y)
+        loss += optimizer.step(model.params, grads, LR, l2=model.l2_coefficients())
+
+    return step
+
+
+def floor_step(dims: tuple, batch: int, seed: int = 0) -> Callable[[], None]:
+    """Only the matrix multiplies of the same step, into preallocated arrays."""
+    import numpy as np
+
+    input_dim, hidden, classes = dims
+    sizes = [input_dim, *hidden, classes]
+    rng = np.random.default_rng(seed)
+    Ws = [0.01 * rng.standard_normal(shape, dtype=np.float32)
+          for shape in itertools.pairwise(sizes)]
+    dWs = [np.empty_like(W) for W in Ws]
+    acts = [rng.standard_normal((batch, input_dim), dtype=np.float32)]
+    acts += [np.empty((batch, s), dtype=np.float32) for s in sizes[1:]]
+    douts = [np.empty((batch, s), dtype=np.float32) for s in sizes[1:]]
+    douts[-1][...] = rng.standard_normal((batch, classes), dtype=np.float32)
+
+    def step() -> None:
+        for i, W in enumerate(Ws):
+            np.matmul(acts[i], W, out=acts[i + 1])
+        for i in reversed(range(len(Ws))):
+            np.matmul(acts[i].T, douts[i], out=dWs[i])
+            if i:  # the data's gradient is needed by nobody
+                np.matmul(douts[i], Ws[i].T, out=douts[i - 1])
+
+    return step
+
+
+def torch_step(dims: tuple, batch: int, threads: int, seed: int = 0) -> Callable[[], None] | None:
+    """The same net in PyTorch (None when torch is not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    input_dim, hidden, classes = dims
+    sizes = [input_dim, *hidden]
+    layers: list = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-1], classes))
+    # weight_decay = 2 reg is mlp-lab's reg * sum W^2 (PyTorch also decays the biases)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=2 * REG)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    X = torch.randn(batch, input_dim)
+    y = torch.randint(0, classes, (batch,))
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss_fn(net(X), y).backward()
+        optimizer.step()
+
+    return step
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def time_steps(impls: dict[str, Callable[[], None]], steps: int, reps: int,
+               warmup: int = 3) -> dict[str, float]:
+    """Median seconds per step of each implementation; repetitions alternate between them."""
+    for step in impls.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(reps):
+        for name, step in impls.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            samples[name].append((time.perf_counter() - t0) / steps)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def bench_net(name: str, dims: tuple, batch: int, threads: int, steps: int,
+              reps: int) -> dict:
+    """Seconds per epoch of each implementation and the ratios, for one net."""
+    impls = {"mlp-lab": mlp_lab_step(dims, batch), "floor": floor_step(dims, batch)}
+    if (torch := torch_step(dims, batch, threads)) is not None:
+        impls["pytorch"] = torch
+    per_step = time_steps(impls, steps, reps)
+    steps_per_epoch = -(-EPOCH_IMAGES // batch)
+    row = {"net": name, "batch": batch, "threads": threads,
+           **{f"{k}_s_per_epoch": v * steps_per_epoch for k, v in per_step.items()},
+           "mlp_lab_over_floor": per_step["mlp-lab"] / per_step["floor"]}
+    if "pytorch" in per_step:
+        row["mlp_lab_over_pytorch"] = per_step["mlp-lab"] / per_step["pytorch"]
+    return row
+
+
+def bench_data(n: int, dim: int, batch: int, reps: int) -> dict:
+    """Seconds per epoch of the data pipeline as the trainer runs it, on uint8 images."""
+    import numpy as np
+
+    from mlp import data as datalib
+
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (n, dim), dtype=np.uint8)
+    normalizer = datalib.Normalizer("channel").fit(X[:5000])
+    buffer = np.empty((batch, dim), dtype=np.float32)
+    times = {"gather+normalize": [], "gather+crop+flip+normalize": []}
+    for _ in range(reps):
+        for label, augment in (("gather+normalize", False), ("gather+crop+flip+normalize", True)):
+            order = rng.permutation(n)
+            t0 = time.perf_counter()
+            for start in range(0, n, batch):
+                idx = order[start:start + batch]
+                Xb = X[idx]
+                if augment and dim == datalib.DIM:
+                    Xb = datalib.augment(Xb, rng, 4, True)
+                normalizer(Xb, np.float32, out=buffer[:len(idx)])
+            times[label].append((time.perf_counter() - t0) * EPOCH_IMAGES / n)
+    return {f"{k}_s_per_epoch": statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory(dims: tuple, n: int, batch: int) -> dict:
+    """Peak resident memory (MiB) of a fresh process training `dims` on n uint8 images."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import bench_speed; bench_speed._memory_child({dims!r}, {n}, {batch})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(dims: tuple, n: int, batch: int) -> None:
+    """One epoch of `mlp.train.Trainer` (crop+flip, health metrics, checkpoint) on n uint8
+    training images plus validation and test sets; print the peak RSS (MiB) as JSON."""
+    import tempfile
+
+    import numpy as np
+
+    from mlp import data as datalib
+    from mlp.model import MLP
+    from mlp.optim import Momentum, Schedule
+    from mlp.train import Trainer, TrainSettings
+
+    input_dim, hidden, classes = dims
+    base = _peak_rss_mib()
+    rng = np.random.default_rng(0)
+    n_eval = max(n // 10, 1)
+    X = rng.integers(0, 256, (n + 2 * n_eval, input_dim), dtype=np.uint8)
+    y = rng.integers(0, classes, len(X))
+    test = slice(n + n_eval, None)
+    splits = datalib.Splits(X[:n], y[:n], X[n:n + n_eval], y[n:n + n_eval], X[test], y[test],
+                            classes=tuple(map(str, range(classes))), fingerprint={})
+    model = MLP(input_dim, hidden, classes, reg=REG, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = TrainSettings(epochs=1, batch_size=batch, progress=False,
+                                 augment_pad=4 if input_dim == datalib.DIM else 0,
+                                 augment_flip=input_dim == datalib.DIM, checkpoint_dir=Path(tmp))
+        schedule = Schedule("constant", LR, steps_per_epoch=-(-n // batch), epochs=1)
+        Trainer(model, Momentum(model.params, MOMENTUM), schedule, splits,
+                datalib.Normalizer("channel").fit(splits.X_train), settings).fit()
+    peak = _peak_rss_mib()
+    print(json.dumps({"peak_rss_mib": round(peak, 1), "before_data_mib": round(base, 1),
+                      "data_mib": round(X.nbytes / 2**20, 1)}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set: VmHWM, which (unlike ru_maxrss) starts afresh at
+    exec instead of inheriting the parent's peak."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        import resource
+
+        scale = 2**20 if sys.platform == "darwin" else 2**10
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
+    return int(kib) / 1024
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20, help="steps per repetition")
+    parser.add_argument("--nets", nargs="*", help=f"subset of {list(NETS)}")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    _set_threads(args.threads)
+
+    nets = QUICK_NETS if args.quick else {k: NETS[k] for k in args.nets or NETS}
+    steps, reps = (2, 2) if args.quick else (args.steps, args.reps)
+    batch = 16 if args.quick else args.batch
+    results: dict = {"nets": [], "machine": _machine(args.threads)}
+    print(f"float32, batch {batch}, {args.threads} thread(s), median of {reps} x {steps} steps,"
+          f" seconds per {EPOCH_IMAGES:,}-image epoch")
+    print(f"{'net':<20}{'floor':>8}{'mlp-lab':>9}{'pytorch':>9}{'lab/floor':>11}{'lab/torch':>11}")
+    for name, dims in nets.items():
+        row = bench_net(name, dims, batch, args.threads, steps, reps)
+        results["nets"].append(row)
+        torch_s = row.get("pytorch_s_per_epoch")
+        print(f"{name:<20}{row['floor_s_per_epoch']:>8.2f}{row['mlp-lab_s_per_epoch']:>9.2f}"
+              f"{torch_s if torch_s is not None else float('nan'):>9.2f}"
+              f"{row['mlp_lab_over_floor']:>11.3f}"
+              f"{row.get('mlp_lab_over_pytorch', float('nan')):>11.3f}")
+    if "pytorch_s_per_epoch" not in results["nets"][0]:
+        print("(PyTorch not installed: `pip install torch` to compare)")
+
+    n_data, dim = (512, 48) if args.quick else (EPOCH_IMAGES, 3072)
+    results["data"] = bench_data(n_data, dim, batch, 1 if args.quick else 3)
+    print("data pipeline, s per epoch: " + ", ".join(
+        f"{k.removesuffix('_s_per_epoch')} {v:.2f}" for k, v in results["data"].items()))
+    if not args.no_memory:
+        first = next(iter(nets.values()))
+        results["memory"] = peak_memory(first, n_data, batch)
+        print(f"peak memory training {next(iter(nets))} on {n_data:,} uint8 images: "
+              f"{results['memory']['peak_rss_mib']:.0f} MiB resident "
+              f"(data {results['memory']['data_mib']:.0f} MiB)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _machine(threads: int) -> dict:
+    import numpy as np
+
+    return {"cpus": os.cpu_count(), "threads": threads, "numpy": np.__version__,
+            "load_avg_1m": os.getloadavg()[0]}
+
+
+if __name__ == "__main__":
+    main()
