@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "pytorch_s_per_epoch" not in results["nets"][0]:
         print("(PyTorch not installed: `pip install torch` to compare)")
 
-    n_data, dim = (512, 48) if args.quick else (EPOCH_IMAGES, 3072)
+    n_data, dim = (512, 3072) if args.quick else (EPOCH_IMAGES, 3072)
     results["data"] = bench_data(n_data, dim, batch, 1 if args.quick else 3)
     print("data pipeline, s per epoch: " + ", ".join(
         f"{k.removesuffix('_s_per_epoch')} {v:.2f}" for k, v in results["data"].items()))

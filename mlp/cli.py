@@ -227,7 +227,7 @@ def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> 
         patience=t.patience, diverge_factor=t.diverge_factor,
         augment_pad=cfg.data.augment.pad, augment_flip=cfg.data.augment.flip,
         checkpoint_dir=Path(t.checkpoint_dir) if t.checkpoint_dir else output_dir / "checkpoints",
-        progress=t.progress, health=cfg.tracking.health, seed=cfg.seed)
+        progress=t.progress, prefetch=t.prefetch, health=cfg.tracking.health, seed=cfg.seed)
     return Trainer(model, optimizer, schedule, splits, normalizer, settings)
 
 

@@ -100,6 +100,7 @@ class TrainerConfig:
     checkpoint_dir: str | None = None
     resume: str | None = None
     progress: bool = True
+    prefetch: bool = True
 
 
 @dataclass

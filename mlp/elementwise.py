@@ -48,6 +48,6 @@ def chunked(kernel: Callable[..., None], *arrays: Array, rows: int = 1) -> None:
 
 def _scratch(dtype: np.dtype, rows: int) -> Array:
     cache = _local.__dict__.setdefault("scratch", {})
-    if dtype not in cache or len(cache[dtype]) < rows:
+    if dtype not in cache or cache[dtype].shape[0] < rows or cache[dtype].shape[1] != CHUNK:
         cache[dtype] = np.empty((rows, CHUNK), dtype)
     return cache[dtype][:rows]

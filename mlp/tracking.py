@@ -141,11 +141,16 @@ def short_number(x: float) -> str:
 
 
 def run_name(cfg: Mapping[str, Any]) -> str:
-    """A run name that says what the run is, e.g. `relu-h100-lr1e-3-reg1e-4`."""
+    """A run name that says what the run is, e.g. `relu-h100-lr1e-3-reg1e-4`, with `-bn`
+    or `-ln` (a norm), `-drop0.5` (dropout) and the loss when it is not softmax."""
     m, o = cfg["model"], cfg["optim"]
     hidden = "h" + "x".join(str(h) for h in m["hidden_sizes"]) if m["hidden_sizes"] else "linear"
     lr, reg = short_number(o["lr"]), short_number(m["reg"])
     name = f"{m['activation']}-{hidden}-lr{lr}-reg{reg}"
+    if m.get("norm") not in (None, "none"):
+        name += {"batch": "-bn", "layer": "-ln"}.get(m["norm"], f"-{m['norm']}")
+    if m.get("dropout"):
+        name += f"-drop{m['dropout']:g}"
     if m["loss"] != "softmax":
         name += f"-{m['loss']}"
     return name

@@ -1,7 +1,8 @@
 """The training loop: batches, forward/backward, update, evaluation, checkpoints.
 
 `Trainer.fit` is one loop, readable top to bottom: shuffle the epoch, then for every
-minibatch augment + normalize, `loss_and_grads`, guard against divergence, update; at
+minibatch (gathered, augmented and normalized by `_batches`, one batch ahead on a helper
+thread) forward/backward, guard against divergence, update; at
 the end of the epoch evaluate train (a fixed subset) and validation, keep the best
 parameters, checkpoint, maybe stop early. After the last epoch the best parameters are
 restored (as cs231n's Solver does) and the test set is evaluated once.
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,7 @@ class TrainSettings:
     diverge_factor: float = 100.0
     augment_pad: int = 0
     augment_flip: bool = False
+    prefetch: bool = True
     checkpoint_dir: Path | None = None
     progress: bool = True
     health: bool = True
@@ -141,7 +144,8 @@ class Trainer:
         eval_rows = np.random.default_rng([settings.seed, 2]).choice(
             len(splits.y_train), n_eval, replace=False)
         self.train_eval = (splits.X_train[np.sort(eval_rows)], splits.y_train[np.sort(eval_rows)])
-        self._buf = np.empty((settings.batch_size, splits.X_train.shape[1]), dtype=self.dtype)
+        self._bufs = [np.empty((settings.batch_size, splits.X_train.shape[1]), self.dtype)
+                      for _ in range(2)]
         self._signal: int | None = None
 
     # -- the loop ---------------------------------------------------------------------------
@@ -149,8 +153,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train for the remaining epochs; raise DivergenceError or Interrupted on trouble."""
         s, st, model = self.s, self.state, self.model
-        X, y = self.splits.X_train, self.splits.y_train
-        n, bs = len(y), s.batch_size
+        n, bs = len(self.splits.y_train), s.batch_size
         batches_per_epoch = -(-n // bs)
         stopped_early, checkpoint = False, self.checkpoint_path()
         with self._signals():
@@ -159,17 +162,12 @@ class Trainer:
                     st.order = self.rng.permutation(n)
                 t0, seen = time.perf_counter(), 0
                 bar = self._bar(st.epoch, batches_per_epoch)
-                for b in range(st.batch, batches_per_epoch):
+                for b, Xb, yb in self._batches(st.epoch, st.order, st.batch, batches_per_epoch):
                     if self._signal is not None:
                         bar.close()
                         raise Interrupted(self._signal, self.save_checkpoint())
-                    idx = st.order[b * bs:(b + 1) * bs]
-                    Xb = X[idx]
-                    if s.augment_pad or s.augment_flip:
-                        Xb = datalib.augment(Xb, self.rng, s.augment_pad, s.augment_flip)
                     lr = self.schedule(st.step)
-                    loss, grads = model.data_loss_and_grads(
-                        self.normalizer(Xb, self.dtype, out=self._batch_buffer(len(idx))), y[idx])
+                    loss, grads = model.data_loss_and_grads(Xb, yb)
                     self._guard(float(loss))
                     before = self._snapshot() if s.health and b == batches_per_epoch - 1 else None
                     # The L2 term (model.loss_and_grads computes it apart) is left to the
@@ -177,7 +175,7 @@ class Trainer:
                     # it makes over the weights.
                     loss += self.optimizer.step(model.params, grads, lr,
                                                 l2=model.l2_coefficients())
-                    st.step, st.batch, seen = st.step + 1, b + 1, seen + len(idx)
+                    st.step, st.batch, seen = st.step + 1, b + 1, seen + len(yb)
                     for observer in self.observers:
                         observer.on_step(st.step, float(loss), lr)
                     bar.update()
@@ -252,9 +250,37 @@ class Trainer:
         n = max(len(y), 1)
         return total / n, float(np.mean(preds == y)) if len(y) else 0.0, preds
 
-    def _batch_buffer(self, rows: int) -> Array:
-        """A view of one reused array for the normalized batch: no allocation per step."""
-        return self._buf[:rows]
+    def _batches(self, epoch: int, order: Array, first: int,
+                 count: int) -> Iterator[tuple[int, Array, Array]]:
+        """(b, normalized X (B, D), y (B,)) for batches first..count-1 of the epoch's order.
+
+        Batch b is gathered from the uint8 images, augmented with its own generator, seeded
+        by (seed, epoch, b), so it is the same batch whenever and on whichever thread it is
+        prepared (and after a resume), and normalized into one of two reused arrays. With
+        `prefetch`, batch b+1 is prepared on a helper thread while the caller trains on
+        batch b (NumPy releases the GIL in the copies and ufuncs); the two arrays alternate,
+        so a batch stays valid until the caller asks for the next one.
+        """
+        s, bs = self.s, self.s.batch_size
+        X, y = self.splits.X_train, self.splits.y_train
+
+        def prepare(b: int) -> tuple[int, Array, Array]:
+            idx = order[b * bs:(b + 1) * bs]
+            Xb = X[idx]
+            if s.augment_pad or s.augment_flip:
+                rng = np.random.default_rng([s.seed, 3, epoch, b])
+                Xb = datalib.augment(Xb, rng, s.augment_pad, s.augment_flip)
+            return b, self.normalizer(Xb, self.dtype, out=self._bufs[b % 2][:len(idx)]), y[idx]
+
+        if not s.prefetch:
+            yield from map(prepare, range(first, count))
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="mlp-batches") as pool:
+            pending = pool.submit(prepare, first) if first < count else None
+            for b in range(first, count):
+                batch = pending.result()
+                pending = pool.submit(prepare, b + 1) if b + 1 < count else None
+                yield batch
 
     def _snapshot(self) -> dict[str, Array]:
         return {name: p.copy() for name, p in self.model.params.items()}

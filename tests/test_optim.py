@@ -10,6 +10,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from mlp import elementwise
 from mlp.optim import (
     OPTIMIZERS,
     SCHEDULES,
@@ -138,6 +139,33 @@ def test_updates_in_place_without_per_step_allocations(name: str) -> None:
         assert params[key] is model_view[key]
         assert np.shares_memory(params[key], model_view[key])
     assert not np.array_equal(model_view["W"], before)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_l2_in_the_update_equals_l2_in_the_gradient(name: str, dtype: type,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # small chunks, so a parameter spans several of them and one ends mid-chunk
+    monkeypatch.setattr(elementwise, "CHUNK", 64)
+    rng = np.random.default_rng(4)
+    start = {"W": rng.standard_normal((30, 7)).astype(dtype), "b": np.zeros(7, dtype)}
+    fused = {k: v.copy() for k, v in start.items()}
+    plain = {k: v.copy() for k, v in start.items()}
+    opt_fused, opt_plain = make_optimizer(name, fused), make_optimizer(name, plain)
+    c = 2 * 0.05
+    for _ in range(3):
+        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in start.items()}
+        kept = {k: g.copy() for k, g in grads.items()}
+        expected_term = c / 2 * float(np.vdot(plain["W"], plain["W"]))
+        total = {"W": grads["W"] + c * plain["W"], "b": grads["b"]}
+        opt_plain.step(plain, total, 1e-2)
+        term = opt_fused.step(fused, grads, 1e-2, l2={"W": c})
+        assert term == pytest.approx(expected_term, rel=1e-6 if dtype == np.float32 else 1e-12)
+        for k in grads:  # the caller's gradients are left as they were
+            np.testing.assert_array_equal(grads[k], kept[k])
+    for k in start:  # same arithmetic, element by element: bit for bit
+        np.testing.assert_array_equal(fused[k], plain[k])
+    assert opt_plain.step(plain, total, 1e-2) == 0.0  # no l2: no term
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

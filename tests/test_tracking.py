@@ -33,6 +33,10 @@ def test_flatten_keeps_lists_whole():
      "tanh-linear-lr5e-2-reg0-svm"),
     ({"hidden_sizes": [512, 256], "activation": "elu", "reg": 5e-3, "loss": "softmax"}, 2e-2,
      "elu-h512x256-lr2e-2-reg5e-3"),
+    ({"hidden_sizes": [1024, 1024], "activation": "relu", "reg": 1e-5, "loss": "softmax",
+      "norm": "batch", "dropout": 0.1}, 5e-2, "relu-h1024x1024-lr5e-2-reg1e-5-bn-drop0.1"),
+    ({"hidden_sizes": [64], "activation": "relu", "reg": 0.0, "loss": "softmax",
+      "norm": "layer", "dropout": 0.0}, 1e-2, "relu-h64-lr1e-2-reg0-ln"),
 ])
 def test_run_name_says_what_differs(model: dict, lr: float, name: str):
     assert tracking.run_name({"model": model, "optim": {"lr": lr}}) == name

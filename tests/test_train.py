@@ -88,6 +88,18 @@ def test_same_seed_same_metrics(splits: datalib.Splits):
     assert a.test_acc == b.test_acc
 
 
+def test_prefetching_batches_changes_nothing(splits: datalib.Splits):
+    # each batch's crop and flip come from its own seeded generator, so preparing it one
+    # step ahead on another thread gives the very same training
+    ahead = make_trainer(splits, dtype="float32", epochs=2)
+    inline = make_trainer(splits, dtype="float32", epochs=2)
+    inline.s.prefetch = False
+    a, b = ahead.fit(), inline.fit()
+    assert a.history["train_loss"] == b.history["train_loss"]
+    for name, p in ahead.model.params.items():
+        np.testing.assert_array_equal(p, inline.model.params[name])
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [("float64", 0.0), ("float32", 1e-5)])
 @pytest.mark.parametrize("stop_at_step", [3, 8])  # mid-epoch, and right at an epoch's end
 def test_interrupt_and_resume_equals_an_uninterrupted_run(
