@@ -211,28 +211,43 @@ class _Normalization(Layer):
         self.std: Array | None = None
         self.batch_stats = True
 
-    def statistics(self, x: Array) -> tuple[Array, Array]:
-        """(mean, var) of x over `axis`, keepdims, variance from centered values."""
-        mean = x.mean(axis=self.axis, keepdims=True)
-        xc = x - mean
-        return mean, (xc * xc).mean(axis=self.axis, keepdims=True)
+    def _sum(self, a: Array, b: Array) -> Array:
+        """sum of a * b over `axis`, keepdims, without forming the (N, D) product."""
+        if self.axis == 0:
+            return np.einsum("ij,ij->j", a, b)[None, :]
+        return np.einsum("ij,ij->i", a, b)[:, None]
 
-    def normalize(self, x: Array, mean: Array, var: Array, batch_stats: bool) -> Array:
-        """xhat from x and its statistics; caches what backward needs."""
+    def normalize(self, x: Array, mean: Array, var: Array | None, batch_stats: bool) -> Array:
+        """out from x and its mean (keepdims) and variance; var=None: the biased variance
+        of x itself, computed here from the centered values. Caches what backward needs."""
         self.batch_stats = batch_stats
+        xhat = np.subtract(x, mean, out=self._out("xhat", x.shape, x.dtype))
+        if var is None:
+            var = self._sum(xhat, xhat) / x.shape[self.axis]
+        self.var = var
         self.std = np.sqrt(var + self.eps)
-        self.xhat = (x - mean) / self.std
-        return self.params["gamma"] * self.xhat + self.params["beta"]
+        xhat /= self.std
+        self.xhat = xhat
+        out = np.multiply(xhat, self.params["gamma"], out=self._out("out", x.shape, x.dtype))
+        out += self.params["beta"]
+        return out
 
     def backward(self, dout: Array) -> Array:
-        xhat = self.xhat
-        np.sum(dout * xhat, axis=0, out=self.grads["gamma"])
+        xhat, gamma = self.xhat, self.params["gamma"]
+        np.einsum("ij,ij->j", dout, xhat, out=self.grads["gamma"])
         np.sum(dout, axis=0, out=self.grads["beta"])
-        dxhat = dout * self.params["gamma"]
-        if not self.batch_stats:
-            return dxhat / self.std
-        return (dxhat - dxhat.mean(axis=self.axis, keepdims=True)
-                - xhat * (dxhat * xhat).mean(axis=self.axis, keepdims=True)) / self.std
+        dx = np.multiply(dout, gamma, out=self._out("dx", dout.shape, dout.dtype))  # dxhat
+        if self.batch_stats:
+            mean_dxhat, mean_dxhat_xhat = self._dxhat_means(dx, xhat)
+            dx -= mean_dxhat
+            dx -= np.multiply(xhat, mean_dxhat_xhat, out=self._out("tmp", dx.shape, dx.dtype))
+        dx /= self.std
+        return dx
+
+    def _dxhat_means(self, dxhat: Array, xhat: Array) -> tuple[Array, Array]:
+        """mean(dxhat) and mean(dxhat * xhat) over `axis`, keepdims."""
+        n = dxhat.shape[self.axis]
+        return dxhat.sum(axis=self.axis, keepdims=True) / n, self._sum(dxhat, xhat) / n
 
 
 class BatchNorm(_Normalization):
@@ -258,13 +273,20 @@ class BatchNorm(_Normalization):
         running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
         if not self.training:
             return self.normalize(x, running_mean, running_var, batch_stats=False)
-        mean, var = self.statistics(x)
+        mean = x.mean(axis=0, keepdims=True)
+        out = self.normalize(x, mean, None, batch_stats=True)
         m = self.momentum
         running_mean *= m
         running_mean += (1 - m) * mean[0]
         running_var *= m
-        running_var += (1 - m) * var[0]
-        return self.normalize(x, mean, var, batch_stats=True)
+        running_var += (1 - m) * self.var[0]
+        return out
+
+    def _dxhat_means(self, dxhat: Array, xhat: Array) -> tuple[Array, Array]:
+        # Over the batch, these are gamma times the sums the parameter gradients already
+        # hold (sum dout = grads["beta"], sum dout * xhat = grads["gamma"]): no pass needed.
+        n, gamma = len(dxhat), self.params["gamma"]
+        return gamma * self.grads["beta"] / n, gamma * self.grads["gamma"] / n
 
     def __repr__(self) -> str:
         return (f"BatchNorm({len(self.params['gamma'])}, momentum={self.momentum}, "
@@ -280,7 +302,7 @@ class LayerNorm(_Normalization):
     axis = 1
 
     def forward(self, x: Array) -> Array:
-        return self.normalize(x, *self.statistics(x), batch_stats=True)
+        return self.normalize(x, x.mean(axis=1, keepdims=True), None, batch_stats=True)
 
     def __repr__(self) -> str:
         return f"LayerNorm({len(self.params['gamma'])}, eps={self.eps})"
