@@ -13,9 +13,10 @@ holds state that is not trained but belongs to the model (BatchNorm's running
 statistics): no gradient, but saved and copied with the parameters.
 
 With `reuse_buffers` (off unless set; the model sets it on every layer but the last),
-`Linear` and `Activation` write their outputs and input gradients into arrays allocated
-once per shape and overwritten by the next pass, so the training loop allocates nothing:
-an output stays valid until the layer's next forward, a dx until its next backward.
+`Linear`, `Activation`, `BatchNorm` and `LayerNorm` write their outputs and input
+gradients into arrays allocated once per shape and overwritten by the next pass, so the
+training loop allocates nothing: an output stays valid until the layer's next forward, a
+dx until its next backward.
 
 `kink_state()` returns the branch each unit took in the last forward pass (which side of
 a ReLU's 0, which Maxout piece), or None for smooth layers: the gradient check compares
@@ -208,6 +209,7 @@ class _Normalization(Layer):
         self.params = {"gamma": np.ones(dim, dtype=dtype), "beta": np.zeros(dim, dtype=dtype)}
         self.grads = {k: np.zeros_like(p) for k, p in self.params.items()}
         self.xhat: Array | None = None
+        self.var: Array | None = None  # of the last forward: BatchNorm's running update
         self.std: Array | None = None
         self.batch_stats = True
 
