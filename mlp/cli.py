@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlp import config as configlib
 from mlp import data as datalib
-from mlp import gradcheck, optim, plots, tracking
+from mlp import gradcheck, liveness, optim, plots, tracking
+from mlp import spool as spoollib
 from mlp import sweep as sweeplib
 from mlp.model import MLP
 from mlp.train import DivergenceError, Interrupted, Trainer, TrainResult, TrainSettings
@@ -121,6 +122,7 @@ def train(cfg: DictConfig) -> float:
         return _record_invalid_job(cfg, e, launch_dir, overrides, parent)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
     uri, experiment_id = _connect(cfg, launch_dir)
+    liveness.reap_dead_runs()
     config_hash = sweeplib.config_hash(resolved)
     resume = cfg.trainer.resume
     if parent is not None:
@@ -149,14 +151,17 @@ def train(cfg: DictConfig) -> float:
             resumed_run = trainer.load_checkpoint(resume).get("run_id")
         except (OSError, ValueError) as e:
             _config_error(ValueError(f"trainer.resume: {e}"))
+        spoollib.send_pending(spoollib.beside(Path(resume)))
 
     tags = tracking.environment_tags(launch_dir, overrides, splits.fingerprint)
     tags[sweeplib.CONFIG_HASH_TAG] = config_hash
     tags["mlp.blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    tags |= liveness.process_tags()
     name = cfg.tracking.run_name or tracking.run_name(resolved)
     recorder = tracking.start_run(experiment_id, name, tags, run_id=resumed_run,
                                   log_every_steps=cfg.tracking.log_every_steps,
-                                  parent_run_id=parent and parent["run_id"])
+                                  parent_run_id=parent and parent["run_id"],
+                                  spool_path=spoollib.beside(trainer.checkpoint_path()))
     trainer.meta["run_id"] = recorder.run_id
     trainer.observers.append(recorder)
     if cfg.trial.study is not None:
