@@ -111,11 +111,14 @@ def test_eight_runs_started_at_once_on_a_fresh_store_all_finish(tmp_path: Path, 
     assert [p.returncode for p in procs] == [0] * 8, [e[-2000:] for e in errors]
     client, runs = runs_of(tmp_path / "mlflow.db")
     assert sorted(r.data.params["seed"] for r in runs) == [str(n) for n in range(8)]
+    counts = set()
     for run in runs:
         assert run.info.status == "FINISHED"
         assert steps(client, run, metrics.ACC_VAL) == [1, 2]
-        assert steps(client, run, metrics.LOSS_BATCH) == [10]
-        assert logged_key(run, metrics.ACC_TEST) in run.data.metrics
+        assert metrics.BEST_EPOCH in run.data.metrics  # logged with the final metrics
+        counts.add(tuple((key, len(client.get_metric_history(run.info.run_id, key)))
+                         for key in sorted(run.data.metrics)))
+    assert len(counts) == 1  # every run has the same keys with the same number of points
     assert _alembic_leftovers(tmp_path / "mlflow.db") == []
 
 
@@ -317,7 +320,7 @@ def test_a_tracking_server_killed_mid_run(tmp_path: Path, run_env: dict, back: s
         assert "nothing left" in sync.stdout
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert history == list(range(1, epochs + 1))
-    assert logged_key(runs[0], metrics.ACC_TEST) in runs[0].data.metrics
+    assert metrics.BEST_EPOCH in runs[0].data.metrics  # logged with the final metrics
 
 
 # -- 5. runs killed with SIGKILL --------------------------------------------------------------
@@ -380,7 +383,7 @@ def test_a_sigkilled_run_is_marked_killed_by_the_next_run(tmp_path: Path, run_en
     killed = client.get_run(runs[-1].info.run_id)
     assert killed.info.status == "KILLED"
     assert f"process {proc.pid}" in killed.data.tags[liveness.REASON_TAG]
-    assert "marked KILLED" in out.stderr
+    assert "marked KILLED" in out.stdout + out.stderr  # Hydra logs to stdout
 
 
 # -- 6. a config too large for the machine ----------------------------------------------------
