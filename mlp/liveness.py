@@ -29,6 +29,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import RunTag, ViewType
 
+from mlp import store
+
 log = logging.getLogger("mlp")
 
 HOST_TAG = "mlp.host"  # also among tracking.environment_tags, with the same value
@@ -105,18 +107,23 @@ def reap_dead_runs(client: MlflowClient | None = None, stale_after: float = STAL
     `mlp.killed_reason`; returns [(run id, reason)]."""
     client = MlflowClient() if client is None else client
     now = time.time() if now is None else now
-    experiments = [e.experiment_id for e in client.search_experiments(ViewType.ACTIVE_ONLY)]
     reaped: list[tuple[str, str]] = []
-    if not experiments:
-        return reaped
-    running = client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'",
-                                 max_results=1000)
-    for run in running:
-        reason = why_dead(run.data.tags, run.info.start_time, now, stale_after)
-        if reason is None:
-            continue
-        client.log_batch(run.info.run_id, tags=[RunTag(REASON_TAG, reason)])
-        client.set_terminated(run.info.run_id, status="KILLED")
-        log.warning("run %s was RUNNING but %s: marked KILLED", run.info.run_id, reason)
-        reaped.append((run.info.run_id, reason))
+    try:
+        experiments = [e.experiment_id
+                       for e in client.search_experiments(ViewType.ACTIVE_ONLY)]
+        running = client.search_runs(experiments, max_results=1000,
+                                     filter_string="attributes.status = 'RUNNING'"
+                                     ) if experiments else []
+        for run in running:
+            reason = why_dead(run.data.tags, run.info.start_time, now, stale_after)
+            if reason is None:
+                continue
+            client.log_batch(run.info.run_id, tags=[RunTag(REASON_TAG, reason)])
+            client.set_terminated(run.info.run_id, status="KILLED")
+            log.warning("run %s was RUNNING but %s: marked KILLED", run.info.run_id, reason)
+            reaped.append((run.info.run_id, reason))
+    except store.STORE_ERRORS as e:
+        # housekeeping: a store that fails here is the run's problem to report, not ours
+        log.warning("could not look for dead runs: %s: %s", type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
     return reaped

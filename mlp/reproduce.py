@@ -147,7 +147,8 @@ def difference_table(diffs: list[Difference], limit: int = 50) -> str:
                  else f"{d.reproduction - d.original:+.3g}")
         rows.append((d.key, str(d.step), _num(d.original), _num(d.reproduction), delta))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
     if len(diffs) > limit:
         lines.append(f"... and {len(diffs) - limit} more")
     return "\n".join(lines)

@@ -437,7 +437,7 @@ def test_compare_finds_every_different_or_missing_point(tmp_path: Path):
     assert diffs == [reproduce.Difference("val", 2, 0.2, 0.25),
                      reproduce.Difference("val", 3, 0.3, None)]
     table = reproduce.difference_table(diffs)
-    assert "val     2     0.2       0.25          +0.05" in table
+    assert "val     2     0.2       0.25          +0.05\n" in table
     assert "(missing)" in table
     assert reproduce.compare_runs(client, a, a) == (4, [])
 
