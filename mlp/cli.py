@@ -23,15 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlp import config as configlib
 from mlp import data as datalib
-from mlp import gradcheck, optim, plots, tracking
+from mlp import console, gradcheck, metrics, optim, plots, tracking
 from mlp import sweep as sweeplib
 from mlp.model import MLP
+from mlp.overrides import OverrideError, check_command_line
 from mlp.train import DivergenceError, Interrupted, Trainer, TrainResult, TrainSettings
 
 log = logging.getLogger("mlp")
 
 configlib.register()
 
+ARCHIVE_VAR = "MLP_LAB_ARCHIVE"  # a local cifar-10-python.tar.gz when data.archive is not set
 EXIT_CONFIG = 2
 EXIT_GRADCHECK = 3
 EXIT_INTERRUPTED = 130
@@ -41,15 +43,15 @@ class GradcheckFailed(RuntimeError):
     """The run's own gradient check failed and gradcheck.stop_on_fail is set."""
 
 
-def build_model(cfg: DictConfig, max_width: int | None = None, dtype: str | None = None) -> MLP:
-    """The MLP of `cfg.model` (hidden widths capped to max_width for a gradient check)."""
-    m = cfg.model
-    hidden = [min(h, max_width) if max_width else h for h in m.hidden_sizes]
-    return MLP(input_dim=3072, hidden_sizes=hidden, num_classes=len(datalib.CLASSES),
-               activation=m.activation, loss=m.loss, reg=m.reg, init=m.init,
-               weight_scale=m.weight_scale, dtype=dtype or cfg.trainer.dtype, seed=cfg.seed,
-               leaky_slope=m.leaky_slope, elu_alpha=m.elu_alpha, maxout_pieces=m.maxout_pieces,
-               dropout=m.dropout, norm=m.norm)
+def build_model(cfg: DictConfig, input_dim: int, num_classes: int,
+                max_width: int | None = None, dtype: str | None = None) -> MLP:
+    """The MLP of `cfg.model` for inputs of input_dim features and num_classes classes
+    (hidden widths capped to max_width for a gradient check)."""
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    if max_width:
+        kwargs["hidden_sizes"] = [min(h, max_width) for h in kwargs["hidden_sizes"]]
+    return MLP(input_dim=input_dim, num_classes=num_classes, dtype=dtype or cfg.trainer.dtype,
+               seed=cfg.seed, **kwargs)
 
 
 def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
@@ -57,7 +59,8 @@ def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
     hidden widths capped at gradcheck.max_width, float64, on gradcheck.samples standard
     normal inputs (what normalized pixels look like) with random labels."""
     g = cfg.gradcheck
-    model = build_model(cfg, max_width=g.max_width, dtype="float64")
+    model = build_model(cfg, datalib.DIM, len(datalib.CLASSES), max_width=g.max_width,
+                        dtype="float64")
     rng = np.random.default_rng([cfg.seed, 3])
     X = rng.standard_normal((g.samples, model.arch.input_dim))
     y = rng.integers(0, model.arch.num_classes, g.samples)
@@ -68,7 +71,7 @@ def load_data(cfg: DictConfig) -> datalib.Splits:
     """CIFAR-10 (downloaded or a local archive) or the synthetic set, split as configured."""
     d = cfg.data
     root = Path(d.root).expanduser() if d.root else datalib.default_root()
-    archive, md5 = d.archive, d.md5
+    archive, md5 = d.archive or os.environ.get(ARCHIVE_VAR) or None, d.md5
     if d.name == "synthetic":
         archive = root / f"synthetic-{d.synthetic.n_train}-{d.synthetic.n_test}-{cfg.seed}.tar.gz"
         if not archive.exists():
@@ -120,6 +123,10 @@ def train(cfg: DictConfig) -> float:
             _config_error(e)
         return _record_invalid_job(cfg, e, launch_dir, overrides, parent)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
+    flat = configlib.flatten(resolved)
+    for warning in configlib.inactive_overrides(flat, [o.partition("=")[0].lstrip("+~")
+                                                       for o in overrides]):
+        log.warning("%s", warning)
     uri, experiment_id = _connect(cfg, launch_dir)
     config_hash = sweeplib.config_hash(resolved)
     resume = cfg.trainer.resume
@@ -128,7 +135,7 @@ def train(cfg: DictConfig) -> float:
         finished = [r for r in earlier if r.info.status == "FINISHED"]
         if finished:
             log.info("skipping: this config already finished as run %s", finished[0].info.run_id)
-            return finished[0].data.metrics.get("best_val_acc", math.nan)
+            return finished[0].data.metrics.get(metrics.ACC_BEST_VAL, math.nan)
         killed = [r for r in earlier if r.info.status == "KILLED"
                   and Path(r.data.tags.get("checkpoint", "")).is_file()]
         if killed and not resume:
@@ -158,13 +165,15 @@ def train(cfg: DictConfig) -> float:
                                   log_every_steps=cfg.tracking.log_every_steps,
                                   parent_run_id=parent and parent["run_id"])
     trainer.meta["run_id"] = recorder.run_id
-    trainer.observers.append(recorder)
-    if cfg.trial.study is not None:
+    trainer.observers += [recorder, console.EpochPrinter(cfg.trainer.epochs)]
+    trial = cfg.get("trial")
+    if trial is not None and trial.get("study") is not None:
         from mlp.pruning import TrialReporter
 
-        trainer.observers.append(TrialReporter(cfg.trial.storage, cfg.trial.study,
-                                               cfg.trial.id))
-    log.info("MLflow run %s in experiment %r at %s", recorder.run_id, cfg.tracking.experiment, uri)
+        trainer.observers.append(TrialReporter(trial.storage, trial.study, trial.id))
+    log.info("MLflow run %s (%s) in experiment %r at %s", recorder.run_id, name,
+             cfg.tracking.experiment, uri)
+    archive = _archive_override(cfg, overrides)
     try:
         if resumed_run is None:
             recorder.log_config(resolved, overrides, output_dir / ".hydra")
@@ -178,10 +187,11 @@ def train(cfg: DictConfig) -> float:
         result = trainer.fit()
         record_result(recorder, cfg, trainer, splits, result)
     except Interrupted as e:
-        recorder.set_tags({"checkpoint": str(e.checkpoint),
-                           "resume": f"trainer.resume={e.checkpoint}"})
+        again = console.command("mlp-train", overrides, [*archive,
+                                                         f"trainer.resume={e.checkpoint}"])
+        recorder.set_tags({"checkpoint": str(e.checkpoint), "resume": again})
         recorder.finish("KILLED", e)
-        log.warning("%s\nresume with: mlp-train ... trainer.resume=%s", e, e.checkpoint)
+        log.warning("%s\nresume with: %s", e, again)
         if parent is not None:
             raise KeyboardInterrupt(str(e)) from e  # stop the whole sweep
         sys.exit(EXIT_INTERRUPTED)
@@ -202,19 +212,36 @@ def train(cfg: DictConfig) -> float:
             sys.exit(EXIT_GRADCHECK if isinstance(e, GradcheckFailed) else 1)
         raise
     recorder.finish("FINISHED")
-    log.info("test accuracy %.4f (best val_acc %.4f at epoch %d); run %s\nview: %s",
-             result.test_acc, result.best_val_acc, result.best_epoch, recorder.run_id,
-             tracking.how_to_view(uri, experiment_id, recorder.run_id))
+    _summary(result, recorder.run_id, tracking.how_to_view(uri, experiment_id, recorder.run_id),
+             console.command("mlp-train", overrides, archive))
     return result.best_val_acc
+
+
+def _archive_override(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """`data.archive=<path>` when the archive came from $MLP_LAB_ARCHIVE, so that printed
+    commands are complete on their own."""
+    if cfg.data.name != "cifar10" or cfg.data.archive or not os.environ.get(ARCHIVE_VAR):
+        return []
+    return [f"data.archive={os.environ[ARCHIVE_VAR]}"]
+
+
+def _summary(result: TrainResult, run_id: str, view: str, reproduce: str) -> None:
+    """The closing lines: accuracies and gap at the kept (best) epoch, where to look, and
+    the command that runs it again."""
+    best = result.best_epoch - 1
+    train_acc, val_acc = result.history["train_acc"][best], result.history["val_acc"][best]
+    log.info("done: accuracy train %.4f / val %.4f / test %.4f (gap %+.4f) at the best epoch, "
+             "%d of %d%s\nrun %s: %s\nrun it again: %s", train_acc, val_acc, result.test_acc,
+             train_acc - val_acc, result.best_epoch, result.epochs_run,
+             " (stopped early)" if result.stopped_early else "", run_id, view, reproduce)
 
 
 def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> Trainer:
     """Model, optimizer, schedule, normalizer and loop settings from the config."""
     t, o = cfg.trainer, cfg.optim
-    model = build_model(cfg)
-    optimizer = optim.make_optimizer(o.name, model.params, momentum=o.momentum,
-                                     decay_rate=o.decay_rate, beta1=o.beta1, beta2=o.beta2,
-                                     eps=o.eps)
+    model = build_model(cfg, splits.X_train.shape[1], len(splits.classes))
+    flat = configlib.flatten(OmegaConf.to_container(cfg, resolve=True))
+    optimizer = optim.make_optimizer(o.name, model.params, **configlib.optimizer_kwargs(flat))
     steps_per_epoch = math.ceil(len(splits.y_train) / t.batch_size)
     schedule = optim.Schedule(
         name=o.schedule.name, lr=o.lr, steps_per_epoch=steps_per_epoch, epochs=t.epochs,
@@ -298,17 +325,27 @@ def _train_app(cfg: DictConfig) -> float:
     return train(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://mlp.conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://mlp.conf", config_name="gradcheck")
 def _gradcheck_app(cfg: DictConfig) -> None:
     if not check(cfg):
         sys.exit(EXIT_GRADCHECK)
 
 
+def _check_command_line() -> None:
+    """Refuse a mistyped or ill-typed override before Hydra starts (exit 2)."""
+    try:
+        check_command_line(sys.argv[1:])
+    except OverrideError as e:
+        _config_error(e)
+
+
 def train_main() -> None:
     """`mlp-train [overrides]` / `mlp-train -m [sweep overrides]`."""
+    _check_command_line()
     _train_app()
 
 
 def gradcheck_main() -> None:
     """`mlp-gradcheck [overrides]`: exit 0 when the check passes, 3 when it fails."""
+    _check_command_line()
     _gradcheck_app()

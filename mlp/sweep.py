@@ -35,23 +35,14 @@ SWEEP_HASH_TAG = "mlp.sweep.hash"
 CONFIG_HASH_TAG = "mlp.config_hash"
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-# Keys that do not change what a run computes: two configs differing only here are the
-# same experiment (for skipping and resuming).
-_NOT_HASHED = {"tracking", "trial", ("trainer", "progress"), ("trainer", "checkpoint_dir"),
-               ("trainer", "resume"), ("data", "root")}
-
-
 def config_hash(resolved: dict[str, Any]) -> str:
-    """sha256 (16 hex digits) of the resolved config without the keys that do not change
-    the computation (tracking, output locations, progress bars)."""
-    kept = {}
-    for section, value in resolved.items():
-        if section in _NOT_HASHED or section == "hydra":
-            continue
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if (section, k) not in _NOT_HASHED}
-        kept[section] = value
-    return _digest(kept)
+    """sha256 (16 hex digits) of the resolved config without its bookkeeping keys
+    (`config.BOOKKEEPING`: tracking, output locations, progress bars), which do not change
+    the computation."""
+    from mlp import config as configlib
+
+    flat = configlib.flatten({k: v for k, v in resolved.items() if k != "hydra"})
+    return _digest({k: v for k, v in flat.items() if not configlib.is_bookkeeping(k)})
 
 
 def _digest(tree: Any) -> str:
@@ -140,9 +131,11 @@ class SweepCallback(Callback):
 
 
 def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
-    """The experiment preset's name when the sweep uses one, else `multirun-<time>`."""
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.lstrip("+~") == "experiment" and "," not in value:
-            return value
+    """The sweep preset's name (or the experiment preset's) when the sweep uses one, else
+    `multirun-<time>`."""
+    for group in ("hparams_search", "experiment"):
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") == group and "," not in value:
+                return value
     return "multirun-" + "_".join(Path(config.hydra.sweep.dir).parts[-2:])
