@@ -22,8 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mlp import config as configlib
-from mlp import data as datalib
 from mlp import console, gradcheck, metrics, optim, plots, tracking
+from mlp import data as datalib
 from mlp import sweep as sweeplib
 from mlp.model import MLP
 from mlp.overrides import OverrideError, check_command_line
@@ -67,20 +67,33 @@ def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
     return gradcheck.check_model(model, X, y, num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
 
 
-def load_data(cfg: DictConfig) -> datalib.Splits:
-    """CIFAR-10 (downloaded or a local archive) or the synthetic set, split as configured."""
+def archive_path(cfg: DictConfig) -> tuple[Path | None, str | None]:
+    """(archive, md5) of the configured data: `data.archive`, else $MLP_LAB_ARCHIVE, else
+    None (a cached or downloaded official archive); for `data=synthetic` the generated
+    archive under the data root (made on first use)."""
     d = cfg.data
-    root = Path(d.root).expanduser() if d.root else datalib.default_root()
-    archive, md5 = d.archive or os.environ.get(ARCHIVE_VAR) or None, d.md5
-    if d.name == "synthetic":
-        archive = root / f"synthetic-{d.synthetic.n_train}-{d.synthetic.n_test}-{cfg.seed}.tar.gz"
-        if not archive.exists():
-            root.mkdir(parents=True, exist_ok=True)
-            datalib.make_synthetic_archive(archive, d.synthetic.n_train, d.synthetic.n_test,
-                                           seed=cfg.seed)
-        md5 = datalib.file_digest(archive, "md5")
-    raw = datalib.load_cifar10(root, archive, md5, progress=cfg.trainer.progress)
-    return datalib.split(raw, val_size=d.val_size, limit=d.limit, seed=cfg.seed)
+    if d.name != "synthetic":
+        archive = d.archive or os.environ.get(ARCHIVE_VAR) or None
+        return (Path(archive).expanduser() if archive else None), d.md5
+    root = _data_root(cfg)
+    archive = root / f"synthetic-{d.synthetic.n_train}-{d.synthetic.n_test}-{cfg.seed}.tar.gz"
+    if not archive.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        datalib.make_synthetic_archive(archive, d.synthetic.n_train, d.synthetic.n_test,
+                                       seed=cfg.seed)
+    return archive, datalib.file_digest(archive, "md5")
+
+
+def _data_root(cfg: DictConfig) -> Path:
+    return Path(cfg.data.root).expanduser() if cfg.data.root else datalib.default_root()
+
+
+def load_data(cfg: DictConfig) -> datalib.Splits:
+    """CIFAR-10 (a local archive, the cache, or the download) or the synthetic set, split
+    as configured."""
+    archive, md5 = archive_path(cfg)
+    raw = datalib.load_cifar10(_data_root(cfg), archive, md5, progress=cfg.trainer.progress)
+    return datalib.split(raw, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed)
 
 
 def _hydra_paths() -> tuple[Path, Path, list[str]]:
@@ -160,10 +173,15 @@ def train(cfg: DictConfig) -> float:
     tags = tracking.environment_tags(launch_dir, overrides, splits.fingerprint)
     tags[sweeplib.CONFIG_HASH_TAG] = config_hash
     tags["mlp.blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    name = cfg.tracking.run_name or tracking.run_name(resolved)
+    name = cfg.tracking.run_name or (
+        sweeplib.child_name(parent["swept"], overrides) if parent and parent.get("swept")
+        else tracking.run_name(resolved))
+    if parent is not None:
+        tags[sweeplib.SWEEP_NAME_TAG] = parent.get("name", "")
     recorder = tracking.start_run(experiment_id, name, tags, run_id=resumed_run,
                                   log_every_steps=cfg.tracking.log_every_steps,
-                                  parent_run_id=parent and parent["run_id"])
+                                  parent_run_id=parent and parent["run_id"],
+                                  system_metrics=cfg.tracking.system_metrics)
     trainer.meta["run_id"] = recorder.run_id
     trainer.observers += [recorder, console.EpochPrinter(cfg.trainer.epochs)]
     trial = cfg.get("trial")
@@ -174,9 +192,11 @@ def train(cfg: DictConfig) -> float:
     log.info("MLflow run %s (%s) in experiment %r at %s", recorder.run_id, name,
              cfg.tracking.experiment, uri)
     archive = _archive_override(cfg, overrides)
+    datasets = tracking.split_datasets(splits, cfg.data.name, _data_source(cfg))
     try:
         if resumed_run is None:
             recorder.log_config(resolved, overrides, output_dir / ".hydra")
+            recorder.log_datasets(datasets)
         if cfg.gradcheck.enabled and resumed_run is None:
             report = run_gradcheck(cfg)
             log.info("gradient check (float64, widths <= %d):\n%s", cfg.gradcheck.max_width, report)
@@ -185,7 +205,7 @@ def train(cfg: DictConfig) -> float:
                 raise GradcheckFailed(f"gradient check failed: max relative error "
                                       f"{report.max_rel_error:.2e} >= tol {report.tol:g}")
         result = trainer.fit()
-        record_result(recorder, cfg, trainer, splits, result)
+        record_result(recorder, cfg, trainer, splits, result, datasets, name)
     except Interrupted as e:
         again = console.command("mlp-train", overrides, [*archive,
                                                          f"trainer.resume={e.checkpoint}"])
@@ -215,6 +235,12 @@ def train(cfg: DictConfig) -> float:
     _summary(result, recorder.run_id, tracking.how_to_view(uri, experiment_id, recorder.run_id),
              console.command("mlp-train", overrides, archive))
     return result.best_val_acc
+
+
+def _data_source(cfg: DictConfig) -> str:
+    """Where the images came from: the archive's absolute path, or the official URL."""
+    archive, _ = archive_path(cfg)
+    return str(archive.resolve()) if archive else datalib.OFFICIAL_URL
 
 
 def _archive_override(cfg: DictConfig, overrides: list[str]) -> list[str]:
@@ -259,11 +285,10 @@ def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> 
 
 
 def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trainer,
-                  splits: datalib.Splits, result: TrainResult) -> None:
-    """Final metrics, figures and the model of a finished training."""
-    recorder.log_metrics({"test_loss": result.test_loss, "test_acc": result.test_acc,
-                          "best_val_acc": result.best_val_acc,
-                          "best_epoch": result.best_epoch}, step=result.epochs_run)
+                  splits: datalib.Splits, result: TrainResult, datasets: dict[str, Any],
+                  name: str) -> None:
+    """Figures, the model, the final metrics (linked to the model and the test split) and
+    the description of a finished training."""
     recorder.set_tags({"checkpoint": str(result.checkpoint),
                        "stopped_early": str(result.stopped_early).lower()})
     if cfg.tracking.plots:
@@ -275,8 +300,20 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                             "per_class_accuracy")
         recorder.log_figure(plots.weights_figure(trainer.model.params["W1"]),
                             "first_layer_weights")
+    model_id = None
     if cfg.tracking.log_model:
-        recorder.log_model(trainer.model, trainer.normalizer.state_dict(), splits.classes)
+        model_id = recorder.log_model(trainer.model, trainer.normalizer, splits.classes, name,
+                                      example=np.asarray(splits.X_test[:3]))
+    step = result.best_epoch
+    recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
+                         step=step, model_id=model_id, dataset=datasets["test"])
+    recorder.log_metrics({metrics.ACC_BEST_VAL: result.best_val_acc,
+                          metrics.BEST_EPOCH: result.best_epoch}, step=step, model_id=model_id,
+                         dataset=datasets["validation"])
+    widths = [splits.X_train.shape[1], *cfg.model.hidden_sizes, len(splits.classes)]
+    recorder.describe(tracking.describe_run(OmegaConf.to_container(cfg, resolve=True), result,
+                                            recorder.client.get_run(recorder.run_id).data.tags,
+                                            widths))
 
 
 def _multirun() -> bool:

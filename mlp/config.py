@@ -25,8 +25,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mlp import gradcheck, losses, model, optim
 from mlp import data as datalib
+from mlp import gradcheck, losses, model, optim
 from mlp.layers import ACTIVATIONS
 from mlp.train import TrainSettings
 

@@ -1,8 +1,8 @@
 """Command-line overrides checked against the schema before Hydra composes anything.
 
 Hydra accepts `+model.activaton=tanh` (a new key: the typo trains the default) and
-reports a wrong type with OmegaConf's internal text and exit 1. `check` reads the
-overrides as Hydra will (`check_command_line`) and refuses, with a message that names the key, the value and
+reports a wrong type with OmegaConf's internal text and exit 1. `check_command_line`
+reads the overrides as Hydra will and refuses, with a message that names the key, the value and
 what is allowed (and the closest valid key or option for a typo): unknown keys with or
 without `+` (except the declared extension nodes of `config.EXTENSIONS`), unknown options
 of a config group, values of the wrong type or out of range (each value of a sweep), and
