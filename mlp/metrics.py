@@ -1,7 +1,8 @@
 """The metric contract: every key a run logs to MLflow, in one place.
 
-The MLflow UI groups a run's charts into sections by the part of the key before `/`, and
-sorts the sections by name; inside a section, charts sort by name too. The names are
+The MLflow UI groups a run's charts into sections by the key's path (the part before the
+last `/`; keys without one go to a last, unnamed section), and sorts the sections by name;
+inside a section, charts sort by name too. The names are
 chosen from the reviewer's side so that this order is the order of their questions: the
 learning curves first, train and validation of one quantity side by side (`acc/`,
 `loss/`), then the learning rate (`opt/`), the gradient check (`rel_error/`, cs231n's
@@ -16,7 +17,7 @@ name for it), the speed, and the training-health numbers of the cs231n notes (`u
 | `loss/gap` | epoch | loss/val - loss/train |
 | `loss/batch` | global step | training loss (data + L2) of one minibatch |
 | `acc/test`, `loss/test` | best epoch | the test split, once, with the best epoch's params |
-| `acc/best_val`, `best_epoch` | best epoch | the best validation accuracy and its epoch |
+| `acc/best_val`, `acc/best_val_epoch` | best epoch | the best validation accuracy and its epoch |
 | `opt/lr` | epoch | learning rate at the epoch's last step |
 | `rel_error/max`, `rel_error/<param>` | 0 | gradient check: worst relative error (total loss) |
 | `rel_error/..._log10` | 0 | the same as log10, readable in charts at 1e-12 |
@@ -33,7 +34,7 @@ ACC_TRAIN, ACC_VAL, ACC_GAP = "acc/train", "acc/val", "acc/gap"
 LOSS_TRAIN, LOSS_VAL, LOSS_GAP = "loss/train", "loss/val", "loss/gap"
 LOSS_BATCH = "loss/batch"
 ACC_TEST, LOSS_TEST = "acc/test", "loss/test"
-ACC_BEST_VAL, BEST_EPOCH = "acc/best_val", "best_epoch"
+ACC_BEST_VAL, BEST_EPOCH = "acc/best_val", "acc/best_val_epoch"
 LR = "opt/lr"
 EPOCH_TIME, IMAGES_PER_SEC = "speed/epoch_s", "speed/images_per_sec"
 GRADCHECK_PREFIX = "rel_error/"

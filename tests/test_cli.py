@@ -66,7 +66,7 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
     epoch_keys = [k for k in run.data.metrics
                   if k.startswith(("acc/", "loss/", "opt/", "speed/", "units/", "weights/"))
                   and k not in (metrics.ACC_TEST, metrics.LOSS_TEST, metrics.ACC_BEST_VAL,
-                                metrics.LOSS_BATCH)]
+                                metrics.BEST_EPOCH, metrics.LOSS_BATCH)]
     assert {metrics.ACC_TRAIN, metrics.ACC_VAL, metrics.ACC_GAP, metrics.LOSS_TRAIN,
             metrics.LOSS_VAL, metrics.LOSS_GAP, metrics.LR} <= set(epoch_keys)
     history = {k: client.get_metric_history(rid, k) for k in epoch_keys}
