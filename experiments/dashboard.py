@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                                         f"/artifacts/val_acc_heatmap.png?{view}",
             "6-compare-children": f"{base}/compare-runs?runs="
                                   f"{json.dumps([r.info.run_id for r in children])}"
-                                  f"&experiments={json.dumps([eid])}",
-            "7-registered-model": f"{base}/models/{registered}",
+                                  f"&experiments={json.dumps([eid])}&{view}",
+            "7-registered-model": f"{base}/models/{registered}?{view}",
         }
         try:
             doms = shoot(pages, out)

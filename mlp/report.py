@@ -599,6 +599,9 @@ def _register_best(client: MlflowClient, report: Report, name: str) -> str | Non
     if not models:
         return None
     version = mlflow.register_model(f"models:/{models[0].model_id}", name)
+    client.update_registered_model(name, description=(
+        f"The best models of sweep {name.removeprefix(report.experiment + '-')} (experiment "
+        f"{report.experiment}); @{CHAMPION} is the best by validation accuracy."))
     client.set_registered_model_alias(name, CHAMPION, version.version)
     client.update_model_version(name, version.version, description=(
         f"The best run of sweep {name}: {report.best['run']} (run {report.best['run_id']})."))

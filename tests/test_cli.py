@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +45,16 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
     out = mlp_train([*QUICK, "model.reg=1e-3", "tracking.system_metrics=false"], tmp_path,
                     run_env)
     assert out.returncode == 0, out.stderr[-3000:]
+    # Not a terminal: one line per epoch all the same, then the result and the commands.
+    printed = out.stdout + out.stderr
+    number = r"\d+\.\d{4}"
+    for epoch in (1, 2):
+        assert re.search(rf"epoch {epoch}/2  loss {number} / {number} \(gap [+-]{number}\)  "
+                         rf"acc {number} / {number} \(gap [+-]{number}\)  lr \S+  \S+ s",
+                         printed), printed[-3000:]
+    assert re.search(rf"done: accuracy train {number} / val {number} / test {number} "
+                     rf"\(gap [+-]{number}\)", printed)
+    assert "run it again: mlp-train data=synthetic" in printed
     client, runs = runs_of(tmp_path / "mlflow.db")
     assert len(runs) == 1
     run = runs[0]
@@ -311,3 +322,18 @@ def test_logging_through_a_tracking_server(tmp_path: Path, run_env: dict):
         except subprocess.TimeoutExpired:
             server.kill()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_clean_checkout_stays_clean(tmp_path: Path, run_env: dict):
+    """The README's commands (a run, then mlp-report) write nothing git would show."""
+    checkout = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(Path(__file__).resolve().parents[1]),
+                    str(checkout)], check=True, timeout=60)
+    assert mlp_train(QUICK, checkout, run_env).returncode == 0
+    report = subprocess.run([tool("mlp-report")], cwd=checkout, env=run_env,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "wrote outputs/reports/mlp-lab/report.html" in report.stdout
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored=no"], cwd=checkout,
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert status.stdout == ""
