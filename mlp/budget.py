@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from mlp import config as configlib
 from mlp import optim
-
-if TYPE_CHECKING:
-    from mlp.config import Config
 
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000  # images in the official archive
 INPUT_DIM, NUM_CLASSES = 3072, 10
@@ -116,27 +113,28 @@ def available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def split_sizes(c: Config) -> tuple[int, int, int]:
-    """(train, validation, test) images of a config, as `data.split` will make them."""
-    d = c.data
-    if d.name == "synthetic":
-        total, test = d.synthetic.n_train, d.synthetic.n_test
+def split_sizes(flat: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(train, validation, test) images of a flattened config (`config.flatten`), as
+    `data.split` will make them."""
+    if flat["data.name"] == "synthetic":
+        total, test = flat["data.synthetic.n_train"], flat["data.synthetic.n_test"]
     else:
         total, test = CIFAR10_TRAIN, CIFAR10_TEST
-    if d.limit is not None:
-        total = min(total, d.limit)
-    return total - d.val_size, d.val_size, test
+    if flat["data.limit"] is not None:
+        total = min(total, flat["data.limit"])
+    return total - flat["data.val_size"], flat["data.val_size"], test
 
 
-def estimate_config(c: Config) -> Estimate:
-    """`estimate` for a composed config (the dataclasses of mlp.config)."""
-    m, t = c.model, c.trainer
-    n_train, n_val, n_test = split_sizes(c)
-    return estimate(m.hidden_sizes, batch_size=t.batch_size, n_train=n_train, n_val=n_val,
-                    n_test=n_test, dtype=t.dtype, optimizer=c.optim.name,
-                    eval_batch_size=t.eval_batch_size, train_eval_size=t.train_eval_size,
-                    activation=m.activation, maxout_pieces=m.maxout_pieces, norm=m.norm,
-                    dropout=m.dropout, health=c.tracking.health)
+def estimate_config(flat: Mapping[str, Any]) -> Estimate:
+    """`estimate` for a flattened config (`config.flatten`: "model.hidden_sizes" -> ...)."""
+    n_train, n_val, n_test = split_sizes(flat)
+    return estimate(flat["model.hidden_sizes"], batch_size=flat["trainer.batch_size"],
+                    n_train=n_train, n_val=n_val, n_test=n_test, dtype=flat["trainer.dtype"],
+                    optimizer=flat["optim.name"], eval_batch_size=flat["trainer.eval_batch_size"],
+                    train_eval_size=flat["trainer.train_eval_size"],
+                    activation=flat["model.activation"],
+                    maxout_pieces=flat["model.maxout_pieces"], norm=flat["model.norm"],
+                    dropout=flat["model.dropout"], health=flat["tracking.health"])
 
 
 # The key a user changes to shrink each part.
@@ -148,24 +146,22 @@ _KEY_OF_PART = {"parameters and gradients": "model.hidden_sizes",
                 "data (uint8)": "data.limit"}
 
 
-def check(c: Config, available: int | None = None) -> Estimate:
-    """Refuse a config that cannot run on this machine; return its estimate otherwise.
+def check(flat: Mapping[str, Any], available: int | None = None) -> Estimate:
+    """Refuse a flattened config that cannot run on this machine; return its estimate.
 
     Raises mlp.config.ConfigError naming trainer.batch_size when the batch is larger than
     the training split, or the key behind the largest part of the estimate when the total
     exceeds `available` bytes (default: `available_bytes()`)."""
-    n_train = split_sizes(c)[0]
-    if c.trainer.batch_size > n_train:
-        raise configlib.ConfigError("trainer.batch_size", c.trainer.batch_size,
+    n_train = split_sizes(flat)[0]
+    if flat["trainer.batch_size"] > n_train:
+        raise configlib.ConfigError("trainer.batch_size", flat["trainer.batch_size"],
                                     f"at most the {n_train} images of the training split")
-    found = estimate_config(c)
+    found = estimate_config(flat)
     limit = available_bytes() if available is None else available
     if found.total > limit:
         part = max((p for p in found.parts if p in _KEY_OF_PART), key=found.parts.__getitem__)
         key = _KEY_OF_PART[part]
-        value = {"model.hidden_sizes": c.model.hidden_sizes,
-                 "trainer.batch_size": c.trainer.batch_size, "data.limit": c.data.limit}[key]
         raise configlib.ConfigError(
-            key, value, f"a run that fits in the {gib(limit)} of memory available; this one "
+            key, flat[key], f"a run that fits in the {gib(limit)} of memory available; this one "
             f"needs about {found.describe()}")
     return found

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from mlp import budget, optim
-from mlp.config import Config, ConfigError
+from mlp.config import Config, ConfigError, flatten
 from mlp.model import MLP
 
 SPLITS = {"n_train": 540, "n_val": 60, "n_test": 200}
+
+
+def default_config(**changes) -> dict:
+    """The flattened default config with `changes` ({"model.hidden_sizes": [...]})."""
+    flat = flatten(OmegaConf.to_container(OmegaConf.structured(Config())))
+    assert changes.keys() <= flat.keys()
+    return flat | changes
 
 
 @pytest.mark.parametrize(("hidden", "activation", "norm", "dtype"), [
@@ -48,8 +56,7 @@ def test_activations_grow_with_the_batch_and_data_with_the_images():
 
 
 def test_a_huge_layer_is_refused_naming_model_hidden_sizes():
-    c = Config()
-    c.model.hidden_sizes = [10_000_000]
+    c = default_config(**{"model.hidden_sizes": [10_000_000]})
     with pytest.raises(ConfigError, match=r"model.hidden_sizes=\[10000000\].*needs about") as e:
         budget.check(c, available=16 * 2**30)
     assert e.value.key == "model.hidden_sizes"
@@ -57,26 +64,26 @@ def test_a_huge_layer_is_refused_naming_model_hidden_sizes():
 
 
 def test_a_huge_batch_is_refused_naming_trainer_batch_size():
-    c = Config()
-    c.trainer.batch_size = 40_000
-    c.trainer.eval_batch_size = 40_000
-    c.model.hidden_sizes = [20_000]
+    c = default_config(**{"trainer.batch_size": 40_000, "trainer.eval_batch_size": 40_000,
+                          "model.hidden_sizes": [20_000]})
     with pytest.raises(ConfigError) as e:
         budget.check(c, available=8 * 2**30)
     assert e.value.key == "trainer.batch_size"
 
 
 def test_a_batch_larger_than_the_training_split_is_refused():
-    c = Config()
-    c.data.name, c.data.val_size, c.trainer.batch_size = "synthetic", 100, 501
+    c = default_config(**{"data.name": "synthetic", "data.synthetic.n_train": 600,
+                          "data.val_size": 100, "trainer.batch_size": 501})
     with pytest.raises(ConfigError, match="at most the 500 images of the training split"):
         budget.check(c, available=2**40)
-    c.trainer.batch_size = 500
-    budget.check(c, available=2**40)
+    budget.check(c | {"trainer.batch_size": 500}, available=2**40)
+    full = default_config(**{"data.name": "cifar10", "trainer.batch_size": 45_001})
+    with pytest.raises(ConfigError, match=f"at most the {50_000 - full['data.val_size']} "):
+        budget.check(full, available=2**40)
 
 
 def test_the_default_config_fits_and_the_estimate_is_returned():
-    found = budget.check(Config(), available=2 * 2**30)
+    found = budget.check(default_config(), available=2 * 2**30)
     assert 0 < found.total < 2 * 2**30
     assert found.describe().startswith(budget.gib(found.total))
 

@@ -188,7 +188,7 @@ def test_a_store_down_to_the_end_leaves_everything_in_the_spool_for_mlp_sync(
     assert run.info.status == "FINISHED"
     assert [(p.step, p.value) for p in client.get_metric_history(recorder.run_id, "val")] == [
         (e, e / 10) for e in range(1, 6)]
-    assert len(client.get_metric_history(recorder.run_id, "batch_loss")) == 5
+    assert len(client.get_metric_history(recorder.run_id, metrics.LOSS_BATCH)) == 5
     assert run.data.tags["checkpoint"] == "/somewhere/last.npz"
     assert liveness.HEARTBEAT_TAG in run.data.tags
     assert not path.exists()
@@ -210,6 +210,19 @@ def test_a_store_that_comes_back_gets_the_spool_first_and_in_order(
     history = client.get_metric_history(recorder.run_id, "val")
     assert [p.step for p in history] == [1, 2, 3, 4]
     assert client.get_run(recorder.run_id).info.status == "FINISHED"
+
+
+def test_results_the_store_refuses_at_the_end_do_not_fail_a_trained_run(tmp_path: Path):
+    _, recorder = _recorder(tmp_path, "results")
+    with pytest.warns(UserWarning, match="figures not recorded.*checkpoint beside"):
+        with recorder.unless_offline("figures"):
+            raise MlflowException("Max retries exceeded (Connection refused)")
+    recorder.finish("FINISHED")
+    bare = tracking.start_run(recorder.client.get_run(recorder.run_id).info.experiment_id,
+                              "no spool", {})
+    with pytest.raises(MlflowException), bare.unless_offline("figures"):
+        raise MlflowException("without a spool nothing is kept: the error stands")
+    bare.finish("FAILED")
 
 
 def test_mlp_sync_keeps_what_it_cannot_send_and_says_so(
