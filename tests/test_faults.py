@@ -406,13 +406,14 @@ _WIRED = "budget" in inspect.getsource(configlib.validate)
 
 
 @pytest.mark.skipif(not _WIRED, reason="budget.check is not yet called by config.validate")
-@pytest.mark.parametrize(("override", "says"), [
-    ("model.hidden_sizes=[10000000]", "model.hidden_sizes=[10000000] is not allowed"),
-    ("trainer.batch_size=1000", "at most the 240 images of the training split"),
+@pytest.mark.parametrize(("args", "says"), [
+    ([*QUICK, "model.hidden_sizes=[10000000]"], "model.hidden_sizes=[10000000] is not allowed"),
+    (["trainer.batch_size=100000"], "at most the 45000 images of the training split"),
 ])
 def test_a_config_too_large_is_refused_before_any_work(tmp_path: Path, run_env: dict,
-                                                       override: str, says: str):
-    out = mlp_train([*QUICK, override], tmp_path, run_env)
+                                                       args: list[str], says: str):
+    """Before any data is loaded (the second runs on the full CIFAR-10, not at hand)."""
+    out = mlp_train(args, tmp_path, run_env)
     assert out.returncode == 2
     assert says in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "mlflow.db").exists()
