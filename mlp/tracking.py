@@ -322,6 +322,8 @@ class RunRecorder:
             return
         self.flush(wait=True)
         try:
+            if self._offline():
+                raise store.StoreError("the store failed a moment ago")
             mlflow.log_metrics(dict(metrics), step=step, run_id=self.run_id, model_id=model_id,
                                dataset=dataset)
         except store.STORE_ERRORS:
@@ -329,6 +331,10 @@ class RunRecorder:
                 raise
             self._add(metrics, step)  # kept (in the spool), without the link
             self.flush(wait=True)
+
+    def _offline(self) -> bool:
+        """Whether the store failed less than RETRY_AFTER seconds ago (with a spool only)."""
+        return self.spool is not None and time.monotonic() < self._offline_until
 
     @contextlib.contextmanager
     def unless_offline(self, what: str) -> Iterator[None]:
@@ -371,7 +377,7 @@ class RunRecorder:
         without one back to the front of the buffer, for the next flush (one sender thread
         keeps the order)."""
         tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
-        if self.spool is not None and not strict and time.monotonic() < self._offline_until:
+        if not strict and self._offline():
             self._keep(points, tag_list)
             return
         try:
