@@ -9,8 +9,10 @@ config keys that act in the run (`config.applies`), and the bookkeeping keys are
 Metrics are buffered and sent with `log_batch` at the end of every epoch (one call per
 epoch instead of one per point: per-point calls cost ~4 ms each on SQLite), by a
 background thread so that the training loop never waits for the store. A failed send
-puts its metrics back into the buffer for the next flush, so a tracking server that
-blips does not stop training.
+keeps its metrics for a later one, so a tracking server that blips or dies does not stop
+training: `mlp-train`'s runs keep them in a spool file beside the checkpoint (`mlp.spool`,
+sent when the store answers again or with `mlp-sync`), and every HTTP call gives up
+within a bounded time (`mlp.store.HTTP_POLICY`).
 """
 
 from __future__ import annotations
