@@ -366,7 +366,7 @@ def run_steps(net: Net, name: str, path: str, seed: int = 1) -> None:
             loss, grads = model.loss_and_grads(X, y)
             optimizer.step(model.params, grads, lr)
         else:  # Trainer.fit's lines: the L2 term folded into the optimizer's pass
-            loss, grads = model.data_loss_and_grads(X, y)
+            loss, grads = model._backprop(X, y)
             loss += optimizer.step(model.params, grads, lr, l2=model.l2_coefficients())
         masks = dropout_masks(model) if net.dropout else None
 
