@@ -265,6 +265,7 @@ hydra:
 """
 
 
+@pytest.mark.e2e
 def test_an_in_memory_sweep_from_a_preset(tmp_path: Path, run_env: dict, empty_store: Path):
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "optuna_quick.yaml").write_text(PRESET)
@@ -297,6 +298,7 @@ def test_an_in_memory_sweep_from_a_preset(tmp_path: Path, run_env: dict, empty_s
     assert {r.data.params["trainer.eval_batch_size"] for r in trials} <= {"40", "50", "60"}
 
 
+@pytest.mark.e2e
 def test_a_sqlite_study_completes_prunes_and_fails_trials(tmp_path: Path, run_env: dict,
                                                           empty_store: Path):
     # Enqueued trials fix the order: good, hopeless (lr 1e-6: pruned after epoch 1 against
@@ -329,6 +331,7 @@ def test_a_sqlite_study_completes_prunes_and_fails_trials(tmp_path: Path, run_en
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
 
 
+@pytest.mark.e2e
 def test_two_workers_share_one_sqlite_study(tmp_path: Path, run_env: dict, empty_store: Path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = ["hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}",

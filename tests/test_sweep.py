@@ -57,6 +57,7 @@ def check_grid(db: Path) -> None:
     assert "report/report.md" in artifacts
 
 
+@pytest.mark.e2e
 def test_grid_with_the_basic_launcher_then_rerun_runs_nothing_new(tmp_path: Path,
                                                                    run_env: dict):
     out = sweep([*FAST, *GRID], tmp_path, run_env)
@@ -70,6 +71,7 @@ def test_grid_with_the_basic_launcher_then_rerun_runs_nothing_new(tmp_path: Path
     assert len(parents) == 1 and len(children) == 4
 
 
+@pytest.mark.e2e
 def test_grid_with_joblib_shares_the_cores(tmp_path: Path, run_env: dict):
     env = {k: v for k, v in run_env.items() if not k.endswith("_NUM_THREADS")}
     out = sweep([*FAST, *GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], tmp_path,
@@ -83,6 +85,7 @@ def test_grid_with_joblib_shares_the_cores(tmp_path: Path, run_env: dict):
     assert {c.data.tags["mlp.blas_threads"] for c in children} == {expected}
 
 
+@pytest.mark.e2e
 def test_submitit_local_jobs_are_children_of_the_parent(tmp_path: Path, run_env: dict):
     out = sweep([*FAST, "optim.lr=0.01,0.03", "hydra/launcher=submitit_local"], tmp_path,
                 run_env)
@@ -92,6 +95,7 @@ def test_submitit_local_jobs_are_children_of_the_parent(tmp_path: Path, run_env:
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
 
 
+@pytest.mark.e2e
 def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path, run_env: dict):
     out = sweep([*FAST, "optim.name=sgd", "optim.lr=0.01,1e6", "data.val_size=60,5000"],
                 tmp_path, run_env)
@@ -104,6 +108,7 @@ def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path, run_env
     assert parents[0].info.status == "FINISHED"
 
 
+@pytest.mark.e2e
 def test_killed_sweep_resumes_the_killed_job(tmp_path: Path, run_env: dict):
     args = [*FAST, "data.synthetic.n_train=3000", "data.val_size=300", "model.hidden_sizes=[64]",
             "trainer.epochs=25", "optim.lr=0.01"]
