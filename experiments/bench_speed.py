@@ -20,7 +20,7 @@ normalization into float32) is timed apart, per epoch, as the trainer runs it. P
 is measured in a child process that trains the first net on a full-size (50,000 x 3072)
 uint8 data set with `mlp.train.Trainer`: its peak resident set, as `ps` would show.
 
-    python experiments/bench_speed.py                      # the three nets of issue 7
+    python experiments/bench_speed.py                      # the three nets of NETS
     python experiments/bench_speed.py --threads 1 --reps 9
     python experiments/bench_speed.py --quick              # tiny shapes (the test suite)
     python experiments/bench_speed.py --json results.json

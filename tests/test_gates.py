@@ -54,7 +54,7 @@ def test_squared_norm_of_matrix_vector_product_lecture_example():
 def test_the_command_line_prints_every_example(capsys: pytest.CaptureFixture):
     gates.main()
     printed = capsys.readouterr().out
-    for title, values in gates.lecture_examples().items():
+    for title in gates.lecture_examples():
         assert title in printed
     assert "df/dw0  -0.1966" in printed and "f       -20" in printed
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlp.data import fetch
+import mlp.data.fetch
 from mlp.data.cifar import BATCH_DIR, CLASSES, DIM, TRAIN_BATCHES, DataError
 from mlp.data.extract import safe_extract
 from mlp.data.fetch import digests, fetch_archive, locked
@@ -195,7 +195,7 @@ def _official_cache(root: Path) -> tuple[Path, str] | None:
             info = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue  # damaged: not trusted, the archive route rebuilds it
-        if isinstance(info, dict) and info.get("md5") == fetch.OFFICIAL_MD5 and isinstance(
-                info.get("sha256"), str) and marker.parent.name == info["sha256"][:16]:
+        official = isinstance(info, dict) and info.get("md5") == mlp.data.fetch.OFFICIAL_MD5
+        if official and marker.parent.name == str(info.get("sha256"))[:16]:
             return marker.parent, info["sha256"]
     return None
