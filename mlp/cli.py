@@ -22,16 +22,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mlp import config as configlib
+from mlp import console, gradcheck, metrics, optim, plots, tracking
 from mlp import data as datalib
-from mlp import gradcheck, optim, plots, tracking
 from mlp import sweep as sweeplib
 from mlp.model import MLP
+from mlp.overrides import OverrideError, check_command_line
 from mlp.train import DivergenceError, Interrupted, Trainer, TrainResult, TrainSettings
 
 log = logging.getLogger("mlp")
 
 configlib.register()
 
+ARCHIVE_VAR = "MLP_LAB_ARCHIVE"  # a local cifar-10-python.tar.gz when data.archive is not set
 EXIT_CONFIG = 2
 EXIT_GRADCHECK = 3
 EXIT_INTERRUPTED = 130
@@ -41,15 +43,15 @@ class GradcheckFailed(RuntimeError):
     """The run's own gradient check failed and gradcheck.stop_on_fail is set."""
 
 
-def build_model(cfg: DictConfig, max_width: int | None = None, dtype: str | None = None) -> MLP:
-    """The MLP of `cfg.model` (hidden widths capped to max_width for a gradient check)."""
-    m = cfg.model
-    hidden = [min(h, max_width) if max_width else h for h in m.hidden_sizes]
-    return MLP(input_dim=3072, hidden_sizes=hidden, num_classes=len(datalib.CLASSES),
-               activation=m.activation, loss=m.loss, reg=m.reg, init=m.init,
-               weight_scale=m.weight_scale, dtype=dtype or cfg.trainer.dtype, seed=cfg.seed,
-               leaky_slope=m.leaky_slope, elu_alpha=m.elu_alpha, maxout_pieces=m.maxout_pieces,
-               dropout=m.dropout, norm=m.norm)
+def build_model(cfg: DictConfig, input_dim: int, num_classes: int,
+                max_width: int | None = None, dtype: str | None = None) -> MLP:
+    """The MLP of `cfg.model` for inputs of input_dim features and num_classes classes
+    (hidden widths capped to max_width for a gradient check)."""
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    if max_width:
+        kwargs["hidden_sizes"] = [min(h, max_width) for h in kwargs["hidden_sizes"]]
+    return MLP(input_dim=input_dim, num_classes=num_classes, dtype=dtype or cfg.trainer.dtype,
+               seed=cfg.seed, **kwargs)
 
 
 def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
@@ -57,27 +59,41 @@ def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
     hidden widths capped at gradcheck.max_width, float64, on gradcheck.samples standard
     normal inputs (what normalized pixels look like) with random labels."""
     g = cfg.gradcheck
-    model = build_model(cfg, max_width=g.max_width, dtype="float64")
+    model = build_model(cfg, datalib.DIM, len(datalib.CLASSES), max_width=g.max_width,
+                        dtype="float64")
     rng = np.random.default_rng([cfg.seed, 3])
     X = rng.standard_normal((g.samples, model.arch.input_dim))
     y = rng.integers(0, model.arch.num_classes, g.samples)
     return gradcheck.check_model(model, X, y, num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
 
 
-def load_data(cfg: DictConfig) -> datalib.Splits:
-    """CIFAR-10 (downloaded or a local archive) or the synthetic set, split as configured."""
+def archive_path(cfg: DictConfig) -> tuple[Path | None, str | None]:
+    """(archive, md5) of the configured data: `data.archive`, else $MLP_LAB_ARCHIVE, else
+    None (a cached or downloaded official archive); for `data=synthetic` the generated
+    archive under the data root (made on first use)."""
     d = cfg.data
-    root = Path(d.root).expanduser() if d.root else datalib.default_root()
-    archive, md5 = d.archive, d.md5
-    if d.name == "synthetic":
-        archive = root / f"synthetic-{d.synthetic.n_train}-{d.synthetic.n_test}-{cfg.seed}.tar.gz"
-        if not archive.exists():
-            root.mkdir(parents=True, exist_ok=True)
-            datalib.make_synthetic_archive(archive, d.synthetic.n_train, d.synthetic.n_test,
-                                           seed=cfg.seed)
-        md5 = datalib.file_digest(archive, "md5")
-    raw = datalib.load_cifar10(root, archive, md5, progress=cfg.trainer.progress)
-    return datalib.split(raw, val_size=d.val_size, limit=d.limit, seed=cfg.seed)
+    if d.name != "synthetic":
+        archive = d.archive or os.environ.get(ARCHIVE_VAR) or None
+        return (Path(archive).expanduser() if archive else None), d.md5
+    root = _data_root(cfg)
+    archive = root / f"synthetic-{d.synthetic.n_train}-{d.synthetic.n_test}-{cfg.seed}.tar.gz"
+    if not archive.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        datalib.make_synthetic_archive(archive, d.synthetic.n_train, d.synthetic.n_test,
+                                       seed=cfg.seed)
+    return archive, datalib.file_digest(archive, "md5")
+
+
+def _data_root(cfg: DictConfig) -> Path:
+    return Path(cfg.data.root).expanduser() if cfg.data.root else datalib.default_root()
+
+
+def load_data(cfg: DictConfig) -> datalib.Splits:
+    """CIFAR-10 (a local archive, the cache, or the download) or the synthetic set, split
+    as configured."""
+    archive, md5 = archive_path(cfg)
+    raw = datalib.load_cifar10(_data_root(cfg), archive, md5, progress=cfg.trainer.progress)
+    return datalib.split(raw, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed)
 
 
 def _hydra_paths() -> tuple[Path, Path, list[str]]:
@@ -120,6 +136,10 @@ def train(cfg: DictConfig) -> float:
             _config_error(e)
         return _record_invalid_job(cfg, e, launch_dir, overrides, parent)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
+    flat = configlib.flatten(resolved)
+    for warning in configlib.inactive_overrides(flat, [o.partition("=")[0].lstrip("+~")
+                                                       for o in overrides]):
+        log.warning("%s", warning)
     uri, experiment_id = _connect(cfg, launch_dir)
     config_hash = sweeplib.config_hash(resolved)
     resume = cfg.trainer.resume
@@ -128,7 +148,7 @@ def train(cfg: DictConfig) -> float:
         finished = [r for r in earlier if r.info.status == "FINISHED"]
         if finished:
             log.info("skipping: this config already finished as run %s", finished[0].info.run_id)
-            return finished[0].data.metrics.get("best_val_acc", math.nan)
+            return finished[0].data.metrics.get(metrics.ACC_BEST_VAL, math.nan)
         killed = [r for r in earlier if r.info.status == "KILLED"
                   and Path(r.data.tags.get("checkpoint", "")).is_file()]
         if killed and not resume:
@@ -153,21 +173,30 @@ def train(cfg: DictConfig) -> float:
     tags = tracking.environment_tags(launch_dir, overrides, splits.fingerprint)
     tags[sweeplib.CONFIG_HASH_TAG] = config_hash
     tags["mlp.blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    name = cfg.tracking.run_name or tracking.run_name(resolved)
+    name = cfg.tracking.run_name or (
+        sweeplib.child_name(parent["swept"], overrides) if parent and parent.get("swept")
+        else tracking.run_name(resolved))
+    if parent is not None:
+        tags[sweeplib.SWEEP_NAME_TAG] = parent.get("name", "")
     recorder = tracking.start_run(experiment_id, name, tags, run_id=resumed_run,
                                   log_every_steps=cfg.tracking.log_every_steps,
-                                  parent_run_id=parent and parent["run_id"])
+                                  parent_run_id=parent and parent["run_id"],
+                                  system_metrics=cfg.tracking.system_metrics)
     trainer.meta["run_id"] = recorder.run_id
-    trainer.observers.append(recorder)
-    if cfg.trial.study is not None:
+    trainer.observers += [recorder, console.EpochPrinter(cfg.trainer.epochs)]
+    trial = cfg.get("trial")
+    if trial is not None and trial.get("study") is not None:
         from mlp.pruning import TrialReporter
 
-        trainer.observers.append(TrialReporter(cfg.trial.storage, cfg.trial.study,
-                                               cfg.trial.id))
-    log.info("MLflow run %s in experiment %r at %s", recorder.run_id, cfg.tracking.experiment, uri)
+        trainer.observers.append(TrialReporter(trial.storage, trial.study, trial.id))
+    log.info("MLflow run %s (%s) in experiment %r at %s", recorder.run_id, name,
+             cfg.tracking.experiment, uri)
+    archive = _archive_override(cfg, overrides)
+    datasets = tracking.split_datasets(splits, cfg.data.name, _data_source(cfg))
     try:
         if resumed_run is None:
             recorder.log_config(resolved, overrides, output_dir / ".hydra")
+            recorder.log_datasets(datasets)
         if cfg.gradcheck.enabled and resumed_run is None:
             report = run_gradcheck(cfg)
             log.info("gradient check (float64, widths <= %d):\n%s", cfg.gradcheck.max_width, report)
@@ -176,12 +205,13 @@ def train(cfg: DictConfig) -> float:
                 raise GradcheckFailed(f"gradient check failed: max relative error "
                                       f"{report.max_rel_error:.2e} >= tol {report.tol:g}")
         result = trainer.fit()
-        record_result(recorder, cfg, trainer, splits, result)
+        record_result(recorder, cfg, trainer, splits, result, datasets, name)
     except Interrupted as e:
-        recorder.set_tags({"checkpoint": str(e.checkpoint),
-                           "resume": f"trainer.resume={e.checkpoint}"})
+        again = console.command("mlp-train", overrides, [*archive,
+                                                         f"trainer.resume={e.checkpoint}"])
+        recorder.set_tags({"checkpoint": str(e.checkpoint), "resume": again})
         recorder.finish("KILLED", e)
-        log.warning("%s\nresume with: mlp-train ... trainer.resume=%s", e, e.checkpoint)
+        log.warning("%s\nresume with: %s", e, again)
         if parent is not None:
             raise KeyboardInterrupt(str(e)) from e  # stop the whole sweep
         sys.exit(EXIT_INTERRUPTED)
@@ -202,19 +232,42 @@ def train(cfg: DictConfig) -> float:
             sys.exit(EXIT_GRADCHECK if isinstance(e, GradcheckFailed) else 1)
         raise
     recorder.finish("FINISHED")
-    log.info("test accuracy %.4f (best val_acc %.4f at epoch %d); run %s\nview: %s",
-             result.test_acc, result.best_val_acc, result.best_epoch, recorder.run_id,
-             tracking.how_to_view(uri, experiment_id, recorder.run_id))
+    _summary(result, recorder.run_id, tracking.how_to_view(uri, experiment_id, recorder.run_id),
+             console.command("mlp-train", overrides, archive))
     return result.best_val_acc
+
+
+def _data_source(cfg: DictConfig) -> str:
+    """Where the images came from: the archive's absolute path, or the official URL."""
+    archive, _ = archive_path(cfg)
+    return str(archive.resolve()) if archive else datalib.OFFICIAL_URL
+
+
+def _archive_override(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """`data.archive=<path>` when the archive came from $MLP_LAB_ARCHIVE, so that printed
+    commands are complete on their own."""
+    if cfg.data.name != "cifar10" or cfg.data.archive or not os.environ.get(ARCHIVE_VAR):
+        return []
+    return [f"data.archive={os.environ[ARCHIVE_VAR]}"]
+
+
+def _summary(result: TrainResult, run_id: str, view: str, reproduce: str) -> None:
+    """The closing lines: accuracies and gap at the kept (best) epoch, where to look, and
+    the command that runs it again."""
+    best = result.best_epoch - 1
+    train_acc, val_acc = result.history["train_acc"][best], result.history["val_acc"][best]
+    log.info("done: accuracy train %.4f / val %.4f / test %.4f (gap %+.4f) at the best epoch, "
+             "%d of %d%s\nrun %s: %s\nrun it again: %s", train_acc, val_acc, result.test_acc,
+             train_acc - val_acc, result.best_epoch, result.epochs_run,
+             " (stopped early)" if result.stopped_early else "", run_id, view, reproduce)
 
 
 def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> Trainer:
     """Model, optimizer, schedule, normalizer and loop settings from the config."""
     t, o = cfg.trainer, cfg.optim
-    model = build_model(cfg)
-    optimizer = optim.make_optimizer(o.name, model.params, momentum=o.momentum,
-                                     decay_rate=o.decay_rate, beta1=o.beta1, beta2=o.beta2,
-                                     eps=o.eps)
+    model = build_model(cfg, splits.X_train.shape[1], len(splits.classes))
+    flat = configlib.flatten(OmegaConf.to_container(cfg, resolve=True))
+    optimizer = optim.make_optimizer(o.name, model.params, **configlib.optimizer_kwargs(flat))
     steps_per_epoch = math.ceil(len(splits.y_train) / t.batch_size)
     schedule = optim.Schedule(
         name=o.schedule.name, lr=o.lr, steps_per_epoch=steps_per_epoch, epochs=t.epochs,
@@ -232,11 +285,10 @@ def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> 
 
 
 def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trainer,
-                  splits: datalib.Splits, result: TrainResult) -> None:
-    """Final metrics, figures and the model of a finished training."""
-    recorder.log_metrics({"test_loss": result.test_loss, "test_acc": result.test_acc,
-                          "best_val_acc": result.best_val_acc,
-                          "best_epoch": result.best_epoch}, step=result.epochs_run)
+                  splits: datalib.Splits, result: TrainResult, datasets: dict[str, Any],
+                  name: str) -> None:
+    """Figures, the model, the final metrics (linked to the model and the test split) and
+    the description of a finished training."""
     recorder.set_tags({"checkpoint": str(result.checkpoint),
                        "stopped_early": str(result.stopped_early).lower()})
     if cfg.tracking.plots:
@@ -248,8 +300,20 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                             "per_class_accuracy")
         recorder.log_figure(plots.weights_figure(trainer.model.params["W1"]),
                             "first_layer_weights")
+    model_id = None
     if cfg.tracking.log_model:
-        recorder.log_model(trainer.model, trainer.normalizer.state_dict(), splits.classes)
+        model_id = recorder.log_model(trainer.model, trainer.normalizer, splits.classes, name,
+                                      example=np.asarray(splits.X_test[:3]))
+    step = result.best_epoch
+    recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
+                         step=step, model_id=model_id, dataset=datasets["test"])
+    recorder.log_metrics({metrics.ACC_BEST_VAL: result.best_val_acc,
+                          metrics.BEST_EPOCH: result.best_epoch}, step=step, model_id=model_id,
+                         dataset=datasets["validation"])
+    widths = [splits.X_train.shape[1], *cfg.model.hidden_sizes, len(splits.classes)]
+    recorder.describe(tracking.describe_run(OmegaConf.to_container(cfg, resolve=True), result,
+                                            recorder.client.get_run(recorder.run_id).data.tags,
+                                            widths))
 
 
 def _multirun() -> bool:
@@ -298,17 +362,27 @@ def _train_app(cfg: DictConfig) -> float:
     return train(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://mlp.conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://mlp.conf", config_name="gradcheck")
 def _gradcheck_app(cfg: DictConfig) -> None:
     if not check(cfg):
         sys.exit(EXIT_GRADCHECK)
 
 
+def _check_command_line() -> None:
+    """Refuse a mistyped or ill-typed override before Hydra starts (exit 2)."""
+    try:
+        check_command_line(sys.argv[1:])
+    except OverrideError as e:
+        _config_error(e)
+
+
 def train_main() -> None:
     """`mlp-train [overrides]` / `mlp-train -m [sweep overrides]`."""
+    _check_command_line()
     _train_app()
 
 
 def gradcheck_main() -> None:
     """`mlp-gradcheck [overrides]`: exit 0 when the check passes, 3 when it fails."""
+    _check_command_line()
     _gradcheck_app()

@@ -1,72 +1,101 @@
-"""The configuration: structured-config dataclasses (registered with Hydra) and validation.
+"""The one configuration schema: every key of `mlp-train`, its type and its default.
 
-The dataclasses mirror `conf/` and the code they configure: `model` -> `model.MLP`,
-`optim` -> `optim.make_optimizer` + `optim.Schedule`, `data` -> `data.py`, `trainer` ->
-`train.Trainer`, `gradcheck` -> `gradcheck.check_model`, `tracking` -> `tracking.py`.
+The dataclasses mirror `conf/` and the code they configure: `model` -> `model.MLP`'s
+keyword arguments, `optim` -> `optim.make_optimizer` + `optim.Schedule`, `data` ->
+`data`, `trainer` -> `train.TrainSettings`, `gradcheck` -> `gradcheck.check_model`,
+`tracking` -> `tracking`. Their defaults are read from that code (a default lives where
+it acts); only what the code has no default for (the learning rate, the data set) is set
+here. Registered in Hydra's ConfigStore, the schema is the base of `conf/config.yaml`,
+whose groups override only what differs.
+
 Hydra rejects a value of the wrong type against these types; `validate` then checks
-ranges and choices before any work starts, and names the key, the value and what is
-allowed.
+ranges, choices and combinations before any work starts and names the key, the value and
+what is allowed. `applies` says which keys act in a given config (an Adam key does not
+act in an SGD run) and `BOOKKEEPING` which keys never change a result.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mlp import losses, model, optim
+from mlp import data as datalib
+from mlp import gradcheck, losses, model, optim
 from mlp.layers import ACTIVATIONS
-from mlp.model import INITS
+from mlp.train import TrainSettings
 
-NORMALIZATIONS = ("mean_image", "channel", "none")
-NORMS = (None, "none", *model.NORMS)
+
+def _defaults(fn: Callable) -> dict[str, Any]:
+    """The keyword defaults of a function or class constructor."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.default is not inspect.Parameter.empty}
+
+
+_MLP = _defaults(model.MLP)
+_OPTIM = _defaults(optim.make_optimizer)
+_SCHEDULE = _defaults(optim.Schedule)
+_CHECK = _defaults(gradcheck.check_model)
+_NORMALIZER = _defaults(datalib.Normalizer)
+_TRAIN = TrainSettings()
+
 DATASETS = ("cifar10", "synthetic")
 TRAIN_DTYPES = ("float32", "float64")
+NORMS = (None, "none", *model.NORMS)
 
 
 @dataclass
 class ModelConfig:
-    hidden_sizes: list[int] = field(default_factory=lambda: [100])
-    activation: str = "relu"
-    loss: str = "softmax"
-    reg: float = 1e-4
-    init: str = "he"
-    weight_scale: float = 1e-3
-    leaky_slope: float = 0.01
-    elu_alpha: float = 1.0
-    maxout_pieces: int = 2
-    dropout: float = 0.0
-    norm: str | None = None
+    """`model.MLP`'s keyword arguments (input and output sizes come from the data)."""
+
+    hidden_sizes: list[int] = field(default_factory=lambda: list(_MLP["hidden_sizes"]))
+    activation: str = _MLP["activation"]      # relu, leaky_relu, elu, sigmoid, tanh, maxout
+    loss: str = _MLP["loss"]                  # softmax or svm
+    reg: float = _MLP["reg"]                  # L2: data loss + reg * sum of squared weights
+    init: str = _MLP["init"]                  # he, xavier, normal (std = weight_scale)
+    weight_scale: float = _MLP["weight_scale"]
+    leaky_slope: float = _MLP["leaky_slope"]
+    elu_alpha: float = _MLP["elu_alpha"]
+    maxout_pieces: int = _MLP["maxout_pieces"]
+    dropout: float = _MLP["dropout"]          # drop probability after each hidden activation
+    norm: str | None = _MLP["norm"]           # null, batch or layer
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant"
-    warmup_epochs: float = 0.0
-    step_size: int = 10
-    gamma: float = 0.1
-    decay: float = 0.95
-    min_lr: float = 0.0
+    """`optim.Schedule`: the learning rate over the run."""
+
+    name: str = "constant"                    # constant, step, exponential, cosine
+    warmup_epochs: float = _SCHEDULE["warmup_epochs"]
+    step_size: int = _SCHEDULE["step_size"]
+    gamma: float = _SCHEDULE["gamma"]
+    decay: float = _SCHEDULE["decay"]         # exponential: lr * decay**epoch (cs231n)
+    min_lr: float = _SCHEDULE["min_lr"]
 
 
 @dataclass
 class OptimConfig:
-    name: str = "momentum"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    decay_rate: float = 0.99
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    """`optim.make_optimizer` and its schedule."""
+
+    name: str = "momentum"                    # sgd, momentum, nesterov, rmsprop, adam
+    lr: float = 1e-2
+    momentum: float = _OPTIM["momentum"]
+    decay_rate: float = _OPTIM["decay_rate"]
+    beta1: float = _OPTIM["beta1"]
+    beta2: float = _OPTIM["beta2"]
+    eps: float = _OPTIM["eps"]
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 @dataclass
 class AugmentConfig:
-    pad: int = 0
-    flip: bool = False
+    pad: int = 0                              # random crop with this zero padding (0: off)
+    flip: bool = False                        # random horizontal flip
 
 
 @dataclass
@@ -77,74 +106,115 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"
-    root: str | None = None
-    archive: str | None = None
-    md5: str | None = None
+    """Which images, where from, and how they are split and preprocessed."""
+
+    name: str = "cifar10"                     # cifar10 or synthetic
+    root: str | None = None                   # null: $MLP_LAB_DATA or ~/.cache/mlp-lab
+    archive: str | None = None                # null: $MLP_LAB_ARCHIVE, a cached copy, or download
+    md5: str | None = None                    # the local archive's md5, to verify it
     val_size: int = 5000
-    limit: int | None = None
-    normalize: str = "channel"
+    limit: int | None = None                  # only the first N training images
+    normalize: str = _NORMALIZER["mode"]      # channel, mean_image (cs231n), none
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
-    batch_size: int = 200
-    dtype: str = "float32"
-    train_eval_size: int = 5000
-    eval_batch_size: int = 1000
-    patience: int | None = None
-    diverge_factor: float = 100.0
-    checkpoint_dir: str | None = None
-    resume: str | None = None
-    progress: bool = True
-    prefetch: bool = True
+    """`train.TrainSettings`: the loop."""
+
+    epochs: int = _TRAIN.epochs
+    batch_size: int = _TRAIN.batch_size
+    dtype: str = _TRAIN.dtype
+    train_eval_size: int = _TRAIN.train_eval_size   # train metrics on this fixed subset
+    eval_batch_size: int = _TRAIN.eval_batch_size
+    patience: int | None = _TRAIN.patience          # early stop after N epochs without better
+    diverge_factor: float = _TRAIN.diverge_factor   # stop when a batch loss exceeds this x first
+    checkpoint_dir: str | None = None               # null: <hydra output dir>/checkpoints
+    resume: str | None = None                       # a checkpoint .npz to continue from
+    progress: bool = _TRAIN.progress                # tqdm bars (on a terminal only)
+    prefetch: bool = _TRAIN.prefetch                # next batch on a helper thread
 
 
 @dataclass
 class GradcheckConfig:
+    """The gradient check of the run's own architecture, before training."""
+
     enabled: bool = True
-    samples: int = 8
-    max_width: int = 16
-    num_checks: int = 30
-    tol: float = 1e-7
+    samples: int = 8                          # inputs in the check's batch
+    max_width: int = 16                       # hidden widths are capped to this
+    num_checks: int = 30                      # coordinates sampled per parameter
+    tol: float = _CHECK["tol"]
     stop_on_fail: bool = False
 
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None
+    """Where and what MLflow records."""
+
+    uri: str | None = None                    # null: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
     experiment: str = "mlp-lab"
-    run_name: str | None = None
-    log_every_steps: int = 10
-    health: bool = True
+    run_name: str | None = None               # null: what differs, e.g. relu-h100-lr1e-2
+    log_every_steps: int = 10                 # loss/batch every N steps
+    health: bool = True                       # per-layer norms, update ratios, dead units
     plots: bool = True
     log_model: bool = True
-
-
-@dataclass
-class TrialConfig:
-    """Set per trial by the Optuna sweeper (hydra/sweeper=mlp_optuna), never by hand: which
-    trial of which study this job is, so that it can report val_acc for pruning."""
-
-    storage: str | None = None
-    study: str | None = None
-    id: int | None = None  # Optuna's trial id in the storage (not the per-study number)
+    system_metrics: bool = True               # CPU and memory while the run trains
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0                             # init, shuffling, augmentation, check sampling
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    trial: TrialConfig = field(default_factory=TrialConfig)
 
+
+@dataclass
+class TrialConfig:
+    """Set per job by the Optuna sweeper (hydra/sweeper=mlp_optuna) as `+trial.*`, never by
+    hand: which trial of which study the job is, so that it can report for pruning."""
+
+    storage: str | None = None
+    study: str | None = None
+    id: int | None = None  # Optuna's trial id in the storage (not the per-study number)
+
+
+# Nodes that are not part of the user's schema but may be added with `+node.key=...` by the
+# tools that own them.
+EXTENSIONS: dict[str, type] = {"trial": TrialConfig}
+
+# Keys that never change what a run computes (where it writes, how it reports): two configs
+# that differ only here are the same experiment. Not params; not hashed; never "swept".
+BOOKKEEPING = ("tracking", "trial", "trainer.progress", "trainer.checkpoint_dir",
+               "trainer.resume", "trainer.prefetch", "data.root", "data.archive", "data.md5")
+
+# Keys that act only when another key has one of some values: {key: (key it depends on,
+# the values under which it acts)}.
+APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "model.weight_scale": ("model.init", ("normal",)),
+    "model.leaky_slope": ("model.activation", ("leaky_relu",)),
+    "model.elu_alpha": ("model.activation", ("elu",)),
+    "model.maxout_pieces": ("model.activation", ("maxout",)),
+    "optim.momentum": ("optim.name", ("momentum", "nesterov")),
+    "optim.decay_rate": ("optim.name", ("rmsprop",)),
+    "optim.beta1": ("optim.name", ("adam",)),
+    "optim.beta2": ("optim.name", ("adam",)),
+    "optim.eps": ("optim.name", ("rmsprop", "adam")),
+    "optim.schedule.step_size": ("optim.schedule.name", ("step",)),
+    "optim.schedule.gamma": ("optim.schedule.name", ("step",)),
+    "optim.schedule.decay": ("optim.schedule.name", ("exponential",)),
+    "optim.schedule.min_lr": ("optim.schedule.name", ("cosine",)),
+    "data.synthetic": ("data.name", ("synthetic",)),
+    "gradcheck.samples": ("gradcheck.enabled", (True,)),
+    "gradcheck.max_width": ("gradcheck.enabled", (True,)),
+    "gradcheck.num_checks": ("gradcheck.enabled", (True,)),
+    "gradcheck.tol": ("gradcheck.enabled", (True,)),
+    "gradcheck.stop_on_fail": ("gradcheck.enabled", (True,)),
+}
 
 SCHEMA_NAME = "mlp_lab_schema"
 
@@ -152,6 +222,41 @@ SCHEMA_NAME = "mlp_lab_schema"
 def register() -> None:
     """Register the schema so that `conf/config.yaml` can name it first in its defaults."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"reg": 0.1}} -> {"model.reg": 0.1}; lists stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _under(key: str, prefixes: tuple[str, ...] | list[str]) -> str | None:
+    """The prefix of `prefixes` that is `key` or one of its parent nodes, if any."""
+    return next((p for p in prefixes if key == p or key.startswith(p + ".")), None)
+
+
+def is_bookkeeping(key: str) -> bool:
+    """True for a dotted key that never changes a result (see BOOKKEEPING)."""
+    return _under(key, BOOKKEEPING) is not None
+
+
+def applies(key: str, flat: Mapping[str, Any]) -> bool:
+    """Whether dotted `key` acts in the config whose flattened values are `flat`."""
+    rule = _under(key, list(APPLIES_WHEN))
+    if rule is None:
+        return True
+    depends_on, values = APPLIES_WHEN[rule]
+    return flat.get(depends_on) in values and applies(depends_on, flat)
+
+
+def schema_keys() -> dict[str, Any]:
+    """Every dotted leaf key of the schema with its default."""
+    return flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
 
 
 class ConfigError(ValueError):
@@ -162,78 +267,108 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, allowed)
+def _one_of(choices: Any) -> tuple[Callable[[Any], bool], str]:
+    choices = list(choices)
+    return (lambda v: v in choices), f"one of {choices}"
 
 
-def validate(cfg: DictConfig | Config) -> None:
-    """Check ranges and choices of a composed config; raise ConfigError at the first
-    problem, naming the key (e.g. `optim.lr`), the value and what is allowed."""
-    c = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
-    m, o, d, t, g, tr = c.model, c.optim, c.data, c.trainer, c.gradcheck, c.tracking
-    _check(all(h > 0 for h in m.hidden_sizes), "model.hidden_sizes", m.hidden_sizes,
-           "a list of positive integers ([] for a linear classifier)")
-    _check(m.activation in ACTIVATIONS, "model.activation", m.activation,
-           f"one of {list(ACTIVATIONS)}")
-    _check(m.loss in losses.LOSSES, "model.loss", m.loss, f"one of {list(losses.LOSSES)}")
-    _check(m.reg >= 0, "model.reg", m.reg, "a number >= 0")
-    _check(m.init in INITS, "model.init", m.init, f"one of {list(INITS)}")
-    _check(m.weight_scale > 0, "model.weight_scale", m.weight_scale, "a number > 0")
-    _check(0 <= m.leaky_slope < 1, "model.leaky_slope", m.leaky_slope, "a number in [0, 1)")
-    _check(m.elu_alpha > 0, "model.elu_alpha", m.elu_alpha, "a number > 0")
-    _check(m.maxout_pieces >= 2, "model.maxout_pieces", m.maxout_pieces, "an integer >= 2")
-    _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "a drop probability in [0, 1)")
-    _check(m.norm in NORMS, "model.norm", m.norm, f"one of {list(NORMS)}")
+_POSITIVE_INT = (lambda v: v > 0), "an integer > 0"
+_NON_NEGATIVE = (lambda v: v >= 0), "a number >= 0"
+_POSITIVE = (lambda v: 0 < v < math.inf), "a finite number > 0"
 
-    _check(o.name in optim.OPTIMIZERS, "optim.name", o.name, f"one of {list(optim.OPTIMIZERS)}")
-    _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
-    _check(o.schedule.name in optim.SCHEDULES, "optim.schedule.name", o.schedule.name,
-           f"one of {list(optim.SCHEDULES)}")
+# Ranges and choices, key by key: (test, what is allowed).
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": ((lambda v: v >= 0), "an integer >= 0"),
+    "model.hidden_sizes": ((lambda v: all(h > 0 for h in v)),
+                           "a list of positive integers ([] for a linear classifier)"),
+    "model.activation": _one_of(ACTIVATIONS),
+    "model.loss": _one_of(losses.LOSSES),
+    "model.reg": _NON_NEGATIVE,
+    "model.init": _one_of(model.INITS),
+    "model.weight_scale": _POSITIVE,
+    "model.leaky_slope": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
+    "model.elu_alpha": _POSITIVE,
+    "model.maxout_pieces": ((lambda v: v >= 2), "an integer >= 2"),
+    "model.dropout": ((lambda v: 0 <= v < 1), "a drop probability in [0, 1)"),
+    "model.norm": _one_of(NORMS),
+    "optim.name": _one_of(optim.OPTIMIZERS),
+    "optim.lr": _POSITIVE,
+    "optim.schedule.name": _one_of(optim.SCHEDULES),
+    "data.name": _one_of(DATASETS),
+    "data.val_size": _POSITIVE_INT,
+    "data.limit": ((lambda v: v is None or v > 1), "null or an integer > 1"),
+    "data.normalize": _one_of(datalib.Normalizer.MODES),
+    "data.augment.pad": ((lambda v: 0 <= v <= 16), "an integer in [0, 16]"),
+    "data.synthetic.n_train": ((lambda v: v > 1), "an integer > 1"),
+    "data.synthetic.n_test": _POSITIVE_INT,
+    "data.md5": ((lambda v: v is None or (len(v) == 32 and all(c in "0123456789abcdef"
+                                                               for c in v.lower()))),
+                 "null or 32 hexadecimal digits"),
+    "trainer.epochs": _POSITIVE_INT,
+    "trainer.batch_size": _POSITIVE_INT,
+    "trainer.dtype": _one_of(TRAIN_DTYPES),
+    "trainer.train_eval_size": _POSITIVE_INT,
+    "trainer.eval_batch_size": _POSITIVE_INT,
+    "trainer.patience": ((lambda v: v is None or v > 0),
+                         "null (no early stopping) or an integer > 0"),
+    "trainer.diverge_factor": ((lambda v: v > 1), "a number > 1"),
+    "gradcheck.samples": _POSITIVE_INT,
+    "gradcheck.max_width": _POSITIVE_INT,
+    "gradcheck.num_checks": _POSITIVE_INT,
+    "gradcheck.tol": ((lambda v: 0 < v < 1), "a number in (0, 1)"),
+    "tracking.experiment": ((lambda v: bool(v.strip())), "a non-empty name"),
+    "tracking.log_every_steps": _POSITIVE_INT,
+}
 
-    _check(d.name in DATASETS, "data.name", d.name, f"one of {list(DATASETS)}")
-    _check(d.val_size > 0, "data.val_size", d.val_size, "an integer > 0")
-    _check(d.limit is None or d.limit > 1, "data.limit", d.limit, "null or an integer > 1")
-    if d.limit is not None:
-        _check(d.val_size < d.limit, "data.val_size", d.val_size,
-               f"fewer images than data.limit={d.limit}")
-    _check(d.normalize in NORMALIZATIONS, "data.normalize", d.normalize,
-           f"one of {list(NORMALIZATIONS)}")
-    _check(0 <= d.augment.pad <= 16, "data.augment.pad", d.augment.pad, "an integer in [0, 16]")
-    _check(d.synthetic.n_train > 1, "data.synthetic.n_train", d.synthetic.n_train,
-           "an integer > 1")
-    _check(d.synthetic.n_test > 0, "data.synthetic.n_test", d.synthetic.n_test, "an integer > 0")
-    if d.name == "synthetic":
-        _check(d.val_size < d.synthetic.n_train, "data.val_size", d.val_size,
-               f"fewer images than data.synthetic.n_train={d.synthetic.n_train}")
-    _check(d.md5 is None or (len(d.md5) == 32 and all(ch in "0123456789abcdef"
-                                                     for ch in d.md5.lower())),
-           "data.md5", d.md5, "null or 32 hexadecimal digits")
 
-    _check(t.epochs > 0, "trainer.epochs", t.epochs, "an integer > 0")
-    _check(t.batch_size > 0, "trainer.batch_size", t.batch_size, "an integer > 0")
-    _check(t.dtype in TRAIN_DTYPES, "trainer.dtype", t.dtype, f"one of {list(TRAIN_DTYPES)}")
-    _check(t.train_eval_size > 0, "trainer.train_eval_size", t.train_eval_size,
-           "an integer > 0")
-    _check(t.eval_batch_size > 0, "trainer.eval_batch_size", t.eval_batch_size,
-           "an integer > 0")
-    _check(t.patience is None or t.patience > 0, "trainer.patience", t.patience,
-           "null (no early stopping) or an integer > 0")
-    _check(t.diverge_factor > 1, "trainer.diverge_factor", t.diverge_factor, "a number > 1")
+def _to_flat(cfg: DictConfig | Config | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(cfg, Config):
+        cfg = OmegaConf.structured(cfg)
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return flatten(cfg)
 
-    _check(g.samples > 0, "gradcheck.samples", g.samples, "an integer > 0")
-    _check(g.max_width > 0, "gradcheck.max_width", g.max_width, "an integer > 0")
-    _check(g.num_checks > 0, "gradcheck.num_checks", g.num_checks, "an integer > 0")
-    _check(0 < g.tol < 1, "gradcheck.tol", g.tol, "a number in (0, 1)")
 
-    _check(bool(tr.experiment.strip()), "tracking.experiment", tr.experiment, "a non-empty name")
-    _check(tr.log_every_steps > 0, "tracking.log_every_steps", tr.log_every_steps,
-           "an integer > 0")
-
+def validate(cfg: DictConfig | Config | Mapping[str, Any]) -> None:
+    """Check ranges, choices and combinations of a composed config; raise ConfigError at
+    the first problem, naming the key (e.g. `optim.lr`), the value and what is allowed."""
+    flat = _to_flat(cfg)
+    for key, (ok, allowed) in RULES.items():
+        if not ok(flat[key]):
+            raise ConfigError(key, flat[key], allowed)
+    sizes = {"data.limit": flat["data.limit"]}
+    if flat["data.name"] == "synthetic":
+        sizes["data.synthetic.n_train"] = flat["data.synthetic.n_train"]
+    known = {k: v for k, v in sizes.items() if v is not None}
+    if known:
+        source, n_train = min(known.items(), key=lambda kv: kv[1])
+        if flat["data.val_size"] >= n_train:
+            raise ConfigError("data.val_size", flat["data.val_size"],
+                              f"fewer images than {source}={n_train}")
+        if flat["trainer.batch_size"] > n_train - flat["data.val_size"]:
+            raise ConfigError("trainer.batch_size", flat["trainer.batch_size"],
+                              f"at most the {n_train - flat['data.val_size']} training images")
     # The schedule and the optimizer check their own hyperparameters (ValueError naming
-    # the optim.* key); running them here moves those errors before any work.
-    optim.Schedule(name=o.schedule.name, lr=o.lr, steps_per_epoch=1, epochs=t.epochs,
-                   warmup_epochs=o.schedule.warmup_epochs, step_size=o.schedule.step_size,
-                   gamma=o.schedule.gamma, decay=o.schedule.decay, min_lr=o.schedule.min_lr)
-    optim.make_optimizer(o.name, {}, momentum=o.momentum, decay_rate=o.decay_rate,
-                         beta1=o.beta1, beta2=o.beta2, eps=o.eps)
+    # the optim.* key); building them here moves those errors before any work.
+    schedule = {k: flat[f"optim.schedule.{k}"] for k in ScheduleConfig.__dataclass_fields__}
+    optim.Schedule(lr=flat["optim.lr"], steps_per_epoch=1, epochs=flat["trainer.epochs"],
+                   **schedule)
+    optim.make_optimizer(flat["optim.name"], {}, **optimizer_kwargs(flat))
+
+
+def optimizer_kwargs(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """`optim.make_optimizer`'s keyword arguments from a flattened config."""
+    return {k: flat[f"optim.{k}"] for k in _OPTIM}
+
+
+def inactive_overrides(flat: Mapping[str, Any], keys: list[str]) -> list[str]:
+    """Warnings for the given (overridden) keys that do not act in this config, e.g. an
+    Adam beta in an SGD run."""
+    out = []
+    for key in keys:
+        rule = _under(key, list(APPLIES_WHEN))
+        if rule is not None and not applies(key, flat):
+            depends_on, values = APPLIES_WHEN[rule]
+            out.append(f"{key}={flat.get(key)!r} has no effect: it applies when {depends_on} "
+                       f"is one of {list(values)} (this run: {flat.get(depends_on)!r})")
+    return out

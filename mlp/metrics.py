@@ -7,18 +7,19 @@ gradient check, the training-health numbers and the machine.
 
 | key | step | meaning |
 | --- | --- | --- |
-| `acc/train`, `acc/val` | epoch | accuracy on the fixed train subset / the validation split |
+| `acc/train`, `acc/val` | epoch | accuracy on the fixed train subset / on validation |
 | `acc/gap` | epoch | acc/train - acc/val (the overfitting gap) |
 | `loss/train`, `loss/val` | epoch | mean data loss on the same images |
 | `loss/gap` | epoch | loss/val - loss/train |
 | `loss/batch` | global step | training loss (data + L2) of one minibatch |
-| `acc/test`, `loss/test` | best epoch | the test split, once, with the best epoch's parameters |
+| `acc/test`, `loss/test` | best epoch | the test split, once, with the best epoch's params |
 | `acc/best_val`, `best_epoch` | best epoch | the best validation accuracy and its epoch |
 | `opt/lr` | epoch | learning rate at the epoch's last step |
-| `speed/epoch_s`, `speed/images_per_sec` | epoch | wall time of the epoch's training steps |
-| `gradcheck/max_rel_error`, `gradcheck/<param>` | 0 | worst relative error, overall and per parameter |
+| `speed/epoch_s`, `speed/images_per_sec` | epoch | wall time of the epoch's steps |
+| `gradcheck/max_rel_error`, `gradcheck/<param>` | 0 | worst relative error (total loss) |
+| `gradcheck/..._log10` | 0 | the same as log10, readable in charts at 1e-12 |
 | `gradcheck/kinks` | 0 | coordinates left out because they cross a kink |
-| `health/<param>/norm`, `.../grad_norm`, `.../update_ratio` | epoch | cs231n's health numbers |
+| `health/<param>/norm`, `grad_norm`, `update_ratio` | epoch | cs231n's health numbers |
 | `health/layer<k>/dead_frac` | epoch | fraction of units never active (ReLU family) |
 | `system/*` | sample | MLflow's system metrics (CPU, memory) |
 """

@@ -29,30 +29,31 @@ import re
 import shlex
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Run, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
+from mlp import metrics as keys
+from mlp.config import is_bookkeeping
+from mlp.sweep import SWEEP_NAME_TAG, SWEPT_TAG
 from mlp.tracking import short_number
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "mlp.sweep"
-SWEEP_NAME_TAG = "mlp.sweep.name"
 CONFIG_HASH_TAG = "mlp.config_hash"
 METRIC_COLUMNS = ("val_acc", "test_acc", "gap_acc", "gradcheck", "duration_s")
 NUMBER_COLUMNS = {"val_acc", "test_acc", "gap_acc", "duration_s"}  # right-aligned
-# Params that differ between runs without changing what they compute.
-NOT_SWEPT_PREFIXES = ("tracking.", "trial.")
-NOT_SWEPT = {"trainer.progress", "trainer.checkpoint_dir", "trainer.resume", "data.root",
-             "data.archive"}
+CHAMPION = "champion"  # the registry alias of a sweep's best model
 FIGURE_DPI = 110
 
 
@@ -282,7 +283,7 @@ def _swept(runs: Sequence[Run]) -> list[str]:
     for run in runs:
         for key, value in run.data.params.items():
             values.setdefault(key, set()).add(value)
-    return sorted(k for k, v in values.items() if len(v) > 1 and not _ignored(k))
+    return sorted(k for k, v in values.items() if len(v) > 1 and not is_bookkeeping(k))
 
 
 def _split_overrides(tag: str) -> list[str]:
@@ -297,15 +298,11 @@ def _overrides(tag: str) -> dict[str, str]:
     return {k.lstrip("+~"): v for k, eq, v in pairs if eq}
 
 
-def _ignored(key: str) -> bool:
-    return key in NOT_SWEPT or key.startswith(NOT_SWEPT_PREFIXES)
-
-
 def reproduce_command(overrides_tag: str) -> str:
     """The mlp-train command line that trains a run again, from its mlp.overrides tag,
     without the overrides that only place or report it (tracking.*, trial.*, resume)."""
     kept = [o for o in _split_overrides(overrides_tag)
-            if not _ignored(o.partition("=")[0].lstrip("+~"))]
+            if not is_bookkeeping(o.partition("=")[0].lstrip("+~"))]
     return shlex.join(["mlp-train", *kept])
 
 
@@ -315,7 +312,7 @@ def _row(run: Run, swept: Sequence[str]) -> dict:
     given = _overrides(t.get("mlp.overrides", ""))
     gradcheck = None
     if "gradcheck.passed" in t:  # the verdict, the max relative error, failed or not
-        error = m.get("gradcheck/max_rel_error")
+        error = m.get(keys.GRADCHECK_MAX)
         gradcheck = " ".join(part for part in (
             t.get("gradcheck.verdict"), error is not None and f"{error:.1e}",
             t["gradcheck.passed"] != "true" and "(failed)") if part)
@@ -324,8 +321,9 @@ def _row(run: Run, swept: Sequence[str]) -> dict:
     duration = (info.end_time - info.start_time) / 1000 if info.end_time else None
     return {"run": info.run_name, "run_id": info.run_id, "status": status,
             **{k: p.get(k, given.get(k)) for k in swept},
-            "val_acc": m.get("best_val_acc", m.get("val_acc")), "test_acc": m.get("test_acc"),
-            "gap_acc": m.get("gap_acc"), "gradcheck": gradcheck, "duration_s": duration,
+            "val_acc": m.get(keys.ACC_BEST_VAL, m.get(keys.ACC_VAL)),
+            "test_acc": m.get(keys.ACC_TEST), "gap_acc": m.get(keys.ACC_GAP),
+            "gradcheck": gradcheck, "duration_s": duration,
             "overrides": t.get("mlp.overrides", ""),
             "error": message if len(message) <= 120 else message[:117] + "..."}
 
@@ -345,10 +343,8 @@ def _make_report(client: MlflowClient, experiment: str, sweep: str | None
     if parent is not None:
         parent_id = parent.info.run_id
         name = parent.data.tags.get(SWEEP_NAME_TAG, parent.info.run_name)
-        title = f"Sweep {name} (experiment {experiment}): {len(rows)} runs"
-        overrides = parent.data.tags.get("mlp.sweep.overrides")
-        if overrides:
-            title += f", {overrides}"
+        swept_text = ", ".join(swept) if swept else "no varying param"
+        title = f"Sweep {name} (experiment {experiment}): {len(rows)} runs over {swept_text}"
     columns = ["run", "status", *swept, *METRIC_COLUMNS]
     return Report(title=title or f"Experiment {experiment}: {len(rows)} runs", columns=columns,
                   rows=rows, swept=swept, best=best, experiment=experiment,
@@ -430,13 +426,13 @@ def curves_figure(client: MlflowClient, report: Report, top: int = 5) -> Figure 
     ax = fig.subplots()
     for i, row in enumerate(best):
         color = f"C{i % 10}"
-        for key, style in (("val_acc", "-"), ("train_acc", "--")):
+        for key, style in ((keys.ACC_VAL, "-"), (keys.ACC_TRAIN, "--")):
             history = sorted(client.get_metric_history(row["run_id"], key),
                              key=lambda m: m.step)
             if history:
                 label = f"{_label(row, report.swept)} ({row['val_acc']:.3f})"
                 ax.plot([m.step for m in history], [m.value for m in history], style,
-                        color=color, marker="o", ms=3, label=label if key == "val_acc" else None)
+                        color=color, marker="o", ms=3, label=label if key == keys.ACC_VAL else None)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
@@ -558,31 +554,95 @@ def write_report(report: Report, figs: Mapping[str, Figure], out_dir: Path) -> l
     return paths
 
 
-def _log_on_parent(client: MlflowClient, parent_run_id: str, report: Report,
+def _shared_params(runs: Sequence[Run], swept: Sequence[str]) -> dict[str, str]:
+    """The params every run of the sweep has with one value: the sweep's shared config."""
+    finished = [r for r in runs if r.data.params] or runs
+    shared = dict(finished[0].data.params) if finished else {}
+    for run in finished[1:]:
+        shared = {k: v for k, v in shared.items() if run.data.params.get(k) == v}
+    return {k: v for k, v in shared.items() if k not in swept}
+
+
+def _describe_sweep(report: Report, parent: Run, figs: Mapping[str, Figure],
+                    registered: str | None) -> str:
+    """The parent's description (Markdown): what was swept, the best result, where the
+    figures are."""
+    tags = parent.data.tags
+    keys = tags.get(SWEPT_TAG, "").split() or report.swept
+    space = " x ".join(f"`{k}` in {tags.get(f'{SWEPT_TAG}.{k}', '?')}" for k in keys)
+    counts: dict[str, int] = {}
+    for row in report.rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    lines = [f"Sweep **{tags.get(SWEEP_NAME_TAG, parent.info.run_name)}** over {space or 'nothing'}"
+             f": {len(report.rows)} runs ("
+             + ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items())) + ")."]
+    if report.best is not None:
+        b = report.best
+        lines.append(f"Best: **{b['run']}**: validation accuracy {b['val_acc']:.2%}, test "
+                     f"accuracy {b['test_acc']:.2%}" + (f", registered as `{registered}`"
+                                                       if registered else "") + ".")
+    if figs:
+        lines.append("Figures (Artifacts): " + ", ".join(f"`{n}.png`" for n in figs)
+                     + "; the table with the figures: `report.html`.")
+    return "\n\n".join(lines)
+
+
+def _register_best(client: MlflowClient, report: Report, name: str) -> str | None:
+    """Register the best run's model under `name` with the alias `champion`; returns
+    `name@champion (version N)`, or None when the best run logged no model."""
+    if report.best is None:
+        return None
+    parent = client.get_run(report.parent_run_id) if report.parent_run_id else None
+    experiment_ids = [parent.info.experiment_id] if parent else []
+    models = client.search_logged_models(
+        experiment_ids, filter_string=f"source_run_id = '{report.best['run_id']}'")
+    if not models:
+        return None
+    version = mlflow.register_model(f"models:/{models[0].model_id}", name)
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    client.update_model_version(name, version.version, description=(
+        f"The best run of sweep {name}: {report.best['run']} (run {report.best['run_id']})."))
+    return f"{name}@{CHAMPION} (version {version.version})"
+
+
+def _log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Sequence[Run],
                    figs: Mapping[str, Figure]) -> None:
+    """The parent summarizes its sweep: the shared config as params, the best child's
+    metrics under the children's keys, the figures as top-level artifacts beside
+    report.html / report.md, the best model registered, and a description."""
+    parent_run_id = parent.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         write_report(report, figs, Path(tmp))
-        client.log_artifacts(parent_run_id, tmp, "report")
-    if report.best is None:
-        return
-    best = report.best
-    metrics = [Metric(key, best[column], 0, 0) for key, column
-               in (("best_val_acc", "val_acc"), ("best_test_acc", "test_acc"))
-               if best[column] is not None]
-    tags = [RunTag("mlp.sweep.best_run_id", best["run_id"]),
-            RunTag("mlp.sweep.best_run_name", best["run"] or "")]
-    client.log_batch(parent_run_id, metrics=metrics, tags=tags)
+        client.log_artifacts(parent_run_id, tmp)
+    logged = parent.data.params
+    params = [Param(k, v) for k, v in _shared_params(runs, report.swept).items()
+              if k not in logged]
+    for i in range(0, len(params), 100):
+        client.log_batch(parent_run_id, params=params[i:i + 100])
+    registered = None
+    if report.best is not None:
+        best = client.get_run(report.best["run_id"])
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in best.data.metrics.items()
+                   if not k.startswith("system/")]
+        tags = [RunTag("mlp.sweep.best_run_id", best.info.run_id),
+                RunTag("mlp.sweep.best_run_name", best.info.run_name or "")]
+        client.log_batch(parent_run_id, metrics=metrics, tags=tags)
+        name = f"{report.experiment}-{parent.data.tags.get(SWEEP_NAME_TAG, parent.info.run_name)}"
+        registered = _register_best(client, report, name)
+        if registered:
+            client.set_tag(parent_run_id, "mlp.sweep.registered_model", registered)
+    client.set_tag(parent_run_id, "mlflow.note.content",
+                   _describe_sweep(report, client.get_run(parent_run_id), figs, registered))
 
 
 def log_sweep_report(client: MlflowClient, parent_run_id: str) -> Report:
-    """Build the report of the sweep under `parent_run_id` and log it on that run:
-    report/report.md, report/report.html and report/<figure>.png, tags
-    mlp.sweep.best_run_id / mlp.sweep.best_run_name, metrics best_val_acc /
-    best_test_acc. Returns the report."""
+    """Build the report of the sweep under `parent_run_id` and log it on that run (see
+    `_log_on_parent`). Returns the report."""
     parent = client.get_run(parent_run_id)
     experiment = client.get_experiment(parent.info.experiment_id).name
     report, runs = _make_report(client, experiment, parent_run_id)
-    _log_on_parent(client, parent_run_id, report, figures(client, runs, report))
+    _log_on_parent(client, parent, report, runs, figures(client, runs, report))
     return report
 
 

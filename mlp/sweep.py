@@ -32,26 +32,48 @@ log = logging.getLogger("mlp.sweep")
 PARENT_FILE = "mlflow_parent.json"
 SWEEP_TAG = "mlp.sweep"
 SWEEP_HASH_TAG = "mlp.sweep.hash"
+SWEEP_NAME_TAG = "mlp.sweep.name"
+SWEPT_TAG = "mlp.swept"  # the swept keys; mlp.swept.<key>: their values as written
 CONFIG_HASH_TAG = "mlp.config_hash"
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-# Keys that do not change what a run computes: two configs differing only here are the
-# same experiment (for skipping and resuming).
-_NOT_HASHED = {"tracking", "trial", ("trainer", "progress"), ("trainer", "checkpoint_dir"),
-               ("trainer", "resume"), ("data", "root")}
-
-
 def config_hash(resolved: dict[str, Any]) -> str:
-    """sha256 (16 hex digits) of the resolved config without the keys that do not change
-    the computation (tracking, output locations, progress bars)."""
-    kept = {}
-    for section, value in resolved.items():
-        if section in _NOT_HASHED or section == "hydra":
-            continue
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if (section, k) not in _NOT_HASHED}
-        kept[section] = value
-    return _digest(kept)
+    """sha256 (16 hex digits) of the resolved config without its bookkeeping keys
+    (`config.BOOKKEEPING`: tracking, output locations, progress bars), which do not change
+    the computation."""
+    from mlp import config as configlib
+
+    flat = configlib.flatten({k: v for k, v in resolved.items() if k != "hydra"})
+    return _digest({k: v for k, v in flat.items() if not configlib.is_bookkeeping(k)})
+
+
+def swept_keys(overrides: list[str], sweeper_params: dict[str, Any]) -> dict[str, str]:
+    """{key or group: its values as written} of what a multirun sweeps: the command line's
+    sweep overrides (`optim.lr=1e-3,1e-2`, `optim=sgd,adam`, `range(...)`) and the
+    sweeper's params (a preset's `hydra.sweeper.params`, an Optuna search space)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept = {key: str(value) for key, value in sweeper_params.items()}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            swept[override.key_or_group] = override.input_line.partition("=")[2]
+    return dict(sorted(swept.items()))
+
+
+def child_name(swept: list[str], overrides: list[str]) -> str:
+    """A sweep job's run name from its values of the swept keys: `lr=3e-3 reg=1e-4`."""
+    from mlp.tracking import short_number
+
+    given = {k.lstrip("+~"): v for k, _, v in (o.partition("=") for o in overrides)}
+    parts = []
+    for key in swept:
+        value = given.get(key, "?")
+        try:
+            value = short_number(float(value))
+        except ValueError:
+            pass
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return " ".join(parts)
 
 
 def _digest(tree: Any) -> str:
@@ -101,12 +123,16 @@ class SweepCallback(Callback):
                       "sweeper": sweeper_params}
         sweep_hash = _digest(definition)
         name = _sweep_name(config, overrides)
+        swept = swept_keys(overrides, sweeper_params)
         run_id = tracking.open_parent_run(experiment_id, name, {
-            SWEEP_TAG: "true", SWEEP_HASH_TAG: sweep_hash, "mlp.sweep.name": name,
+            SWEEP_TAG: "true", SWEEP_HASH_TAG: sweep_hash, SWEEP_NAME_TAG: name,
             "mlp.sweep.overrides": " ".join(overrides),
             "mlp.sweep.params": json.dumps(sweeper_params),
-            "mlp.sweep.launcher": launcher.rsplit(".", 1)[-1]})
-        self.parent = {"run_id": run_id, "experiment_id": experiment_id, "uri": uri}
+            "mlp.sweep.launcher": launcher.rsplit(".", 1)[-1],
+            SWEPT_TAG: " ".join(swept),
+            **{f"{SWEPT_TAG}.{key}": values for key, values in swept.items()}})
+        self.parent = {"run_id": run_id, "experiment_id": experiment_id, "uri": uri,
+                       "name": name, "swept": list(swept)}
         sweep_dir = Path(hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(json.dumps(self.parent))
@@ -140,9 +166,11 @@ class SweepCallback(Callback):
 
 
 def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
-    """The experiment preset's name when the sweep uses one, else `multirun-<time>`."""
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.lstrip("+~") == "experiment" and "," not in value:
-            return value
+    """The sweep preset's name (or the experiment preset's) when the sweep uses one, else
+    `multirun-<time>`."""
+    for group in ("hparams_search", "experiment"):
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") == group and "," not in value:
+                return value
     return "multirun-" + "_".join(Path(config.hydra.sweep.dir).parts[-2:])

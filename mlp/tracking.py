@@ -1,11 +1,10 @@
 """MLflow tracking: the store, the run's lifecycle, and everything a run records.
 
 This module records what it is given (configs, histories, gradient-check reports,
-figures, the trained model); it trains nothing and checks nothing. Names follow the
-MLflow contract of ARCHITECTURE.md: params are the flattened resolved config
-(`model.hidden_sizes`, `optim.lr`, ...), per-epoch metrics `train_loss`, `val_loss`,
-`train_acc`, `val_acc`, `gap_acc`, `gap_loss`, `lr`, per-step `batch_loss`, final
-`test_loss`, `test_acc`, `best_val_acc`, `best_epoch`, and `gradcheck/*`.
+figures, the trained model, the data splits); it trains nothing and checks nothing. The
+metric keys are the contract of `mlp/metrics.py` (learning curves `acc/*`, `loss/*`
+first, then `gradcheck/*`, `health/*`, `system/*`); params are the config keys that act
+in the run (`config.applies`), and the bookkeeping keys are tags.
 
 Metrics are buffered and sent with `log_batch` at the end of every epoch (one call per
 epoch instead of one per point: per-point calls cost ~4 ms each on SQLite), by a
@@ -21,7 +20,6 @@ import os
 # Before mlflow is imported: no usage telemetry unless the user asks for it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import json
 import platform
 import shlex
 import socket
@@ -40,15 +38,22 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import DatasetInput, InputTag, Metric
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from mlp import config as configlib
+from mlp import metrics as keys
+from mlp import serving
+from mlp.data import Normalizer
 from mlp.gradcheck import GradcheckReport
 from mlp.model import MLP
 
 Array = np.ndarray
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_STEP = -1  # the step a model is logged at: one where the run logs no metric
 TRAINING_KIND = "custom_model_development"  # the MLflow UI's model-training view
 
 
@@ -118,16 +123,25 @@ def how_to_view(uri: str, experiment_id: str, run_id: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{page}"
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"model": {"reg": 0.1}} -> {"model.reg": "0.1"}; lists stay whole ("[100, 100]")."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat |= flatten(value, name + ".")
-        else:
-            flat[name] = "null" if value is None else str(value)
-    return flat
+def run_params(resolved: Mapping[str, Any]) -> dict[str, str]:
+    """The params of a run: the keys of the resolved config that act in it (an Adam beta
+    is not a param of an SGD run, nor `data.synthetic.*` of a run on CIFAR-10), without
+    the bookkeeping keys; values as strings ("[100, 100]", "null")."""
+    flat = configlib.flatten(resolved)
+    return {k: _text(v) for k, v in flat.items()
+            if not configlib.is_bookkeeping(k) and configlib.applies(k, flat)}
+
+
+def bookkeeping_tags(resolved: Mapping[str, Any]) -> dict[str, str]:
+    """The bookkeeping keys that are set (where the data and the store are, a resume) as
+    `mlp.<key>` tags."""
+    flat = configlib.flatten(resolved)
+    return {f"mlp.{k}": _text(v) for k, v in flat.items()
+            if configlib.is_bookkeeping(k) and v is not None and not k.startswith("trial.")}
+
+
+def _text(value: Any) -> str:
+    return "null" if value is None else str(value)
 
 
 def short_number(x: float) -> str:
@@ -154,6 +168,34 @@ def run_name(cfg: Mapping[str, Any]) -> str:
     if m["loss"] != "softmax":
         name += f"-{m['loss']}"
     return name
+
+
+def describe_run(resolved: Mapping[str, Any], result: Any, tags: Mapping[str, str],
+                 widths: list[int]) -> str:
+    """The run's description (Markdown): what was trained (layer widths, input to
+    classes) on what, the result, and the gradient check's verdict."""
+    m, o, d, t = resolved["model"], resolved["optim"], resolved["data"], resolved["trainer"]
+    widths = "-".join(str(w) for w in widths)
+    extras = [x for x in (m["norm"] and f"{m['norm']} norm",
+                          m["dropout"] and f"dropout {m['dropout']:g}") if x]
+    history = result.history
+    best = result.best_epoch - 1
+    gap = history["train_acc"][best] - history["val_acc"][best]
+    check = tags.get("gradcheck.passed")
+    check_text = ("not run" if check is None else
+                  f"{'passed' if check == 'true' else '**failed**'} (max relative error "
+                  f"{float(tags['gradcheck.max_rel_error']):.1e})")
+    return (
+        f"**{m['activation']} {widths}**{', ' + ', '.join(extras) if extras else ''}, "
+        f"{m['loss']} loss, L2 reg {short_number(m['reg'])}; {o['name']} lr "
+        f"{short_number(o['lr'])} ({o['schedule']['name']} schedule), batch {t['batch_size']}, "
+        f"{result.epochs_run} epochs on {tags.get('data.n_train', '?')} {d['name']} images "
+        f"(validation {tags.get('data.n_val', '?')}, test {tags.get('data.n_test', '?')}).\n\n"
+        f"Test accuracy **{result.test_acc:.2%}**; best validation accuracy "
+        f"{result.best_val_acc:.2%} at epoch {result.best_epoch} (the kept parameters); "
+        f"train - validation gap {gap * 100:+.1f} points there"
+        f"{' (stopped early)' if result.stopped_early else ''}.\n\n"
+        f"Gradient check: {check_text}.")
 
 
 def _git(*args: str, cwd: Path) -> str | None:
@@ -190,6 +232,16 @@ def environment_tags(launch_dir: Path, overrides: list[str], fingerprint: Mappin
     return tags
 
 
+def sci(x: float) -> str:
+    """A number in scientific notation to 8 significant digits: 5.9876543e-12."""
+    return f"{x:.7e}"
+
+
+def _log10(x: float) -> float:
+    """log10 of an error, with exact zeros drawn at -20 (below any float64 error)."""
+    return float(np.log10(x)) if x > 0 else -20.0
+
+
 def _package_version() -> str:
     try:
         return version("mlp-lab")
@@ -223,10 +275,10 @@ class RunRecorder:
 
     def on_step(self, step: int, loss: float, lr: float) -> None:
         if step % self.log_every_steps == 0:
-            self._add({"batch_loss": loss}, step)
+            self._add({keys.LOSS_BATCH: loss}, step)
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._add(metrics, epoch)
+        self._add({keys.EPOCH_KEYS.get(k, k): v for k, v in metrics.items()}, epoch)
         self.flush()
 
     # -- metrics ------------------------------------------------------------------------
@@ -238,10 +290,17 @@ class RunRecorder:
         with self._lock:
             self._buffer += points
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        """Record metrics now (final numbers), waiting until they are stored."""
-        self._add(metrics, step)
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0,
+                    model_id: str | None = None, dataset: Any = None) -> None:
+        """Record metrics now (final numbers), waiting until they are stored; linked to a
+        logged model and the dataset they were measured on when given."""
+        if model_id is None and dataset is None:
+            self._add(metrics, step)
+            self.flush(wait=True)
+            return
         self.flush(wait=True)
+        mlflow.log_metrics(dict(metrics), step=step, run_id=self.run_id, model_id=model_id,
+                           dataset=dataset)
 
     def flush(self, wait: bool = False, strict: bool = False) -> None:
         """Hand the buffered metrics to the sender thread; with `wait`, block until they
@@ -276,26 +335,43 @@ class RunRecorder:
 
     def log_config(self, resolved: Mapping[str, Any], overrides: list[str],
                    hydra_dir: Path | None) -> None:
-        """The resolved config as params and under config/, with Hydra's own files."""
-        params = flatten(resolved)
-        items = list(params.items())
+        """The config keys that act in the run as params, the bookkeeping keys as tags, and
+        the whole resolved config under config/ with Hydra's own files."""
+        items = list(run_params(resolved).items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i:i + 100]), run_id=self.run_id)
+        self.set_tags(bookkeeping_tags(resolved))
         self.client.log_dict(self.run_id, dict(resolved), "config/resolved.yaml")
         self.client.log_text(self.run_id, "\n".join(overrides) + "\n", "config/overrides.txt")
         if hydra_dir is not None and hydra_dir.is_dir():
             self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
 
+    def log_datasets(self, datasets: Mapping[str, Any]) -> None:
+        """The splits as the run's inputs: {context ("train", "validation", "test"): an
+        `mlflow.data` dataset}."""
+        inputs = [DatasetInput(dataset._to_mlflow_entity(),
+                               tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                  for context, dataset in datasets.items()]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
     def log_gradcheck(self, report: GradcheckReport) -> None:
-        """gradcheck/max_rel_error, gradcheck/<param>, tag gradcheck.passed, and the
-        per-parameter table (viewable in the UI) plus the full report as JSON."""
-        metrics = {"gradcheck/max_rel_error": report.max_rel_error,
-                   "gradcheck/kinks": report.kinks}
-        metrics |= {f"gradcheck/{name}": err for name, err in report.max_by_param("total").items()}
+        """The gradient check at its real values: metrics `gradcheck/max_rel_error` and
+        `gradcheck/<param>` (step 0), their log10 for charts that stay readable at 1e-12,
+        tags `gradcheck.passed` and `gradcheck.max_rel_error` (scientific notation), the
+        per-parameter table with errors as scientific strings (the UI's table shows them
+        as written; numbers would be rounded to 10 decimals, i.e. to 0) and the report as
+        JSON at full precision."""
+        errors = {f"{keys.GRADCHECK_PREFIX}{name}": err
+                  for name, err in report.max_by_param("total").items()}
+        errors[keys.GRADCHECK_MAX] = report.max_rel_error
+        metrics = errors | {f"{k}_log10": _log10(v) for k, v in errors.items()}
+        metrics[keys.GRADCHECK_KINKS] = report.kinks
         self.log_metrics(metrics)
-        self.client.set_tag(self.run_id, "gradcheck.passed", str(report.passed).lower())
-        self.client.set_tag(self.run_id, "gradcheck.verdict", report.verdict)
-        rows = report.table()
+        self.set_tags({"gradcheck.passed": str(report.passed).lower(),
+                       "gradcheck.verdict": report.verdict,
+                       "gradcheck.max_rel_error": sci(report.max_rel_error)})
+        rows = [{k: sci(v) if isinstance(v, float) else v for k, v in row.items()}
+                for row in report.table()]
         table = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
         self.client.log_table(self.run_id, table, "gradcheck/table.json")
         self.client.log_dict(self.run_id, report.to_dict(), "gradcheck/report.json")
@@ -304,20 +380,30 @@ class RunRecorder:
         """A matplotlib figure as plots/<name>.png."""
         self.client.log_figure(self.run_id, figure, f"plots/{name}.png")
 
-    def log_model(self, model: MLP, normalizer_state: Mapping[str, Array],
-                  classes: tuple[str, ...]) -> None:
-        """The parameters (.npz) and an MLflow pyfunc model that predicts class ids from raw
-        N x 3072 pixels (uint8, or floats on the same 0-255 scale)."""
+    def log_model(self, model: MLP, normalizer: Normalizer, classes: tuple[str, ...],
+                  name: str, example: Array) -> str:
+        """The parameters (.npz) and a servable MLflow pyfunc model named `name`: raw
+        N x 3072 pixels in (uint8, or floats on the same scale), N x 10 class
+        probabilities out, with a signature and `example` (a few uint8 images) as its
+        input example; it carries the `mlp` package as code and needs NumPy only
+        (`mlp.serving`). Returns the logged model's id."""
         with tempfile.TemporaryDirectory() as tmp:
-            data = Path(tmp) / "mlp"
-            data.mkdir()
-            model.save(data / "model.npz")
-            np.savez(data / "normalizer.npz", **normalizer_state)
-            (data / "classes.json").write_text(json.dumps(list(classes)))
+            data = serving.save(Path(tmp) / "mlp", model, normalizer, classes)
             self.client.log_artifact(self.run_id, str(data / "model.npz"), "model_npz")
-            mlflow.pyfunc.log_model(name="model", loader_module="mlp.tracking",
-                                    data_path=str(data),
-                                    pip_requirements=[f"mlp-lab=={_package_version()}"])
+            probs = serving._load_pyfunc(str(data)).predict(example)
+            info = mlflow.pyfunc.log_model(
+                name=name, loader_module="mlp.serving", data_path=str(data),
+                code_paths=[str(Path(serving.__file__).parent)],
+                signature=infer_signature(example, probs), input_example=example,
+                pip_requirements=[f"numpy=={np.__version__}", f"tqdm=={version('tqdm')}"],
+                # No metric is logged at this step: the model's metrics are the ones
+                # logged with its id (log_metrics(model_id=...)), not the run's at step 0.
+                step=MODEL_STEP)
+        return info.model_id
+
+    def describe(self, text: str) -> None:
+        """The run's description (the Overview tab's Description: `mlflow.note.content`)."""
+        self.client.set_tag(self.run_id, "mlflow.note.content", text)
 
     # -- status -----------------------------------------------------------------------------
 
@@ -345,16 +431,18 @@ class RunRecorder:
 
 def start_run(experiment_id: str, name: str, tags: Mapping[str, str],
               run_id: str | None = None, log_every_steps: int = 10,
-              parent_run_id: str | None = None) -> RunRecorder:
+              parent_run_id: str | None = None, system_metrics: bool = False) -> RunRecorder:
     """Start a run (or reopen `run_id` to continue it after a resume) as the active run,
-    as a child of `parent_run_id` when given, and return its recorder."""
+    as a child of `parent_run_id` when given, sampling CPU and memory as `system/*`
+    metrics when `system_metrics`, and return its recorder."""
     tags = dict(tags)
     if parent_run_id is not None:
         tags["mlflow.parentRunId"] = parent_run_id
     if run_id is not None:
-        run = mlflow.start_run(run_id=run_id, tags=tags)
+        run = mlflow.start_run(run_id=run_id, tags=tags, log_system_metrics=system_metrics)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags,
+                               log_system_metrics=system_metrics)
     return RunRecorder(run.info.run_id, log_every_steps)
 
 
@@ -381,6 +469,22 @@ def runs_with_config(experiment_id: str, config_hash: str) -> list:
         order_by=["attributes.start_time DESC"])
 
 
+def split_datasets(splits: Any, name: str, source: str) -> dict[str, Any]:
+    """The train / validation / test splits as MLflow datasets (context -> dataset), named
+    `<name>-<split>`, with the archive's sha256 and the split in the digest, and `source`
+    (the archive) as their source."""
+    digest = splits.fingerprint["archive_sha256"][:12]
+    parts = {"train": (splits.X_train, splits.y_train), "validation": (splits.X_val, splits.y_val),
+             "test": (splits.X_test, splits.y_test)}
+    with warnings.catch_warnings():
+        # A local path "can be interpreted in multiple ways", all of them the local file.
+        warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+        return {context: mlflow.data.from_numpy(X, targets=y, name=f"{name}-{context}",
+                                                digest=f"{digest}-{context}-{len(y)}",
+                                                source=source)
+                for context, (X, y) in parts.items()}
+
+
 def start_failed_run(experiment_id: str, name: str, tags: Mapping[str, str],
                      error: BaseException, parent_run_id: str | None = None) -> str:
     """Record a job that could not start (e.g. an invalid combination in a sweep) as a
@@ -388,31 +492,3 @@ def start_failed_run(experiment_id: str, name: str, tags: Mapping[str, str],
     recorder = start_run(experiment_id, name, tags, parent_run_id=parent_run_id)
     recorder.finish("FAILED", error)
     return recorder.run_id
-
-
-# -- the pyfunc loader (mlflow.pyfunc.load_model imports this module) ------------------------
-
-
-class PixelClassifier:
-    """What `mlflow.pyfunc.load_model` returns for an mlp-lab model: raw pixels in, class
-    ids out."""
-
-    def __init__(self, model: MLP, mean: Array, scale: Array) -> None:
-        self.model, self.mean, self.scale = model, mean, scale
-
-    def predict(self, model_input: Any, params: dict | None = None) -> Array:
-        """model_input: (N, 3072) uint8 pixels or floats on the 0-255 scale (array, list or
-        DataFrame); returns (N,) int64 class ids."""
-        X = np.asarray(model_input, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != self.model.arch.input_dim:
-            raise ValueError(f"input has shape {X.shape}: expected (N, "
-                             f"{self.model.arch.input_dim}) pixel values")
-        return self.model.predict((X - self.mean) / self.scale)
-
-
-def _load_pyfunc(data_path: str) -> PixelClassifier:
-    path = Path(data_path)
-    model = MLP.load(path / "model.npz")
-    with np.load(path / "normalizer.npz", allow_pickle=False) as f:
-        state = {k: f[k] for k in f.files}
-    return PixelClassifier(model, state["mean"], state["scale"])

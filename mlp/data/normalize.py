@@ -29,7 +29,7 @@ class Normalizer:
 
     MODES = ("mean_image", "channel", "none")
 
-    def __init__(self, mode: str = "mean_image") -> None:
+    def __init__(self, mode: str = "channel") -> None:
         self.mode = _check_mode(mode)
         self.mean: np.ndarray | None = None
         self.scale: np.ndarray | None = None

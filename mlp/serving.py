@@ -1,0 +1,64 @@
+"""The served model: raw pixels in, class probabilities out.
+
+A model logged by mlp-lab is an MLflow pyfunc model whose `loader_module` is this module
+and which carries the `mlp` package as its code (`code_paths`), so it loads, predicts
+and serves (`mlflow models serve -m models:/<name>@champion --env-manager local`) where
+mlp-lab is not installed: it needs NumPy only. Its data directory holds the trained
+parameters (`model.npz`), the training split's normalizer (`normalizer.npz`) and the
+class names (`classes.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlp.data import Normalizer
+from mlp.model import MLP
+
+Array = np.ndarray
+
+
+def softmax(scores: Array) -> Array:
+    """Class probabilities (N, C) from scores (N, C), computed stably in float64."""
+    shifted = np.asarray(scores, dtype=np.float64) - np.max(scores, axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class PixelClassifier:
+    """What `mlflow.pyfunc.load_model` returns for an mlp-lab model."""
+
+    def __init__(self, model: MLP, normalizer: Normalizer, classes: list[str]) -> None:
+        self.model, self.normalizer, self.classes = model, normalizer, classes
+
+    def predict(self, model_input: Any, params: dict | None = None) -> Array:
+        """model_input: (N, 3072) pixels, uint8 or floats on the 0-255 scale (an array, a
+        list of rows or a DataFrame); returns (N, 10) class probabilities (float64, each
+        row sums to 1), columns in the order of `classes`."""
+        X = np.asarray(getattr(model_input, "values", model_input))
+        if X.ndim != 2 or X.shape[1] != self.model.arch.input_dim:
+            raise ValueError(f"input has shape {X.shape}: expected (N, "
+                             f"{self.model.arch.input_dim}) pixel values")
+        return softmax(self.model.scores(self.normalizer(X, np.float64)))
+
+
+def save(directory: Path, model: MLP, normalizer: Normalizer, classes: tuple[str, ...]) -> Path:
+    """Write the files `_load_pyfunc` reads into `directory` (created) and return it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / "model.npz")
+    np.savez(directory / "normalizer.npz", **normalizer.state_dict())
+    (directory / "classes.json").write_text(json.dumps(list(classes)))
+    return directory
+
+
+def _load_pyfunc(data_path: str) -> PixelClassifier:
+    path = Path(data_path)
+    normalizer = Normalizer()
+    with np.load(path / "normalizer.npz", allow_pickle=False) as f:
+        normalizer.load_state_dict({k: f[k] for k in f.files})
+    classes = json.loads((path / "classes.json").read_text())
+    return PixelClassifier(MLP.load(path / "model.npz"), normalizer, classes)
