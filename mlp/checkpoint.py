@@ -98,6 +98,10 @@ def _read(path: Path) -> Checkpoint:
     """The file's arrays and meta, refusing anything that is not our format."""
     if not path.is_file():
         raise CheckpointError("no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # every .npz is a zip archive
+        raise CheckpointError("empty file" if not head else "not an .npz (zip) archive")
     try:
         with np.load(path, allow_pickle=False) as f:
             if not isinstance(f, np.lib.npyio.NpzFile):

@@ -219,9 +219,9 @@ def _same(a: object, b: object) -> bool:
 
 
 BAD_CHECKPOINTS = {
-    "empty": (lambda a: b"", "not a readable .npz"),
+    "empty": (lambda a: b"", "empty file"),
     "truncated": (lambda a: _npz(a)[:len(_npz(a)) // 2], "not a readable .npz"),
-    "random bytes": (lambda a: np.random.default_rng(0).bytes(4096), "not a readable .npz"),
+    "random bytes": (lambda a: np.random.default_rng(0).bytes(4096), r"not an \.npz \(zip\)"),
     "meta-less": (lambda a: {k: v for k, v in a.items() if k != "meta"}, "no 'meta' entry"),
     "meta not JSON": (lambda a: {**a, "meta": np.array("{epoch")}, "'meta' is not JSON"),
     "pickle inside": (lambda a: {**a, "order": np.array([{"x": 1}], dtype=object)},
