@@ -6,7 +6,9 @@ them trains. Its state (velocities, moment estimates, the step counter `t`) live
 arrays of the parameters' dtype, allocated once, and `state_dict()` returns it flat
 ("v/W1", "m/b2", "t") so that it fits an `.npz` without pickling. The update is the hot
 loop of training and memory-bound: each rule's `_update` works on chunks that fit the
-cache, on a few threads (`mlp.elementwise`), with a small scratch array per thread.
+cache (`mlp.elementwise`), with a small scratch array, and the L2 gradient of
+`step(..., l2=...)` is added in that same pass. `applied_gradients` runs the pass without
+updating, to show the gradient check what the rules receive.
 
 A `Schedule` maps the global step (0 for the first update) to the learning rate.
 """
