@@ -142,7 +142,7 @@ class Trainer:
         self._bufs = tuple(np.empty((settings.batch_size, splits.X_train.shape[1]), self.dtype)
                            for _ in range(2))
         self._signal: int | None = None
-        self._saved: tuple[Path, int] | None = None  # the last checkpoint and its epoch
+        self._saved: tuple[Path, str] | None = None  # the last checkpoint, and where it is
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -248,9 +248,8 @@ class Trainer:
         if np.isfinite(loss) and loss <= self.s.diverge_factor * max(st.first_loss, 1.0):
             return
         if self._saved is not None:
-            path, epoch = self._saved
-            resume = (f"the checkpoint of epoch {epoch}, {path}, can be resumed with "
-                      f"trainer.resume={path}")
+            path, where = self._saved
+            resume = f"the checkpoint {where}, {path}, can be resumed with trainer.resume={path}"
         else:
             resume = "no checkpoint was written" + (
                 " (trainer.checkpoint_dir is not set)" if self.checkpoint_path() is None
@@ -347,7 +346,7 @@ class Trainer:
         if path is None:
             return None
         checkpoint.save(path, self._checkpoint())
-        self._saved = path, self.state.epoch
+        self._saved = path, self._position()
         return path
 
     def load_checkpoint(self, path: str | Path) -> dict:
@@ -377,8 +376,13 @@ class Trainer:
         st.best_epoch, st.bad_epochs = meta["best_epoch"], meta["bad_epochs"]
         st.history = meta["history"]
         st.order = ck.order
-        self._saved = Path(path), st.epoch
+        self._saved = Path(path), self._position()
         return meta["extra"]
+
+    def _position(self) -> str:
+        st = self.state
+        return (f"at batch {st.batch} of epoch {st.epoch + 1}" if st.batch
+                else f"after epoch {st.epoch}")
 
     def _checkpoint(self) -> checkpoint.Checkpoint:
         """The trainer's state as a Checkpoint (its arrays, not copies)."""

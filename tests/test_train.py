@@ -322,6 +322,6 @@ def test_divergence_after_an_epoch_names_its_checkpoint(splits: datalib.Splits,
     with pytest.raises(DivergenceError) as diverged:
         trainer.fit()
     path = tmp_path / "last.npz"
-    assert f"the checkpoint of epoch 1, {path}, can be resumed with trainer.resume={path}" in (
+    assert f"the checkpoint after epoch 1, {path}, can be resumed with trainer.resume={path}" in (
         str(diverged.value))
     assert json.loads(str(np.load(path)["meta"]))["epoch"] == 1
