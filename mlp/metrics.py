@@ -1,9 +1,13 @@
 """The metric contract: every key a run logs to MLflow, in one place.
 
-The MLflow UI groups a run's charts into sections by the part of the key before `/` and
-shows train and validation of one quantity side by side inside a section, so the names
-are chosen from the reviewer's side: learning curves first (`acc/*`, `loss/*`), then the
-gradient check, the training-health numbers and the machine.
+The MLflow UI groups a run's charts into sections by the key's path (the part before the
+last `/`; keys without one go to a last, unnamed section), and sorts the sections by name;
+inside a section, charts sort by name too. The names are
+chosen from the reviewer's side so that this order is the order of their questions: the
+learning curves first, train and validation of one quantity side by side (`acc/`,
+`loss/`), then the learning rate (`opt/`), the gradient check (`rel_error/`, cs231n's
+name for it), the speed, and the training-health numbers of the cs231n notes (`units/`,
+`weights/`). System metrics (`system/`) have their own tab.
 
 | key | step | meaning |
 | --- | --- | --- |
@@ -13,14 +17,14 @@ gradient check, the training-health numbers and the machine.
 | `loss/gap` | epoch | loss/val - loss/train |
 | `loss/batch` | global step | training loss (data + L2) of one minibatch |
 | `acc/test`, `loss/test` | best epoch | the test split, once, with the best epoch's params |
-| `acc/best_val`, `best_epoch` | best epoch | the best validation accuracy and its epoch |
+| `acc/best_val`, `acc/best_val_epoch` | best epoch | the best validation accuracy and its epoch |
 | `opt/lr` | epoch | learning rate at the epoch's last step |
+| `rel_error/max`, `rel_error/<param>` | 0 | gradient check: worst relative error (total loss) |
+| `rel_error/..._log10` | 0 | the same as log10, readable in charts at 1e-12 |
+| `rel_error/kinks` | 0 | coordinates left out of the check because they cross a kink |
 | `speed/epoch_s`, `speed/images_per_sec` | epoch | wall time of the epoch's steps |
-| `gradcheck/max_rel_error`, `gradcheck/<param>` | 0 | worst relative error (total loss) |
-| `gradcheck/..._log10` | 0 | the same as log10, readable in charts at 1e-12 |
-| `gradcheck/kinks` | 0 | coordinates left out because they cross a kink |
-| `health/<param>/norm`, `grad_norm`, `update_ratio` | epoch | cs231n's health numbers |
-| `health/layer<k>/dead_frac` | epoch | fraction of units never active (ReLU family) |
+| `units/layer<k>/dead_frac` | epoch | fraction of units never active (ReLU family) |
+| `weights/<param>/norm`, `grad_norm`, `update_ratio` | epoch | cs231n's health numbers |
 | `system/*` | sample | MLflow's system metrics (CPU, memory) |
 """
 
@@ -30,13 +34,13 @@ ACC_TRAIN, ACC_VAL, ACC_GAP = "acc/train", "acc/val", "acc/gap"
 LOSS_TRAIN, LOSS_VAL, LOSS_GAP = "loss/train", "loss/val", "loss/gap"
 LOSS_BATCH = "loss/batch"
 ACC_TEST, LOSS_TEST = "acc/test", "loss/test"
-ACC_BEST_VAL, BEST_EPOCH = "acc/best_val", "best_epoch"
+ACC_BEST_VAL, BEST_EPOCH = "acc/best_val", "acc/best_val_epoch"
 LR = "opt/lr"
 EPOCH_TIME, IMAGES_PER_SEC = "speed/epoch_s", "speed/images_per_sec"
-GRADCHECK_MAX = "gradcheck/max_rel_error"
-GRADCHECK_KINKS = "gradcheck/kinks"
-GRADCHECK_PREFIX = "gradcheck/"
-HEALTH_PREFIX = "health/"
+GRADCHECK_PREFIX = "rel_error/"
+GRADCHECK_MAX = "rel_error/max"
+GRADCHECK_KINKS = "rel_error/kinks"
+LOG10 = "_log10"  # suffix of a gradient-check error's log10
 
 # The training loop's own names for its per-epoch numbers (train.HISTORY_KEYS) -> MLflow.
 EPOCH_KEYS = {
@@ -44,3 +48,31 @@ EPOCH_KEYS = {
     "train_loss": LOSS_TRAIN, "val_loss": LOSS_VAL, "gap_loss": LOSS_GAP,
     "lr": LR, "epoch_time": EPOCH_TIME, "images_per_sec": IMAGES_PER_SEC,
 }
+
+# The training loop's health numbers, `health/<param>/<what>` and `health/layer<k>/dead_frac`,
+# go to `weights/...` and `units/...`.
+_HEALTH = ("health/", "weights/")
+_UNITS = ("health/layer", "units/layer")
+
+
+def mlflow_key(key: str) -> str:
+    """The MLflow key of one of the training loop's per-epoch numbers."""
+    if key in EPOCH_KEYS:
+        return EPOCH_KEYS[key]
+    for old, new in (_UNITS, _HEALTH):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+# The order a reviewer reads a run's numbers in (MLflow lists a run's metrics in the order
+# their keys were first logged): results, learning curves, then the rest.
+READING_ORDER = (ACC_BEST_VAL, ACC_TEST, LOSS_TEST, BEST_EPOCH, "acc/", "loss/", "opt/",
+                 GRADCHECK_PREFIX, "speed/", "units/", "weights/")
+
+
+def reading_order(key: str) -> tuple[int, str]:
+    """Sort key: a metric's place in READING_ORDER, then its name."""
+    rank = next((i for i, k in enumerate(READING_ORDER)
+                 if key == k or (k.endswith("/") and key.startswith(k))), len(READING_ORDER))
+    return rank, key

@@ -599,6 +599,9 @@ def _register_best(client: MlflowClient, report: Report, name: str) -> str | Non
     if not models:
         return None
     version = mlflow.register_model(f"models:/{models[0].model_id}", name)
+    client.update_registered_model(name, description=(
+        f"The best models of sweep {name.removeprefix(report.experiment + '-')} (experiment "
+        f"{report.experiment}); @{CHAMPION} is the best by validation accuracy."))
     client.set_registered_model_alias(name, CHAMPION, version.version)
     client.update_model_version(name, version.version, description=(
         f"The best run of sweep {name}: {report.best['run']} (run {report.best['run_id']})."))
@@ -623,7 +626,8 @@ def _log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Sequ
     if report.best is not None:
         best = client.get_run(report.best["run_id"])
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in best.data.metrics.items()
+        metrics = [Metric(k, best.data.metrics[k], now, 0)
+                   for k in sorted(best.data.metrics, key=keys.reading_order)
                    if not k.startswith("system/")]
         tags = [RunTag("mlp.sweep.best_run_id", best.info.run_id),
                 RunTag("mlp.sweep.best_run_name", best.info.run_name or "")]
@@ -674,8 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="mlp-lab", help="experiment name (mlp-lab)")
     parser.add_argument("--sweep", help="the sweep: its parent run id, parent run name or "
                         "mlp.sweep.name (default: every training run of the experiment)")
-    parser.add_argument("--out", type=Path, default=Path("report"),
-                        help="directory for report.md, report.html and the PNGs (./report)")
+    parser.add_argument("--out", type=Path, help="directory for report.md, report.html and "
+                        "the PNGs (default: outputs/reports/<sweep or experiment>, beside "
+                        "Hydra's outputs/, which git ignores)")
     parser.add_argument("--top", type=int, default=5,
                         help="learning curves of the N best runs (5)")
     parser.add_argument("--log", action="store_true",
@@ -694,7 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     figs = figures(client, runs, report, top=args.top)
     print(report)
     print()
-    for path in write_report(report, figs, args.out):
+    out = args.out or Path("outputs", "reports", re.sub(r"[^\w.-]+", "_",
+                                                         args.sweep or args.experiment))
+    for path in write_report(report, figs, out):
         print(f"wrote {path}")
     if report.best is not None:
         b = report.best
@@ -706,6 +713,6 @@ def main(argv: list[str] | None = None) -> int:
         if b["overrides"]:
             print(f"  reproduce: {reproduce_command(b['overrides'])}")
     if args.log:
-        _log_on_parent(client, report.parent_run_id, report, figs)
-        print(f"\nlogged under report/ on parent run {report.parent_run_id}")
+        _log_on_parent(client, client.get_run(report.parent_run_id), report, runs, figs)
+        print(f"\nlogged on parent run {report.parent_run_id}")
     return 0

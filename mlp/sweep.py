@@ -167,10 +167,13 @@ class SweepCallback(Callback):
 
 def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
     """The sweep preset's name (or the experiment preset's) when the sweep uses one, else
-    `multirun-<time>`."""
+    `<swept keys>-<time>` (`reg-lr-2026-12-01_23-50-54`)."""
     for group in ("hparams_search", "experiment"):
         for override in overrides:
             key, _, value = override.partition("=")
             if key.lstrip("+~") == group and "," not in value:
                 return value
-    return "multirun-" + "_".join(Path(config.hydra.sweep.dir).parts[-2:])
+    params = config.hydra.sweeper.get("params")
+    swept = swept_keys(overrides, OmegaConf.to_container(params) if params else {})
+    keys = "-".join(key.rsplit(".", 1)[-1] for key in swept) or "multirun"
+    return f"{keys}-" + "_".join(Path(config.hydra.sweep.dir).parts[-2:])

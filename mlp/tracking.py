@@ -2,9 +2,9 @@
 
 This module records what it is given (configs, histories, gradient-check reports,
 figures, the trained model, the data splits); it trains nothing and checks nothing. The
-metric keys are the contract of `mlp/metrics.py` (learning curves `acc/*`, `loss/*`
-first, then `gradcheck/*`, `health/*`, `system/*`); params are the config keys that act
-in the run (`config.applies`), and the bookkeeping keys are tags.
+metric keys are the contract of `mlp/metrics.py` (learning curves `acc/*`, `loss/*` first,
+then the learning rate, the gradient check `rel_error/*`, speed and health); params are the
+config keys that act in the run (`config.applies`), and the bookkeeping keys are tags.
 
 Metrics are buffered and sent with `log_batch` at the end of every epoch (one call per
 epoch instead of one per point: per-point calls cost ~4 ms each on SQLite), by a
@@ -53,6 +53,7 @@ from mlp.model import MLP
 Array = np.ndarray
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+FINGERPRINT_TAGS = ("archive_sha256", "n_train", "n_val", "n_test")
 MODEL_STEP = -1  # the step a model is logged at: one where the run logs no metric
 TRAINING_KIND = "custom_model_development"  # the MLflow UI's model-training view
 
@@ -133,11 +134,11 @@ def run_params(resolved: Mapping[str, Any]) -> dict[str, str]:
 
 
 def bookkeeping_tags(resolved: Mapping[str, Any]) -> dict[str, str]:
-    """The bookkeeping keys that are set (where the data and the store are, a resume) as
-    `mlp.<key>` tags."""
-    flat = configlib.flatten(resolved)
+    """The bookkeeping keys set to something else than their default (where the data and
+    the store are, a resume, reporting switches) as `mlp.<key>` tags."""
+    flat, defaults = configlib.flatten(resolved), configlib.schema_keys()
     return {f"mlp.{k}": _text(v) for k, v in flat.items()
-            if configlib.is_bookkeeping(k) and v is not None and not k.startswith("trial.")}
+            if configlib.is_bookkeeping(k) and k in defaults and v != defaults[k]}
 
 
 def _text(value: Any) -> str:
@@ -183,19 +184,18 @@ def describe_run(resolved: Mapping[str, Any], result: Any, tags: Mapping[str, st
     gap = history["train_acc"][best] - history["val_acc"][best]
     check = tags.get("gradcheck.passed")
     check_text = ("not run" if check is None else
-                  f"{'passed' if check == 'true' else '**failed**'} (max relative error "
+                  f"{'**passed**' if check == 'true' else '**FAILED**'} (max relative error "
                   f"{float(tags['gradcheck.max_rel_error']):.1e})")
     return (
-        f"**{m['activation']} {widths}**{', ' + ', '.join(extras) if extras else ''}, "
+        f"Test accuracy **{result.test_acc:.2%}** · best validation {result.best_val_acc:.2%} "
+        f"at epoch {result.best_epoch} of {result.epochs_run}"
+        f"{' (stopped early)' if result.stopped_early else ''} · train - validation gap "
+        f"{gap * 100:+.1f} points there · gradient check {check_text}\n\n"
+        f"{m['activation']} {widths}{', ' + ', '.join(extras) if extras else ''}, "
         f"{m['loss']} loss, L2 reg {short_number(m['reg'])}; {o['name']} lr "
-        f"{short_number(o['lr'])} ({o['schedule']['name']} schedule), batch {t['batch_size']}, "
-        f"{result.epochs_run} epochs on {tags.get('data.n_train', '?')} {d['name']} images "
-        f"(validation {tags.get('data.n_val', '?')}, test {tags.get('data.n_test', '?')}).\n\n"
-        f"Test accuracy **{result.test_acc:.2%}**; best validation accuracy "
-        f"{result.best_val_acc:.2%} at epoch {result.best_epoch} (the kept parameters); "
-        f"train - validation gap {gap * 100:+.1f} points there"
-        f"{' (stopped early)' if result.stopped_early else ''}.\n\n"
-        f"Gradient check: {check_text}.")
+        f"{short_number(o['lr'])} ({o['schedule']['name']} schedule), batch {t['batch_size']}; "
+        f"{tags.get('data.n_train', '?')} {d['name']} training images (validation "
+        f"{tags.get('data.n_val', '?')}, test {tags.get('data.n_test', '?')}).")
 
 
 def _git(*args: str, cwd: Path) -> str | None:
@@ -223,8 +223,9 @@ def environment_tags(launch_dir: Path, overrides: list[str], fingerprint: Mappin
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["mlp.git.dirty"] = str(bool(_git("status", "--porcelain", cwd=launch_dir)))
-    for key, value in fingerprint.items():
-        tags[f"data.{key}"] = str(value)
+    for key in FINGERPRINT_TAGS:  # the split's other numbers are params
+        if key in fingerprint:
+            tags[f"data.{key}"] = str(fingerprint[key])
     for env, tag in (("MLP_LAB_IMAGE", "docker.image"), ("MLP_LAB_IMAGE_DIGEST", "docker.digest"),
                      ("MLP_LAB_LOCK_HASH", "docker.lock_hash")):
         if os.environ.get(env):
@@ -270,6 +271,7 @@ class RunRecorder:
         self._lock = threading.Lock()
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlp-tracking")
         self._sending: Future | None = None
+        self._deferred: list[Metric] = []  # the gradient check's metrics (log_gradcheck)
 
     # -- Observer ---------------------------------------------------------------------------
 
@@ -278,7 +280,7 @@ class RunRecorder:
             self._add({keys.LOSS_BATCH: loss}, step)
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._add({keys.EPOCH_KEYS.get(k, k): v for k, v in metrics.items()}, epoch)
+        self._add({keys.mlflow_key(k): v for k, v in metrics.items()}, epoch)
         self.flush()
 
     # -- metrics ------------------------------------------------------------------------
@@ -307,6 +309,9 @@ class RunRecorder:
         are stored, and with `strict` also retry what failed once more, raising on error."""
         with self._lock:
             points, self._buffer = self._buffer, []
+        # MLflow lists a run's metrics in the order their keys first arrive: send them in
+        # the order a reviewer reads them (a stable sort keeps each key's steps in order).
+        points.sort(key=lambda point: keys.reading_order(point.key))
         if points:
             self._sending = self._sender.submit(self._send, points)
         if wait and self._sending is not None:
@@ -355,8 +360,8 @@ class RunRecorder:
         self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_gradcheck(self, report: GradcheckReport) -> None:
-        """The gradient check at its real values: metrics `gradcheck/max_rel_error` and
-        `gradcheck/<param>` (step 0), their log10 for charts that stay readable at 1e-12,
+        """The gradient check at its real values: metrics `rel_error/max` and
+        `rel_error/<param>` (step 0), their log10 for charts that stay readable at 1e-12,
         tags `gradcheck.passed` and `gradcheck.max_rel_error` (scientific notation), the
         per-parameter table with errors as scientific strings (the UI's table shows them
         as written; numbers would be rounded to 10 decimals, i.e. to 0) and the report as
@@ -364,9 +369,12 @@ class RunRecorder:
         errors = {f"{keys.GRADCHECK_PREFIX}{name}": err
                   for name, err in report.max_by_param("total").items()}
         errors[keys.GRADCHECK_MAX] = report.max_rel_error
-        metrics = errors | {f"{k}_log10": _log10(v) for k, v in errors.items()}
+        metrics = errors | {k + keys.LOG10: _log10(v) for k, v in errors.items()}
         metrics[keys.GRADCHECK_KINKS] = report.kinks
-        self.log_metrics(metrics)
+        # Sent when the run ends, after the learning curves, so that they do not head the
+        # run's metrics table; the tags and artifacts below hold the values meanwhile.
+        self._deferred += [Metric(k, float(v), int(time.time() * 1000), 0)
+                           for k, v in metrics.items()]
         self.set_tags({"gradcheck.passed": str(report.passed).lower(),
                        "gradcheck.verdict": report.verdict,
                        "gradcheck.max_rel_error": sci(report.max_rel_error)})
@@ -415,6 +423,9 @@ class RunRecorder:
         """End the run FINISHED, FAILED (with the error as tags) or KILLED."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status={status!r}: expected FINISHED, FAILED or KILLED")
+        with self._lock:
+            self._buffer += self._deferred
+            self._deferred = []
         try:
             self.flush(wait=True, strict=status == "FINISHED")
         finally:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +17,9 @@ from conftest import tool
 from mlflow import MlflowClient
 
 from mlp import data as datalib
+from mlp import metrics
+
+pytestmark = pytest.mark.e2e
 
 pytestmark = pytest.mark.e2e  # every test here runs the console scripts in a subprocess
 
@@ -39,8 +42,21 @@ def runs_of(db: Path, experiment: str = "mlp-lab") -> tuple[MlflowClient, list]:
 
 
 def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
-    out = mlp_train([*QUICK, "model.reg=1e-3"], tmp_path, run_env)
+    """The metric contract (mlp/metrics.py): keys, steps, values; params that act; tags,
+    datasets, artifacts, the model and its metrics, the description."""
+    out = mlp_train([*QUICK, "model.reg=1e-3", "tracking.system_metrics=false"], tmp_path,
+                    run_env)
     assert out.returncode == 0, out.stderr[-3000:]
+    # Not a terminal: one line per epoch all the same, then the result and the commands.
+    printed = out.stdout + out.stderr
+    number = r"\d+\.\d{4}"
+    for epoch in (1, 2):
+        assert re.search(rf"epoch {epoch}/2  loss {number} / {number} \(gap [+-]{number}\)  "
+                         rf"acc {number} / {number} \(gap [+-]{number}\)  lr \S+  \S+ s",
+                         printed), printed[-3000:]
+    assert re.search(rf"done: accuracy train {number} / val {number} / test {number} "
+                     rf"\(gap [+-]{number}\)", printed)
+    assert "run it again: mlp-train data=synthetic" in printed
     client, runs = runs_of(tmp_path / "mlflow.db")
     assert len(runs) == 1
     run = runs[0]
@@ -51,56 +67,97 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
 
     params = run.data.params
     assert params["model.hidden_sizes"] == "[32]"
-    assert params["model.activation"] == "relu"
     assert params["model.reg"] == "0.001"
-    assert params["optim.lr"] == "0.02"
-    assert params["trainer.dtype"] == "float32"
+    assert params["optim.lr"] == "0.02" and params["optim.momentum"] == "0.9"
+    assert params["data.synthetic.n_train"] == "300"
+    for absent in ("optim.beta1", "optim.decay_rate", "model.leaky_slope", "tracking.uri",
+                   "data.archive", "trainer.progress", "optim.schedule.decay"):
+        assert absent not in params, absent
+    assert run.data.tags["mlp.trainer.progress"] == "False"  # bookkeeping as tags
 
-    history = {k: client.get_metric_history(run.info.run_id, k)
-               for k in ("train_loss", "val_loss", "train_acc", "val_acc", "gap_acc",
-                         "gap_loss", "lr")}
+    rid = run.info.run_id
+    epoch_keys = [k for k in run.data.metrics
+                  if k.startswith(("acc/", "loss/", "opt/", "speed/", "units/", "weights/"))
+                  and k not in (metrics.ACC_TEST, metrics.LOSS_TEST, metrics.ACC_BEST_VAL,
+                                metrics.BEST_EPOCH, metrics.LOSS_BATCH)]
+    assert {metrics.ACC_TRAIN, metrics.ACC_VAL, metrics.ACC_GAP, metrics.LOSS_TRAIN,
+            metrics.LOSS_VAL, metrics.LOSS_GAP, metrics.LR} <= set(epoch_keys)
+    history = {k: client.get_metric_history(rid, k) for k in epoch_keys}
     for key, points in history.items():
         assert [p.step for p in points] == [1, 2], key
-    for tr, va, gap in zip(history["train_acc"], history["val_acc"], history["gap_acc"],
-                           strict=True):
+    for tr, va, gap in zip(history[metrics.ACC_TRAIN], history[metrics.ACC_VAL],
+                           history[metrics.ACC_GAP], strict=True):
         assert gap.value == pytest.approx(tr.value - va.value, abs=1e-12)
-    batch = client.get_metric_history(run.info.run_id, "batch_loss")
+    batch = client.get_metric_history(rid, metrics.LOSS_BATCH)
     assert [p.step for p in batch] == [10]  # 240 images / 50 -> 5 steps an epoch, every 10th
-
+    for key in (metrics.GRADCHECK_MAX, metrics.GRADCHECK_PREFIX + "W1",
+                metrics.GRADCHECK_PREFIX + "b2", metrics.GRADCHECK_KINKS):
+        assert [p.step for p in client.get_metric_history(rid, key)] == [0], key
     m = run.data.metrics
-    for key in ("test_loss", "test_acc", "best_val_acc", "best_epoch",
-                "gradcheck/max_rel_error", "gradcheck/W1", "gradcheck/b2",
-                "health/W1/update_ratio", "health/layer1/dead_frac"):
-        assert key in m, key
-    assert m["gradcheck/max_rel_error"] < 1e-7
-    assert run.data.tags["gradcheck.passed"] == "true"
-    assert run.data.tags["data.archive_sha256"]
-    assert "mlp.command" in run.data.tags and "data=synthetic" in run.data.tags["mlp.overrides"]
+    best = int(m[metrics.BEST_EPOCH])
+    for key in (metrics.ACC_TEST, metrics.LOSS_TEST, metrics.ACC_BEST_VAL):
+        assert [p.step for p in client.get_metric_history(rid, key)] == [best], key
+    assert m[metrics.ACC_BEST_VAL] == max(p.value for p in history[metrics.ACC_VAL])
+    assert 0 < m[metrics.GRADCHECK_MAX] < 1e-7
+    assert m[metrics.GRADCHECK_MAX + metrics.LOG10] == pytest.approx(
+        np.log10(m[metrics.GRADCHECK_MAX]))
+    assert not any(k.startswith("system/") for k in m)  # tracking.system_metrics=false
+    tags = run.data.tags
+    assert tags["gradcheck.passed"] == "true"
+    assert float(tags["gradcheck.max_rel_error"]) == pytest.approx(m[metrics.GRADCHECK_MAX],
+                                                                    rel=1e-6)
+    assert tags["data.archive_sha256"]
+    assert "mlp.command" in tags and "data=synthetic" in tags["mlp.overrides"]
+    assert "Test accuracy" in tags["mlflow.note.content"]
+    assert "gradient check **passed**" in tags["mlflow.note.content"]
 
-    artifacts = _all_artifacts(client, run.info.run_id)
+    inputs = {t.value: d.dataset for d in run.inputs.dataset_inputs for t in d.tags
+              if t.key == "mlflow.data.context"}
+    assert set(inputs) == {"train", "validation", "test"}
+    for context, dataset in inputs.items():
+        assert dataset.name == f"synthetic-{context}"
+        assert dataset.digest.startswith(tags["data.archive_sha256"][:12])
+
+    artifacts = _all_artifacts(client, rid)
     for path in ("plots/curves.png", "plots/confusion_matrix.png", "plots/per_class_accuracy.png",
                  "plots/first_layer_weights.png", "gradcheck/table.json",
                  "gradcheck/report.json", "config/resolved.yaml", "config/overrides.txt",
                  "config/hydra/config.yaml", "model_npz/model.npz"):
         assert path in artifacts, (path, sorted(artifacts))
-    table = json.loads(Path(client.download_artifacts(run.info.run_id, "gradcheck/table.json",
-                                                      str(tmp_path))).read_text())
-    assert {"name", "shape", "checked", "kinks", "max_rel_error", "verdict"} <= set(
-        table["columns"])
 
-    # the pyfunc model predicts the package's classes: its test accuracy is the logged one
-    import mlflow.pyfunc
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     models = client.search_logged_models([run.info.experiment_id])
-    assert len(models) == 1
-    pyfunc = mlflow.pyfunc.load_model(models[0].model_uri)
+    assert len(models) == 1 and models[0].name == run.info.run_name
+    linked = {x.key: x for x in models[0].metrics}
+    assert set(linked) == {metrics.ACC_TEST, metrics.LOSS_TEST, metrics.ACC_BEST_VAL,
+                           metrics.BEST_EPOCH}
+    assert linked[metrics.ACC_TEST].value == m[metrics.ACC_TEST]
+    assert linked[metrics.ACC_TEST].dataset_name == "synthetic-test"
+
+    # The model, loaded in a fresh process in another directory (no mlp-lab source there),
+    # gives 10 class probabilities per image whose argmax has the logged test accuracy.
     archive = Path(os.environ["MLP_LAB_DATA"]) / "synthetic-300-100-0.tar.gz"
     raw = datalib.load_cifar10(archive.parent, archive, datalib.file_digest(archive),
                                progress=False)
-    pred = np.asarray(pyfunc.predict(raw.X_test))
-    assert pred.shape == (100,)
-    assert np.mean(pred == raw.y_test) == pytest.approx(m["test_acc"], abs=1e-12)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    np.save(elsewhere / "x.npy", raw.X_test)
+    script = (
+        "import sys, numpy as np, mlflow\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "print(model.metadata.signature.inputs.to_json())\n"
+        "np.save('probs.npy', model.predict(np.load('x.npy')))\n")
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, models[0].model_uri], cwd=elsewhere, timeout=120,
+        capture_output=True, text=True,
+        env=run_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                       "PYTHONSAFEPATH": "1"})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert '"uint8"' in loaded.stdout and "3072" in loaded.stdout
+    probs = np.load(elsewhere / "probs.npy")
+    assert probs.shape == (100, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-12)
+    assert np.mean(probs.argmax(axis=1) == raw.y_test) == pytest.approx(m[metrics.ACC_TEST],
+                                                                        abs=1e-12)
 
 
 def _all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -141,7 +198,7 @@ def test_failed_gradcheck_can_stop_the_run(tmp_path: Path, run_env: dict):
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.tags["gradcheck.passed"] == "false"
-    assert "train_loss" not in runs[0].data.metrics
+    assert metrics.LOSS_TRAIN not in runs[0].data.metrics
 
 
 def test_sigterm_kills_the_run_and_resume_finishes_it(tmp_path: Path, run_env: dict):
@@ -164,7 +221,7 @@ def test_sigterm_kills_the_run_and_resume_finishes_it(tmp_path: Path, run_env: d
     assert [r.info.status for r in runs] == ["KILLED"]
     run_id = runs[0].info.run_id
     assert runs[0].data.tags["checkpoint"] == str(ckpt_dir / "last.npz")
-    done = len(client.get_metric_history(run_id, "val_acc"))
+    done = len(client.get_metric_history(run_id, metrics.ACC_VAL))
     assert 1 <= done < 400
 
     resumed_epochs = done + 2
@@ -174,7 +231,7 @@ def test_sigterm_kills_the_run_and_resume_finishes_it(tmp_path: Path, run_env: d
     assert out.returncode == 0, out.stderr[-3000:]
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
-    steps = [p.step for p in client.get_metric_history(run_id, "val_acc")]
+    steps = [p.step for p in client.get_metric_history(run_id, metrics.ACC_VAL)]
     assert steps == list(range(1, resumed_epochs + 1))
 
 
@@ -186,7 +243,7 @@ def test_gradcheck_command_logs_its_own_run(tmp_path: Path, run_env: dict):
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert len(runs) == 1 and runs[0].data.tags["mlp.kind"] == "gradcheck"
     assert runs[0].data.tags["gradcheck.passed"] == "true"
-    assert runs[0].data.metrics["gradcheck/max_rel_error"] < 1e-7
+    assert runs[0].data.metrics[metrics.GRADCHECK_MAX] < 1e-7
 
 
 LOGGER = """
@@ -216,8 +273,8 @@ def test_four_processes_share_one_sqlite_store(tmp_path: Path, run_env: dict):
     assert sorted(r.data.tags["writer"] for r in runs) == ["0", "1", "2", "3"]
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert len(client.get_metric_history(r.info.run_id, "batch_loss")) == 300
-        assert len(client.get_metric_history(r.info.run_id, "val_acc")) == 30
+        assert len(client.get_metric_history(r.info.run_id, metrics.LOSS_BATCH)) == 300
+        assert len(client.get_metric_history(r.info.run_id, metrics.ACC_VAL)) == 30
 
 
 def _free_port() -> int:
@@ -258,7 +315,7 @@ def test_logging_through_a_tracking_server(tmp_path: Path, run_env: dict):
         exp = client.get_experiment_by_name("remote")
         runs = client.search_runs([exp.experiment_id])
         assert [r.info.status for r in runs] == ["FINISHED"]
-        assert len(client.get_metric_history(runs[0].info.run_id, "val_acc")) == 2
+        assert len(client.get_metric_history(runs[0].info.run_id, metrics.ACC_VAL)) == 2
         assert "plots/curves.png" in _all_artifacts(client, runs[0].info.run_id)
     finally:
         server.terminate()
@@ -267,3 +324,18 @@ def test_logging_through_a_tracking_server(tmp_path: Path, run_env: dict):
         except subprocess.TimeoutExpired:
             server.kill()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_clean_checkout_stays_clean(tmp_path: Path, run_env: dict):
+    """The README's commands (a run, then mlp-report) write nothing git would show."""
+    checkout = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(Path(__file__).resolve().parents[1]),
+                    str(checkout)], check=True, timeout=60)
+    assert mlp_train(QUICK, checkout, run_env).returncode == 0
+    report = subprocess.run([tool("mlp-report")], cwd=checkout, env=run_env,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "wrote outputs/reports/mlp-lab/report.html" in report.stdout
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored=no"], cwd=checkout,
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert status.stdout == ""

@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from mlp import metrics as keys
 from mlp import report as rp
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -43,11 +44,11 @@ def _run(client: MlflowClient, exp: str, name: str, *, start: float, parent: str
 def _trained(client: MlflowClient, exp: str, name: str, val: float, gap: float,
              params: dict, start: float, parent: str | None, duration: float = 10.0) -> str:
     """A finished training run whose best_val_acc is `val`."""
-    history = {"val_acc": [val - 0.1, val, val - 0.02], "train_acc": [val - 0.05, val + 0.05,
-                                                                      val - 0.02 + gap],
-               "gap_acc": [0.05, 0.05, gap]}
-    final = {"best_val_acc": val, "test_acc": val - 0.01, "best_epoch": 2,
-             "gradcheck/max_rel_error": 1e-9}
+    history = {keys.ACC_VAL: [val - 0.1, val, val - 0.02],
+               keys.ACC_TRAIN: [val - 0.05, val + 0.05, val - 0.02 + gap],
+               keys.ACC_GAP: [0.05, 0.05, gap]}
+    final = {keys.ACC_BEST_VAL: val, keys.ACC_TEST: val - 0.01, keys.BEST_EPOCH: 2,
+             keys.GRADCHECK_MAX: 1e-9}
     tags = {"gradcheck.passed": "true", "gradcheck.verdict": "good",
             "mlp.config_hash": f"hash-{name}",
             "mlp.overrides": " ".join(f"{k}={v}" for k, v in params.items())}
@@ -99,7 +100,7 @@ def build_store(db: Path) -> dict:
                                     start=201 + i, parent=ids["act_parent"])
     client.set_tag(ids["tanh", "[100]"], "gradcheck.passed", "false")
     client.set_tag(ids["tanh", "[100]"], "gradcheck.verdict", "suspicious")
-    client.log_metric(ids["tanh", "[100]"], "gradcheck/max_rel_error", 2e-5, T0 + 1)
+    client.log_metric(ids["tanh", "[100]"], keys.GRADCHECK_MAX, 2e-5, T0 + 1)
     ids["failed"] = _run(client, exp, "tanh-h200x100", start=210, parent=ids["act_parent"],
                          status="FAILED",
                          tags={"mlp.overrides": "model.activation=tanh "
@@ -277,21 +278,23 @@ def test_write_report_writes_markdown_html_and_pngs(client, tmp_path: Path):
     assert paths[1].read_text().count("data:image/png;base64,") == 2
 
 
-def _artifacts(client: MlflowClient, run_id: str, path: str) -> set[str]:
+def _artifacts(client: MlflowClient, run_id: str, path: str | None) -> set[str]:
     return {f.path for f in client.list_artifacts(run_id, path)}
 
 
 def test_log_sweep_report_puts_the_report_on_the_parent(client, store):
     report = rp.log_sweep_report(client, store["parent"])
     assert report.best["run_id"] == store["lr_reg"]["0.01", "0.0001"]
-    assert _artifacts(client, store["parent"], "report") == {
-        "report/report.md", "report/report.html", "report/val_acc_heatmap.png",
-        "report/top_curves.png"}
+    assert _artifacts(client, store["parent"], None) == {
+        "report.md", "report.html", "val_acc_heatmap.png", "top_curves.png"}
     parent = client.get_run(store["parent"])
     assert parent.data.tags["mlp.sweep.best_run_id"] == report.best["run_id"]
     assert parent.data.tags["mlp.sweep.best_run_name"] == "relu-h100-lr0.01-reg0.0001"
-    assert parent.data.metrics["best_val_acc"] == pytest.approx(0.52)
-    assert parent.data.metrics["best_test_acc"] == pytest.approx(0.51)
+    best = client.get_run(report.best["run_id"])
+    assert parent.data.metrics == best.data.metrics  # the children's keys, the best's values
+    assert parent.data.metrics[keys.ACC_BEST_VAL] == pytest.approx(0.52)
+    assert parent.data.params == {k: v for k, v in COMMON.items()}  # the shared config
+    assert "Best: **relu-h100-lr0.01-reg0.0001**" in parent.data.tags["mlflow.note.content"]
     assert parent.info.status == "RUNNING"  # ending the parent is the sweep's job
 
 
@@ -299,8 +302,7 @@ def test_a_sweep_whose_jobs_all_ran_elsewhere_gets_an_empty_report(client, store
     report = rp.log_sweep_report(client, store["empty_parent"])
     assert report.rows == [] and report.best is None
     assert "best: none" in str(report)
-    assert _artifacts(client, store["empty_parent"], "report") == {"report/report.md",
-                                                                   "report/report.html"}
+    assert _artifacts(client, store["empty_parent"], None) == {"report.md", "report.html"}
     assert "mlp.sweep.best_run_id" not in client.get_run(store["empty_parent"]).data.tags
 
 
@@ -316,7 +318,7 @@ def test_cli_writes_the_report_and_prints_the_best_configuration(store, tmp_path
     assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "top_curves.png",
                                                "gap_vs_hidden.png", "acc_by_activation.png"}
     client = MlflowClient(store["uri"])
-    assert "report/gap_vs_hidden.png" in _artifacts(client, store["act_parent"], "report")
+    assert "gap_vs_hidden.png" in _artifacts(client, store["act_parent"], None)
 
 
 def test_cli_finds_the_default_store_in_the_working_directory(store, tmp_path, monkeypatch,
@@ -342,9 +344,9 @@ def test_cli_exit_2_for_an_unknown_sweep_or_a_missing_store(store, tmp_path, mon
 
 
 def test_reproduce_command_keeps_whole_overrides_and_drops_placement_ones():
-    tag = ("experiment=sweep_lr_reg model.hidden_sizes=[100, 50] optim.lr=0.01 "
-           "trial.number=3 tracking.uri=http://h:5000 +trainer.patience=2")
-    assert rp.reproduce_command(tag) == ("mlp-train experiment=sweep_lr_reg "
+    tag = ("experiment=cs231n_two_layer model.hidden_sizes=[100, 50] optim.lr=0.01 "
+           "+trial.id=3 tracking.uri=http://h:5000 trainer.patience=2")
+    assert rp.reproduce_command(tag) == ("mlp-train experiment=cs231n_two_layer "
                                          "'model.hidden_sizes=[100, 50]' optim.lr=0.01 "
-                                         "+trainer.patience=2")
+                                         "trainer.patience=2")
     assert rp.reproduce_command("") == "mlp-train"

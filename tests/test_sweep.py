@@ -12,6 +12,8 @@ import pytest
 from conftest import tool
 from mlflow import MlflowClient
 
+from mlp import metrics
+
 FAST = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=100",
         "data.val_size=60", "model.hidden_sizes=[16]", "trainer.epochs=2",
         "trainer.batch_size=50", "trainer.train_eval_size=100", "trainer.progress=false",
@@ -34,7 +36,11 @@ def parent_and_children(db: Path) -> tuple[MlflowClient, list, list]:
     return client, parents, children
 
 
-def check_grid(db: Path) -> None:
+def check_grid(db: Path, models: bool = False) -> None:
+    """The sweep contract: the parent summarizes (shared config as params, swept keys as
+    tags, the best child's metrics under the children's keys, a description, the figures
+    at the top level, the best model registered as @champion); children are named by their
+    swept values and tagged with the sweep."""
     client, parents, children = parent_and_children(db)
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
@@ -43,7 +49,18 @@ def check_grid(db: Path) -> None:
     assert sorted((c.data.params["optim.lr"], c.data.params["model.reg"]) for c in children) == [
         ("0.01", "0.0"), ("0.01", "0.001"), ("0.03", "0.0"), ("0.03", "0.001")]
     assert all(c.info.status == "FINISHED" for c in children)
-    assert "optim.lr=0.01,0.03" in parent.data.tags["mlp.sweep.overrides"]
+    assert sorted(c.info.run_name for c in children) == [
+        "reg=0 lr=1e-2", "reg=0 lr=3e-2", "reg=1e-3 lr=1e-2", "reg=1e-3 lr=3e-2"]
+    name = parent.data.tags["mlp.sweep.name"]
+    assert {c.data.tags["mlp.sweep.name"] for c in children} == {name}
+
+    tags, params = parent.data.tags, parent.data.params
+    assert tags["mlp.swept"] == "model.reg optim.lr"
+    assert tags["mlp.swept.optim.lr"] == "0.01,0.03" and tags["mlp.swept.model.reg"] == "0,0.001"
+    assert "optim.lr" not in params and "model.reg" not in params
+    assert params["model.hidden_sizes"] == "[16]" and params["trainer.epochs"] == "2"
+    assert params == {k: v for k, v in children[0].data.params.items()
+                      if k not in ("optim.lr", "model.reg")}
 
     from mlp import report
 
@@ -52,19 +69,30 @@ def check_grid(db: Path) -> None:
     accs = [row["val_acc"] for row in table.rows]
     assert accs == sorted(accs, reverse=True)
     assert set(table.swept) == {"optim.lr", "model.reg"}
-    assert parent.info.run_id in {p.info.run_id for p in parents}
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert "report/report.md" in artifacts
+    best = client.get_run(tags["mlp.sweep.best_run_id"])
+    assert best.info.run_id == table.best["run_id"]
+    for key in (metrics.ACC_BEST_VAL, metrics.ACC_TEST, metrics.ACC_GAP, metrics.LOSS_VAL):
+        assert parent.data.metrics[key] == best.data.metrics[key], key
+    assert f"Best: **{best.info.run_name}**" in tags["mlflow.note.content"]
+    assert "`optim.lr` in 0.01,0.03" in tags["mlflow.note.content"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "report.html", "val_acc_heatmap.png", "top_curves.png"} <= artifacts
+    if models:
+        registered = tags["mlp.sweep.registered_model"]
+        model_name = registered.split("@")[0]
+        version = client.get_model_version_by_alias(model_name, "champion")
+        assert version.run_id == best.info.run_id
 
 
 @pytest.mark.e2e
 def test_grid_with_the_basic_launcher_then_rerun_runs_nothing_new(tmp_path: Path,
                                                                    run_env: dict):
-    out = sweep([*FAST, *GRID], tmp_path, run_env)
+    with_models = [*FAST, "tracking.log_model=true", *GRID]
+    out = sweep(with_models, tmp_path, run_env)
     assert out.returncode == 0, out.stderr[-3000:]
-    check_grid(tmp_path / "mlflow.db")
+    check_grid(tmp_path / "mlflow.db", models=True)
 
-    again = sweep([*FAST, *GRID], tmp_path, run_env)
+    again = sweep(with_models, tmp_path, run_env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("skipping: this config already finished") == 4
     _, parents, children = parent_and_children(tmp_path / "mlflow.db")
@@ -127,7 +155,7 @@ def test_killed_sweep_resumes_the_killed_job(tmp_path: Path, run_env: dict):
     assert [c.info.status for c in children] == ["KILLED"]
     assert parents[0].info.status == "KILLED"
     killed = children[0].info.run_id
-    done = len(client.get_metric_history(killed, "val_acc"))
+    done = len(client.get_metric_history(killed, metrics.ACC_VAL))
     if done >= 25:
         pytest.skip("the job finished before the signal arrived")
 
@@ -136,7 +164,8 @@ def test_killed_sweep_resumes_the_killed_job(tmp_path: Path, run_env: dict):
     assert "resuming killed run" in out.stdout + out.stderr
     _, parents, children = parent_and_children(tmp_path / "mlflow.db")
     assert [(c.info.run_id, c.info.status) for c in children] == [(killed, "FINISHED")]
-    assert [p.step for p in client.get_metric_history(killed, "val_acc")] == list(range(1, 26))
+    assert [p.step for p in client.get_metric_history(killed, metrics.ACC_VAL)] == list(
+        range(1, 26))
     assert parents[0].info.status == "FINISHED"
 
 

@@ -1,15 +1,22 @@
-"""tracking.py in-process: URI precedence, params flattening, run names, metric sending
-that survives a failing store."""
+"""tracking.py in-process: URI precedence, the params that act, the gradient check read back
+at its real values, run names, metric sending that survives a failing store."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
 
+from mlp import config as configlib
+from mlp import metrics as keys
 from mlp import tracking
+from mlp.gradcheck import check_model
+from mlp.model import MLP
 
 
 def test_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -19,11 +26,67 @@ def test_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert tracking.resolve_uri("http://example:5000", tmp_path) == "sqlite:////elsewhere.db"
 
 
-def test_flatten_keeps_lists_whole():
-    flat = tracking.flatten({"model": {"hidden_sizes": [100, 50], "reg": 0.001},
-                             "data": {"limit": None, "augment": {"pad": 4}}, "seed": 0})
-    assert flat == {"model.hidden_sizes": "[100, 50]", "model.reg": "0.001",
-                    "data.limit": "null", "data.augment.pad": "4", "seed": "0"}
+def _resolved(**changes: str) -> dict:
+    """The schema's defaults with dotted-key changes, as a resolved config."""
+    cfg = OmegaConf.structured(configlib.Config)
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value)
+    return OmegaConf.to_container(cfg)
+
+
+def test_params_are_the_keys_that_act_in_the_run():
+    sgd = tracking.run_params(_resolved(optim__name="sgd"))
+    assert sgd["model.hidden_sizes"] == "[100]" and sgd["data.limit"] == "null"
+    assert not {k for k in sgd if k.startswith(("optim.beta", "optim.momentum", "optim.eps",
+                                                 "optim.decay_rate", "data.synthetic."))}
+    adam = tracking.run_params(_resolved(optim__name="adam"))
+    assert {"optim.beta1", "optim.beta2", "optim.eps"} <= set(adam)
+    assert "optim.momentum" not in adam
+    synthetic = tracking.run_params(_resolved(data__name="synthetic"))
+    assert synthetic["data.synthetic.n_train"] == "600"
+    leaky = tracking.run_params(_resolved(model__activation="leaky_relu"))
+    assert "model.leaky_slope" in leaky and "model.elu_alpha" not in leaky
+    for params in (sgd, adam, synthetic):
+        assert not any(k.startswith(("tracking.", "trial.")) or k in (
+            "data.archive", "data.root", "trainer.progress", "trainer.resume") for k in params)
+    tags = tracking.bookkeeping_tags(_resolved(data__archive="/a/cifar.tar.gz",
+                                               tracking__plots="false"))
+    assert tags == {"mlp.data.archive": "/a/cifar.tar.gz", "mlp.tracking.plots": "False"}
+
+
+def test_the_stored_gradient_check_equals_the_computed_one(tmp_path: Path):
+    """Errors from 1e-3 down to 1e-13 (and exact zeros) read back at their value from the
+    metrics, the tags, the table artifact and the JSON report."""
+    net = MLP(input_dim=6, hidden_sizes=[5], num_classes=3, reg=0.1, dtype="float64", seed=1)
+    rng = np.random.default_rng(0)
+    report = check_model(net, rng.standard_normal((4, 6)), np.array([0, 1, 2, 1]))
+    errors = [1e-3, 3e-9, 2.5e-11, 7e-13, 0.0, 1.234567e-12]
+    for i, row in enumerate(report.rows):
+        row.max_rel_error = errors[i % len(errors)]
+        row.mean_rel_error = row.max_rel_error / 3
+    experiment = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "gc")
+    recorder = tracking.start_run(experiment, "gc", {})
+    recorder.log_gradcheck(report)
+    recorder.finish("FINISHED")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(recorder.run_id)
+    for name, error in report.max_by_param("total").items():
+        assert run.data.metrics[keys.GRADCHECK_PREFIX + name] == pytest.approx(error, rel=1e-6)
+    assert run.data.metrics[keys.GRADCHECK_MAX] == pytest.approx(report.max_rel_error,
+                                                                 rel=1e-6)
+    assert float(run.data.tags["gradcheck.max_rel_error"]) == pytest.approx(
+        report.max_rel_error, rel=1e-6)
+    table = json.loads(Path(client.download_artifacts(recorder.run_id, "gradcheck/table.json",
+                                                      str(tmp_path))).read_text())
+    stored = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert len(stored) == len(report.table())
+    for row, computed in zip(stored, report.table(), strict=True):
+        for column in ("max_rel_error", "mean_rel_error"):
+            assert float(row[column]) == pytest.approx(computed[column], rel=1e-6, abs=0)
+    assert any(float(row["max_rel_error"]) == 7e-13 for row in stored)
+    full = json.loads(Path(client.download_artifacts(recorder.run_id, "gradcheck/report.json",
+                                                     str(tmp_path))).read_text())
+    assert full["max_rel_error"] == report.max_rel_error
 
 
 @pytest.mark.parametrize(("model", "lr", "name"), [
@@ -61,9 +124,9 @@ def test_metrics_survive_a_failing_store(tmp_path: Path, monkeypatch: pytest.Mon
     recorder.on_epoch(2, {"val_acc": 0.5})
     recorder.finish("FINISHED")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    history = client.get_metric_history(recorder.run_id, "val_acc")
+    history = client.get_metric_history(recorder.run_id, keys.ACC_VAL)
     assert [(p.step, p.value) for p in history] == [(1, 0.25), (2, 0.5)]
-    assert len(client.get_metric_history(recorder.run_id, "batch_loss")) == 1
+    assert len(client.get_metric_history(recorder.run_id, keys.LOSS_BATCH)) == 1
     assert client.get_run(recorder.run_id).info.status == "FINISHED"
 
 
