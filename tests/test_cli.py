@@ -21,8 +21,6 @@ from mlp import metrics
 
 pytestmark = pytest.mark.e2e
 
-pytestmark = pytest.mark.e2e  # every test here runs the console scripts in a subprocess
-
 QUICK = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=100",
          "data.val_size=60", "model.hidden_sizes=[32]", "trainer.epochs=2",
          "trainer.batch_size=50", "trainer.train_eval_size=100", "trainer.progress=false",
