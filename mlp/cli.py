@@ -55,16 +55,21 @@ def build_model(cfg: DictConfig, input_dim: int, num_classes: int,
 
 
 def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
-    """The gradient check of the run's architecture, activation, loss and reg: same depth,
-    hidden widths capped at gradcheck.max_width, float64, on gradcheck.samples standard
-    normal inputs (what normalized pixels look like) with random labels."""
+    """The gradient check of what the run trains: its architecture, activation, loss and
+    reg (same depth, hidden widths capped at gradcheck.max_width, float64), through the
+    training step's own path (the zero-copy backward pass and the run's optimizer's fused
+    L2 pass), on gradcheck.samples standard normal inputs (what normalized pixels look
+    like) with random labels."""
     g = cfg.gradcheck
     model = build_model(cfg, datalib.DIM, len(datalib.CLASSES), max_width=g.max_width,
                         dtype="float64")
     rng = np.random.default_rng([cfg.seed, 3])
     X = rng.standard_normal((g.samples, model.arch.input_dim))
     y = rng.integers(0, model.arch.num_classes, g.samples)
-    return gradcheck.check_model(model, X, y, num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
+    kwargs = configlib.optimizer_kwargs(configlib.flatten(OmegaConf.to_container(cfg)))
+    return gradcheck.check_training_step(
+        model, lambda params: optim.make_optimizer(cfg.optim.name, params, **kwargs), X, y,
+        num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
 
 
 def archive_path(cfg: DictConfig) -> tuple[Path | None, str | None]:
@@ -304,12 +309,8 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
     if cfg.tracking.log_model:
         model_id = recorder.log_model(trainer.model, trainer.normalizer, splits.classes, name,
                                       example=np.asarray(splits.X_test[:3]))
-    step = result.best_epoch
     recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
-                         step=step, model_id=model_id, dataset=datasets["test"])
-    recorder.log_metrics({metrics.ACC_BEST_VAL: result.best_val_acc,
-                          metrics.BEST_EPOCH: result.best_epoch}, step=step, model_id=model_id,
-                         dataset=datasets["validation"])
+                         step=result.best_epoch, model_id=model_id, dataset=datasets["test"])
     widths = [splits.X_train.shape[1], *cfg.model.hidden_sizes, len(splits.classes)]
     recorder.describe(tracking.describe_run(OmegaConf.to_container(cfg, resolve=True), result,
                                             recorder.client.get_run(recorder.run_id).data.tags,

@@ -118,10 +118,15 @@ def how_to_view(uri: str, experiment_id: str, run_id: str) -> str:
     """What to run and open to see a run in the MLflow UI. `workflowType=machine_learning`
     opens the model-training view: MLflow 3.17's UI starts in its GenAI view whatever the
     experiment's kind tag says."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    view = "workflowType=machine_learning"
+    run = f"#/experiments/{experiment_id}/runs/{run_id}?{view}"
+    table = (f"#/experiments/{experiment_id}/runs?{view}"
+             "&orderByKey=metrics.%60acc%2Fbest_val%60&orderByAsc=false")
     if uri.startswith(("http://", "https://")):
-        return f"open {uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{page}"
+        base = uri.rstrip("/")
+        return f"open {base}/{run}\n  all runs, best first: {base}/{table}"
+    return (f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{run}\n"
+            f"  all runs, best first: http://127.0.0.1:5000/{table}")
 
 
 def run_params(resolved: Mapping[str, Any]) -> dict[str, str]:

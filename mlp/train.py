@@ -153,6 +153,7 @@ class Trainer:
             while st.epoch < self.s.epochs:
                 metrics = self._train_epoch()
                 self._keep_if_best(metrics["val_acc"])
+                metrics |= {"best_val_acc": st.best_val_acc, "best_epoch": st.best_epoch}
                 saved = self.save_checkpoint()
                 for observer in self.observers:
                     observer.on_epoch(st.epoch, metrics)
