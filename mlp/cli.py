@@ -22,8 +22,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mlp import config as configlib
-from mlp import console, gradcheck, metrics, optim, plots, tracking
+from mlp import console, gradcheck, liveness, metrics, optim, plots, tracking
 from mlp import data as datalib
+from mlp import spool as spoollib
 from mlp import sweep as sweeplib
 from mlp.model import MLP
 from mlp.overrides import OverrideError, check_command_line
@@ -146,6 +147,7 @@ def train(cfg: DictConfig) -> float:
                                                        for o in overrides]):
         log.warning("%s", warning)
     uri, experiment_id = _connect(cfg, launch_dir)
+    liveness.reap_dead_runs()
     config_hash = sweeplib.config_hash(resolved)
     resume = cfg.trainer.resume
     if parent is not None:
@@ -174,10 +176,12 @@ def train(cfg: DictConfig) -> float:
             resumed_run = trainer.load_checkpoint(resume).get("run_id")
         except (OSError, ValueError) as e:
             _config_error(ValueError(f"trainer.resume: {e}"))
+        spoollib.send_pending(spoollib.beside(Path(resume)))
 
     tags = tracking.environment_tags(launch_dir, overrides, splits.fingerprint)
     tags[sweeplib.CONFIG_HASH_TAG] = config_hash
     tags["mlp.blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    tags |= liveness.process_tags()
     name = cfg.tracking.run_name or (
         sweeplib.child_name(parent["swept"], overrides) if parent and parent.get("swept")
         else tracking.run_name(resolved))
@@ -186,7 +190,8 @@ def train(cfg: DictConfig) -> float:
     recorder = tracking.start_run(experiment_id, name, tags, run_id=resumed_run,
                                   log_every_steps=cfg.tracking.log_every_steps,
                                   parent_run_id=parent and parent["run_id"],
-                                  system_metrics=cfg.tracking.system_metrics)
+                                  system_metrics=cfg.tracking.system_metrics,
+                                  spool_path=spoollib.beside(trainer.checkpoint_path()))
     trainer.meta["run_id"] = recorder.run_id
     trainer.observers += [recorder, console.EpochPrinter(cfg.trainer.epochs)]
     trial = cfg.get("trial")
@@ -210,7 +215,8 @@ def train(cfg: DictConfig) -> float:
                 raise GradcheckFailed(f"gradient check failed: max relative error "
                                       f"{report.max_rel_error:.2e} >= tol {report.tol:g}")
         result = trainer.fit()
-        record_result(recorder, cfg, trainer, splits, result, datasets, name)
+        with recorder.unless_offline("figures, model or description"):
+            record_result(recorder, cfg, trainer, splits, result, datasets, name)
     except Interrupted as e:
         again = console.command("mlp-train", overrides, [*archive,
                                                          f"trainer.resume={e.checkpoint}"])

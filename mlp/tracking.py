@@ -20,6 +20,7 @@ import os
 # Before mlflow is imported: no usage telemetry unless the user asks for it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import contextlib
 import platform
 import shlex
 import socket
@@ -29,7 +30,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -38,14 +39,15 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric
+from mlflow.entities import DatasetInput, InputTag, Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mlp import config as configlib
+from mlp import liveness, serving, store
 from mlp import metrics as keys
-from mlp import serving
+from mlp import spool as spoollib
 from mlp.data import Normalizer
 from mlp.gradcheck import GradcheckReport
 from mlp.model import MLP
@@ -77,9 +79,14 @@ def resolve_uri(configured: str | None, launch_dir: str | Path) -> str:
 def connect(uri: str, experiment: str) -> str:
     """Point MLflow at `uri`, make sure the store and the experiment exist, and return
     the experiment id. A server that does not answer raises TrackingError at once
-    (before any training), instead of MLflow's minutes of retries."""
+    (before any training), instead of MLflow's minutes of retries; so does a store that
+    cannot be opened (a SQLite store is created under a lock: `store.open_client`)."""
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    store.apply_http_policy()
+    try:
+        client = store.open_client(uri)
+    except store.StoreError as e:
+        raise TrackingError(str(e)) from e
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update(quick)
@@ -265,17 +272,28 @@ class RunRecorder:
     """Records one run: an `Observer` for the training loop plus the run's artifacts.
 
     Per-step `batch_loss` is kept every `log_every_steps` steps; everything is buffered
-    and flushed with `log_batch` once per epoch, from a background thread.
+    and flushed with `log_batch` once per epoch, from a background thread, with the
+    heartbeat tag (`liveness`). With a `spool_path`, what the store does not take is kept
+    in that file (`mlp.spool`) and the store is left alone for RETRY_AFTER seconds, so a
+    dead server costs each call a bounded time (`store.HTTP_POLICY`) and the run's end
+    one more try; what is still in the spool then is named in a warning.
     """
 
-    def __init__(self, run_id: str, log_every_steps: int = 10) -> None:
+    RETRY_AFTER = 30.0  # seconds without trying the store after a failed send
+
+    def __init__(self, run_id: str, log_every_steps: int = 10,
+                 spool_path: Path | None = None) -> None:
         self.run_id = run_id
         self.client = MlflowClient()
+        self.uri = mlflow.get_tracking_uri()
         self.log_every_steps = log_every_steps
+        self.spool = None if spool_path is None else spoollib.Spool(spool_path)
         self._buffer: list[Metric] = []
+        self._tags: dict[str, str] = {}
         self._lock = threading.Lock()
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlp-tracking")
         self._sending: Future | None = None
+        self._offline_until = 0.0  # time.monotonic() before which the store is not tried
         self._deferred: list[Metric] = []  # the gradient check's metrics (log_gradcheck)
 
     # -- Observer ---------------------------------------------------------------------------
@@ -286,6 +304,8 @@ class RunRecorder:
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self._add({keys.mlflow_key(k): v for k, v in metrics.items()}, epoch)
+        with self._lock:
+            self._tags |= liveness.heartbeat()
         self.flush()
 
     # -- metrics ------------------------------------------------------------------------
@@ -306,40 +326,103 @@ class RunRecorder:
             self.flush(wait=True)
             return
         self.flush(wait=True)
-        mlflow.log_metrics(dict(metrics), step=step, run_id=self.run_id, model_id=model_id,
-                           dataset=dataset)
+        try:
+            if self._offline():
+                raise store.StoreError("the store failed a moment ago")
+            mlflow.log_metrics(dict(metrics), step=step, run_id=self.run_id, model_id=model_id,
+                               dataset=dataset)
+        except store.STORE_ERRORS:
+            if self.spool is None:
+                raise
+            self._add(metrics, step)  # kept (in the spool), without the link
+            self.flush(wait=True)
+
+    def _offline(self) -> bool:
+        """Whether the store failed less than RETRY_AFTER seconds ago (with a spool only)."""
+        return self.spool is not None and time.monotonic() < self._offline_until
+
+    @contextlib.contextmanager
+    def unless_offline(self, what: str) -> Iterator[None]:
+        """Run the block; when the store fails in it and the run has a spool, warn that
+        `what` is not recorded instead of failing a run whose training is done."""
+        try:
+            yield
+        except store.STORE_ERRORS as e:
+            if self.spool is None:
+                raise
+            self._offline_until = time.monotonic() + self.RETRY_AFTER
+            warnings.warn(f"{what} not recorded: the MLflow store does not answer "
+                          f"({type(e).__name__}); the trained parameters are in the "
+                          f"checkpoint beside {self.spool.path}", stacklevel=3)
 
     def flush(self, wait: bool = False, strict: bool = False) -> None:
-        """Hand the buffered metrics to the sender thread; with `wait`, block until they
-        are stored, and with `strict` also retry what failed once more, raising on error."""
+        """Hand the buffered metrics and tags to the sender thread; with `wait`, block until
+        they are stored (or spooled), and with `strict` also retry what failed once more
+        now: without a spool raising on error, with one sending the spool."""
         with self._lock:
             points, self._buffer = self._buffer, []
+            tags, self._tags = self._tags, {}
         # MLflow lists a run's metrics in the order their keys first arrive: send them in
         # the order a reviewer reads them (a stable sort keeps each key's steps in order).
         points.sort(key=lambda point: keys.reading_order(point.key))
-        if points:
-            self._sending = self._sender.submit(self._send, points)
+        if points or tags:
+            self._sending = self._sender.submit(self._send, points, tags)
         if wait and self._sending is not None:
             self._sending.result()
             if strict:
                 with self._lock:
                     points, self._buffer = self._buffer, []
-                self._send(points, strict=True)
+                    tags, self._tags = self._tags, {}
+                self._send(points, tags, strict=True)
 
-    def _send(self, points: list[Metric], strict: bool = False) -> None:
-        """log_batch in chunks of 1000 (MLflow's limit). On failure put what is left back
-        at the front of the buffer, for the next flush (one sender thread keeps the order)."""
-        for i in range(0, len(points), 1000):
+    def _send(self, points: list[Metric], tags: Mapping[str, str] | None = None,
+              strict: bool = False) -> None:
+        """The spool first (oldest first), then log_batch in chunks of 1000 (MLflow's
+        limit), the tags with the first. On failure what is left goes to the spool, or
+        without one back to the front of the buffer, for the next flush (one sender thread
+        keeps the order)."""
+        tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
+        if not strict and self._offline():
+            self._keep(points, tag_list)
+            return
+        try:
+            if self.spool is not None and self.spool.pending():
+                self.spool.send()
+        except store.STORE_ERRORS as e:
+            self._keep(points, tag_list, e)
+            return
+        starts = range(0, len(points), 1000) if points else range(1 if tag_list else 0)
+        for i in starts:
             try:
-                self.client.log_batch(self.run_id, metrics=points[i:i + 1000])
-            except (MlflowException, OSError) as e:
-                if strict:
+                self.client.log_batch(self.run_id, metrics=points[i:i + 1000],
+                                      tags=tag_list if i == 0 else [])
+            except store.STORE_ERRORS as e:
+                if strict and self.spool is None:
                     raise
-                with self._lock:
-                    self._buffer[:0] = points[i:]
-                warnings.warn(f"MLflow logging failed, will retry at the next flush: {e}",
-                              stacklevel=2)
+                self._keep(points[i:], tag_list if i == 0 else [], e)
                 return
+
+    def _keep(self, points: list[Metric], tags: list[RunTag],
+              error: BaseException | None = None) -> None:
+        """Keep what could not be sent: in the spool (and stay away from the store for
+        RETRY_AFTER seconds), or without one in the buffer."""
+        if self.spool is None:
+            with self._lock:
+                self._buffer[:0] = points
+                self._tags = {t.key: t.value for t in tags} | self._tags
+            warnings.warn(f"MLflow logging failed, will retry at the next flush: {error}",
+                          stacklevel=3)
+            return
+        self.spool.append(spoollib.metric_records(self.uri, self.run_id, points)
+                          + spoollib.tag_records(self.uri, self.run_id,
+                                                 {t.key: t.value for t in tags}))
+        if error is not None:
+            if time.monotonic() >= self._offline_until:
+                warnings.warn(f"the MLflow store does not answer ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); training "
+                              f"goes on, what is not sent is kept in {self.spool.path}",
+                              stacklevel=3)
+            self._offline_until = time.monotonic() + self.RETRY_AFTER
 
     # -- artifacts ------------------------------------------------------------------------
 
@@ -421,36 +504,65 @@ class RunRecorder:
     # -- status -----------------------------------------------------------------------------
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        """Set tags now, with any buffered metrics (kept like them when the store fails)."""
+        with self._lock:
+            self._tags |= tags
+        self.flush(wait=True)
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
-        """End the run FINISHED, FAILED (with the error as tags) or KILLED."""
+        """End the run FINISHED, FAILED (with the error as tags) or KILLED. With a spool and
+        a store that still does not answer, the end goes to the spool too, and a warning
+        says what is kept where and how to send it (`mlp-sync`)."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status={status!r}: expected FINISHED, FAILED or KILLED")
         with self._lock:
             self._buffer += self._deferred
             self._deferred = []
+            if error is not None:
+                self._tags |= {"error.type": type(error).__name__,
+                               "error.message": str(error)[:5000]}
         try:
-            self.flush(wait=True, strict=status == "FINISHED")
+            self.flush(wait=True, strict=status == "FINISHED" or self.spool is not None)
         finally:
             self._sender.shutdown(wait=True)
-            if error is not None:
-                self.set_tags({"error.type": type(error).__name__,
-                               "error.message": str(error)[:5000]})
             active = mlflow.active_run()
-            if active is not None and active.info.run_id == self.run_id:
-                mlflow.end_run(status=status)
-            else:
-                self.client.set_terminated(self.run_id, status=status)
+            try:
+                if self.spool is not None and self.spool.pending():
+                    raise store.StoreError("the spool could not be sent")
+                if active is not None and active.info.run_id == self.run_id:
+                    mlflow.end_run(status=status)  # leaves the fluent run even when it fails
+                else:
+                    self.client.set_terminated(self.run_id, status=status)
+            except store.STORE_ERRORS:
+                if self.spool is None:
+                    raise
+                if active is not None and active.info.run_id == self.run_id:
+                    with contextlib.suppress(*store.STORE_ERRORS):
+                        mlflow.end_run(status=status)
+                self._spool_end(status)
+
+    def _spool_end(self, status: str) -> None:
+        """Keep the run's final status in the spool (after its last points) and say so."""
+        assert self.spool is not None
+        self.spool.append([spoollib.status_record(self.uri, self.run_id, status,
+                                                  int(time.time() * 1000))])
+        records = [r for r in self.spool.read() if r["run_id"] == self.run_id]
+        counts = {kind: sum(r["kind"] == kind for r in records)
+                  for kind in ("metric", "tag", "status")}
+        warnings.warn(f"the MLflow store {self.uri} does not answer: run {self.run_id} ended "
+                      f"{status}, but {counts['metric']} metric points, {counts['tag']} tags "
+                      f"and its final status are kept in {self.spool.path}. Send them when "
+                      f"the store is back with: mlp-sync {self.spool.path}", stacklevel=3)
 
 
 def start_run(experiment_id: str, name: str, tags: Mapping[str, str],
               run_id: str | None = None, log_every_steps: int = 10,
-              parent_run_id: str | None = None, system_metrics: bool = False) -> RunRecorder:
+              parent_run_id: str | None = None, system_metrics: bool = False,
+              spool_path: Path | None = None) -> RunRecorder:
     """Start a run (or reopen `run_id` to continue it after a resume) as the active run,
     as a child of `parent_run_id` when given, sampling CPU and memory as `system/*`
-    metrics when `system_metrics`, and return its recorder."""
+    metrics when `system_metrics`, and return its recorder (keeping what the store does
+    not take in `spool_path`, when given)."""
     tags = dict(tags)
     if parent_run_id is not None:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -459,7 +571,7 @@ def start_run(experiment_id: str, name: str, tags: Mapping[str, str],
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags,
                                log_system_metrics=system_metrics)
-    return RunRecorder(run.info.run_id, log_every_steps)
+    return RunRecorder(run.info.run_id, log_every_steps, spool_path)
 
 
 def open_parent_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
