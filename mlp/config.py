@@ -345,9 +345,10 @@ def validate(cfg: DictConfig | Config | Mapping[str, Any]) -> None:
         if flat["data.val_size"] >= n_train:
             raise ConfigError("data.val_size", flat["data.val_size"],
                               f"fewer images than {source}={n_train}")
-        if flat["trainer.batch_size"] > n_train - flat["data.val_size"]:
-            raise ConfigError("trainer.batch_size", flat["trainer.batch_size"],
-                              f"at most the {n_train - flat['data.val_size']} training images")
+    # A batch larger than the training split, or a run larger than the machine's memory.
+    from mlp import budget  # (budget raises this module's ConfigError: imported here)
+
+    budget.check(flat)
     # The schedule and the optimizer check their own hyperparameters (ValueError naming
     # the optim.* key); building them here moves those errors before any work.
     schedule = {k: flat[f"optim.schedule.{k}"] for k in ScheduleConfig.__dataclass_fields__}
