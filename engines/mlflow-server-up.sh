@@ -26,7 +26,8 @@ python=$(dirname "$(command -v "$mlflow")")/python
 "$python" -c 'import psycopg' 2>/dev/null \
   || fail "the PostgreSQL driver is missing beside $mlflow: pip install 'mlp-lab[server]'"
 
-mkdir -p "$dir"
+# 0711: the `postgres` user (the cluster's owner when this runs as root) must pass through.
+install -d -m 0711 "$dir"
 MLP_LAB_PG_DIR="$dir/postgres" "$here/postgres-up.sh"
 pg_port=${MLP_LAB_PG_PORT:-5433}
 pg_user=${MLP_LAB_PG_USER:-mlflow}
@@ -66,6 +67,9 @@ default_permission = READ
 database_uri = postgresql+psycopg://$pg_user@127.0.0.1:$pg_port/mlflow_auth
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+# A password check (PBKDF2) costs ~1 s of CPU here: remember a good one for a minute, or every
+# request of a training run waits for it (with 1 worker there is no staleness to fear).
+auth_cache_ttl_seconds = 60
 INI
     export MLFLOW_AUTH_CONFIG_PATH="$dir/basic_auth.ini"
     MLFLOW_AUTH_ADMIN_PASSWORD=$(head -1 "$dir/admin-password")

@@ -2,7 +2,8 @@
 `server`, through the scripts in engines/ (the ones a developer and .ci/run use), and stop
 them afterwards. Each skips with the reason when its engine cannot be had here (no sbatch,
 no PostgreSQL and not root to install it, no PostgreSQL driver). Everything listens on
-127.0.0.1, on ports free at the time."""
+127.0.0.1, on ports free at the time. A test module imports the `fixture_<name>` functions
+it needs; its tests ask for `<name>`."""
 
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def _slurm_node_up() -> bool:
         for s in done.stdout.splitlines())
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster() -> Iterator[None]:
+@pytest.fixture(scope="module", name="slurm_cluster")
+def fixture_slurm_cluster() -> Iterator[None]:
     """A SLURM cluster that takes jobs: the one that runs, or a one-node cluster started by
     engines/slurm-up.sh (as root) and stopped again after the module."""
     if not shutil.which("sbatch"):
@@ -126,8 +127,8 @@ def _pg_env(port: int) -> dict[str, str]:
     return dict(os.environ, MLP_LAB_PG_PORT=str(port), MLP_LAB_PG_USER="mlflow")
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
+@pytest.fixture(scope="module", name="postgres")
+def fixture_postgres() -> Iterator[Postgres]:
     """A private PostgreSQL (engines/postgres-up.sh in a fresh directory, a free port),
     stopped and deleted after the module."""
     _skip_without_postgres()
@@ -148,22 +149,22 @@ class MlflowServer:
     postgres: Postgres
     admin_password: str | None  # basic auth: the admin's password
 
-    def get(self, path: str, auth: tuple[str, str] | None = None) -> dict:
-        """GET <url>/<path> from the REST API, as JSON (with basic auth when given)."""
-        request = urllib.request.Request(f"{self.url}/{path}")
+    def call(self, method: str, endpoint: str, body: dict | None = None,
+             auth: tuple[str, str] | None = None) -> tuple[int, dict]:
+        """(HTTP status, JSON answer) of the REST API's `endpoint` (after /api/2.0/mlflow/),
+        as user `auth` = (name, password) when given."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{endpoint}", data=data,
+                                         method=method,
+                                         headers={"Content-Type": "application/json"})
         if auth is not None:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
-
-    def status_of(self, path: str) -> int:
-        """The HTTP status of an unauthenticated GET <url>/<path>."""
         try:
-            with urllib.request.urlopen(f"{self.url}/{path}", timeout=30) as response:
-                return response.status
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.load(response)
         except urllib.error.HTTPError as e:
-            return e.code
+            return e.code, {}
 
 
 def _start_server(auth: str | None) -> Iterator[MlflowServer]:
@@ -184,13 +185,13 @@ def _start_server(auth: str | None) -> Iterator[MlflowServer]:
         shutil.rmtree(where, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def mlflow_server() -> Iterator[MlflowServer]:
+@pytest.fixture(scope="module", name="mlflow_server")
+def fixture_mlflow_server() -> Iterator[MlflowServer]:
     """`mlflow server` on a private PostgreSQL, artifacts served from its directory."""
     yield from _start_server(None)
 
 
-@pytest.fixture(scope="module")
-def mlflow_auth_server() -> Iterator[MlflowServer]:
+@pytest.fixture(scope="module", name="mlflow_auth_server")
+def fixture_mlflow_auth_server() -> Iterator[MlflowServer]:
     """The same with MLflow's basic-auth app (users in PostgreSQL too)."""
     yield from _start_server("basic")
