@@ -26,7 +26,6 @@ COMPOSE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 LOCK = DOCKER / "requirements.lock"
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN", re.I)
-PLACEHOLDERS = {"", "change-me"}
 
 
 def _lock_module():
@@ -316,7 +315,25 @@ def test_no_secret_is_committed(compose):
                 assert re.fullmatch(r"\$\{\w+\}", password), f"{name}.{key}: literal password"
     for key, value in _env_example().items():
         if SECRET_KEY.search(key):
-            assert value in PLACEHOLDERS, f".env.example: {key} must stay a placeholder"
+            assert value == "", f".env.example: {key} must stay empty (compose refuses it so)"
+            assert f"${{{key}:?" in COMPOSE.read_text(), f"compose.yaml: ${{{key}:?...}}"
+
+
+@pytest.mark.parametrize(("uri", "refused"), [
+    ("postgresql://mlflow:change-me@postgres:5432/mlflow", True),
+    ("postgresql://mlflow:@postgres:5432/mlflow", True),
+    ("postgresql://mlflow:9f2c41d0a7@postgres:5432/mlflow", False),
+    ("", False),  # not a tracking server: nothing to check
+])
+def test_the_entrypoint_refuses_a_placeholder_database_password(uri: str, refused: bool):
+    done = subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), "true"], capture_output=True,
+                          text=True, timeout=30,
+                          env={"PATH": os.environ["PATH"], "MLFLOW_BACKEND_STORE_URI": uri})
+    if refused:
+        assert done.returncode == 2
+        assert "set a real POSTGRES_PASSWORD in docker/.env" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
 
 
 def test_docker_env_is_ignored_by_git():
