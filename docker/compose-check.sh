@@ -18,6 +18,22 @@ SECONDS=0
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 tmp=$(mktemp -d)
+cleanup() {
+  if [ -s "$tmp/compose.env" ]; then
+    if [ "${MLP_LAB_COMPOSE_KEEP:-}" = 1 ]; then
+      run_compose down >/dev/null 2>&1 || true
+    else
+      run_compose down -v >/dev/null 2>&1 || true
+    fi
+    # The anonymous volumes of the image's VOLUMEs (/data, /runs of the mlflow service), which
+    # podman-compose's `down -v` leaves behind; they hold nothing of the stack's.
+    if [ -s "$tmp/anonymous" ]; then
+      sort -u "$tmp/anonymous" | xargs -r "$engine" volume rm >/dev/null 2>&1 || true
+    fi
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
 project=mlp-lab-check
 say() { printf '[compose-check %4ds] %s\n' "$SECONDS" "$*"; }
 fail() { say "FAILED: $*" >&2; exit 1; }
@@ -34,10 +50,11 @@ elif command -v podman-compose >/dev/null 2>&1; then
 else
   say "pip install podman-compose (scratch venv)"
   python3 -m venv "$tmp/podman-compose"
-  "$tmp/podman-compose/bin/pip" install --quiet 'podman-compose>=1.1,<2'
+  "$tmp/podman-compose/bin/pip" install --quiet 'podman-compose>=1.1,<2' >"$tmp/pip.log" 2>&1 \
+    || { cat "$tmp/pip.log"; fail "pip install podman-compose"; }
   compose=("$tmp/podman-compose/bin/podman-compose")
 fi
-say "compose: $("${compose[@]}" version 2>/dev/null | tail -1)"
+say "compose: $("${compose[@]}" version 2>/dev/null | head -1)"
 
 # -- images ------------------------------------------------------------------------------------
 postgres_image=$(awk '/^  postgres:/ { inside = 1 } inside && $1 == "image:" { print $2; exit }' \
@@ -63,15 +80,6 @@ password=$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')
 sed -e "s/^POSTGRES_PASSWORD=.*/POSTGRES_PASSWORD=$password/" -e "s/^MLFLOW_PORT=.*/MLFLOW_PORT=$port/" \
   docker/.env.example > "$tmp/compose.env"
 run_compose() { "${compose[@]}" --env-file "$tmp/compose.env" -p "$project" -f docker/compose.yaml "$@"; }
-cleanup() {
-  if [ "${MLP_LAB_COMPOSE_KEEP:-}" = 1 ]; then
-    run_compose down >/dev/null 2>&1 || true
-  else
-    run_compose down -v >/dev/null 2>&1 || true
-  fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
 
 # compose itself refuses the example's empty password.
 if "${compose[@]}" --env-file docker/.env.example -p "$project" -f docker/compose.yaml config \
@@ -104,6 +112,8 @@ wait_healthy() {  # service...: run their healthchecks until each passes (podman
       sleep 2
     done
     say "$service healthy ($name)"
+    $engine inspect --format '{{range .Mounts}}{{.Name}}{{"\n"}}{{end}}' "$name" \
+      | grep -E '^[0-9a-f]{64}$' >> "$tmp/anonymous" || true
   done
 }
 
@@ -129,9 +139,20 @@ request = urllib.request.Request(f"{api}/runs/search", method="POST",
                                  headers={"Content-Type": "application/json"})
 with urllib.request.urlopen(request, timeout=30) as r:
     runs = json.load(r).get("runs", [])
+
+def artifacts(run_id, path=""):  # every file of the run: path -> size, through the server
+    query = urllib.parse.urlencode({"run_id": run_id, "path": path})
+    with urllib.request.urlopen(f"{api}/artifacts/list?{query}", timeout=30) as r:
+        files = json.load(r).get("files", [])
+    found = {}
+    for f in files:
+        found |= artifacts(run_id, f["path"]) if f["is_dir"] else {f["path"]: f["file_size"]}
+    return found
+
 print(json.dumps(sorted(
     [{"run_id": run["info"]["run_id"], "status": run["info"]["status"],
-      "metrics": {m["key"]: m["value"] for m in run["data"].get("metrics", [])}}
+      "metrics": {m["key"]: m["value"] for m in run["data"].get("metrics", [])},
+      "artifacts": artifacts(run["info"]["run_id"])}
      for run in runs], key=lambda run: run["run_id"])))
 PY
 }
@@ -156,7 +177,9 @@ import json, sys
 runs = json.loads(sys.argv[1])
 assert len(runs) == 1 and runs[0]["status"] == "FINISHED", runs
 assert len(runs[0]["metrics"]) > 5, runs[0]["metrics"]
-print(f"REST API: run {runs[0]['run_id']} FINISHED with {len(runs[0]['metrics'])} metrics")
+assert any(path.endswith(".png") for path in runs[0]["artifacts"]), runs[0]["artifacts"]
+print(f"REST API: run {runs[0]['run_id']} FINISHED with {len(runs[0]['metrics'])} metrics "
+      f"and {len(runs[0]['artifacts'])} artifacts")
 PY
 
 # -- down (volumes kept), up again: the run is still there ---------------------------------------------
@@ -166,5 +189,5 @@ run_compose down >/dev/null 2>&1 || fail "down"
 up
 after=$(rest compose-check)
 [ "$after" = "$before" ] || fail "after the restart the server returned another record: $after"
-say "durable: after down and up the server returns the same run, status and metrics"
+say "durable: after down and up the server returns the same run, status, metrics and artifacts"
 say "OK: compose stack healthy on 127.0.0.1:$port, run logged and kept across a restart; total ${SECONDS} s"

@@ -29,7 +29,7 @@ SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "token", "access_token", "secr
 # scheme://user:password@ : the password runs to the last @ before the path, so that an
 # unencoded @ inside it is masked too.
 _USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^/\s]*)@")
-_QUERY = re.compile(rf"(?P<head>[?&;](?:{'|'.join(SECRET_QUERY_KEYS)})=)(?P<secret>[^&#\s]*)",
+_QUERY = re.compile(rf"(?P<head>[?&;](?:{'|'.join(SECRET_QUERY_KEYS)})=)(?P<secret>[^&;#\s]*)",
                     re.IGNORECASE)
 
 

@@ -1,6 +1,8 @@
 """docker/: the image's Dockerfile (hadolint), its build context, its entrypoint, the lock file
 (in sync with pyproject.toml, offline), the compose stack (structure, no public ports, no
-committed secret) and, marked slow, docker/check.sh building the image and training in it."""
+committed secret, the entrypoint's refusal of a placeholder password), marked slow,
+docker/check.sh building the image and training in it, and marked compose,
+docker/compose-check.sh bringing the stack up for real and restarting it."""
 
 from __future__ import annotations
 
@@ -357,3 +359,16 @@ def test_check_sh_builds_the_image_and_trains_in_it():
     sys.stdout.write(done.stdout[-3000:])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "trains and records reproducibly" in done.stdout
+
+
+@pytest.mark.compose
+def test_compose_check_keeps_a_run_across_a_restart_of_the_stack():
+    engine = shutil.which("podman") or shutil.which("docker")
+    if os.geteuid() != 0 and engine is None:
+        pytest.skip("needs podman or docker, or root to install podman")
+    done = subprocess.run(["bash", str(DOCKER / "compose-check.sh")], capture_output=True,
+                          text=True, timeout=2400)
+    sys.stdout.write(done.stdout[-3000:])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "compose refuses an empty POSTGRES_PASSWORD" in done.stdout
+    assert "durable: after down and up the server returns the same run" in done.stdout

@@ -15,7 +15,8 @@ if [ "$(id -u)" = 0 ]; then
   mkdir -p "$PGDATA" /run/postgresql
   chown -R postgres:postgres "$PGDATA" /run/postgresql
   chmod 0700 "$PGDATA"
-  exec runuser -u postgres -- "$0" "$@"
+  # setpriv execs (runuser would stay as PID 1 and not pass the stop signal on).
+  exec setpriv --reuid=postgres --regid=postgres --init-groups -- "$0" "$@"
 fi
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   : "${POSTGRES_PASSWORD:?the postgres stand-in needs POSTGRES_PASSWORD}"
