@@ -118,6 +118,13 @@ build_image() {
   say "building $image from docker/Dockerfile"
   build_start=$SECONDS
   $engine "${build[@]}" . >"$tmp/build.log" 2>&1 || { tail -40 "$tmp/build.log"; fail "build"; }
+  # podman 4.3 (buildah 1.28) reuses cached layers of LABEL/ENV lines whose build arguments
+  # changed: an image of another commit would pass as this one's. Then build without cache.
+  if [ "$($engine image inspect --format '{{index .Config.Labels "org.opencontainers.image.revision"}}' "$image")" != "$commit" ]; then
+    say "the build cache gave the labels of another commit: building again without cache"
+    $engine "${build[@]}" --no-cache . >"$tmp/build.log" 2>&1 \
+      || { tail -40 "$tmp/build.log"; fail "build"; }
+  fi
   image_id=$($engine image inspect --format '{{.Id}}' "$image")
   say "built $image (${image_id:0:19}) in $((SECONDS - build_start)) s"
 }
