@@ -369,8 +369,8 @@ def test_two_workers_share_one_postgresql_study(postgres: Postgres, tmp_path: Pa
     # PGPASSWORD only (they could not report to the study otherwise), so it is in no job
     # override, multirun.yaml or output line. Hydra itself saves its command line in each
     # job's .hydra/hydra.yaml: hence the README's advice to give the password by PGPASSWORD.
-    storage = postgres.uri(postgres.create_database("optuna_shared").rsplit("/", 1)[1],
-                           with_password=True)
+    postgres.create_database("optuna_shared")
+    storage = postgres.uri("optuna_shared", with_password=True)
     env = {k: v for k, v in run_env.items() if k != "PGPASSWORD"}
     workers = [sweep([*_pg_sweep_args(storage, "shared", 6),
                       f"hydra.sweeper.sampler.seed={seed}"], tmp_path, env, empty_store)
