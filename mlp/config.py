@@ -2,7 +2,7 @@
 
 The dataclasses mirror `conf/` and the code they configure: `model` -> `model.MLP`'s
 keyword arguments, `optim` -> `optim.make_optimizer` + `optim.Schedule`, `data` ->
-`data`, `trainer` -> `train.TrainSettings`, `gradcheck` -> `gradcheck.check_model`,
+`data`, `trainer` -> `train.TrainSettings`, `gradcheck` -> `gradcheck.check_training_step`,
 `tracking` -> `tracking`. Their defaults are read from that code (a default lives where
 it acts); only what the code has no default for (the learning rate, the data set) is set
 here. Registered in Hydra's ConfigStore, the schema is the base of `conf/config.yaml`,
@@ -40,7 +40,7 @@ def _defaults(fn: Callable) -> dict[str, Any]:
 _MLP = _defaults(model.MLP)
 _OPTIM = _defaults(optim.make_optimizer)
 _SCHEDULE = _defaults(optim.Schedule)
-_CHECK = _defaults(gradcheck.check_model)
+_CHECK = _defaults(gradcheck.check_training_step)
 _NORMALIZER = _defaults(datalib.Normalizer)
 _TRAIN = TrainSettings()
 

@@ -383,11 +383,13 @@ def test_a_sigkilled_run_is_marked_killed_by_the_next_run(tmp_path: Path, run_en
                              f"trainer.checkpoint_dir={ckpt}"], cwd=tmp_path, env=run_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for((ckpt / "last.npz").exists)
+    # The epoch's record (metrics and heartbeat) is sent from a helper thread after the
+    # checkpoint is written: kill once it has arrived.
+    _wait_for(lambda: liveness.HEARTBEAT_TAG in runs_of(tmp_path / "mlflow.db")[1][0].data.tags)
     proc.kill()
     proc.wait()
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs] == ["RUNNING"]
-    assert liveness.HEARTBEAT_TAG in runs[0].data.tags
     out = mlp_train([*QUICK, *LEAN, "trainer.epochs=1"], tmp_path, run_env)
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = runs_of(tmp_path / "mlflow.db")
