@@ -19,6 +19,17 @@ if [ -z "${MLFLOW_RUN_CONTEXT:-}" ]; then
   export MLFLOW_RUN_CONTEXT
 fi
 
+# A tracking server on a database whose password is the example's placeholder (or empty) is
+# refused: docker/.env.example leaves POSTGRES_PASSWORD for the user to set.
+placeholder=change-me
+case "${MLFLOW_BACKEND_STORE_URI:-}" in
+  *://*:"$placeholder"@* | *://*:@*)
+    echo "mlp-entrypoint: the database password in MLFLOW_BACKEND_STORE_URI is empty or the" \
+      "placeholder '$placeholder': set a real POSTGRES_PASSWORD in docker/.env" \
+      "(e.g. openssl rand -hex 24) and start again" >&2
+    exit 2 ;;
+esac
+
 # The hash of the lock the image was installed from, when the build did not announce it.
 if [ -z "${MLP_LAB_LOCK_HASH:-}" ] && [ -r /opt/mlp-lab/requirements.lock ]; then
   MLP_LAB_LOCK_HASH=$(sha256sum /opt/mlp-lab/requirements.lock | cut -d' ' -f1)

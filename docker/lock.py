@@ -26,7 +26,7 @@ ROOT = DOCKER.parent
 LOCK = DOCKER / "requirements.lock"
 EXTRA = DOCKER / "requirements.in"
 PYTHON_VERSION = "3.11"  # the Python of the image's base (docker/Dockerfile)
-EXTRAS = ("optuna",)  # pyproject.toml's optional dependencies that the image has too
+EXTRAS = ("optuna", "server")  # pyproject.toml's optional dependencies that the image has too
 HASH_PREFIX = "# dependencies-sha256: "
 
 

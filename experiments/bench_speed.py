@@ -2,8 +2,9 @@
 
 For each net, in one process, with the same shapes, dtype, batch and thread count:
 
-* **mlp-lab**: the step `mlp-train` runs, `model.loss_and_grads` then `optimizer.step`
-  (SGD momentum, L2 reg, ReLU, softmax), on a batch that is already normalized;
+* **mlp-lab**: the step `mlp-train` runs, the model's zero-copy backward pass then
+  `optimizer.step` with the L2 term fused into its pass (SGD momentum, L2 reg, ReLU,
+  softmax), on a batch that is already normalized;
 * **floor**: only the matrix multiplies of that step (forward, and the backward of every
   layer, without the data's gradient), into preallocated arrays: no framework can beat it;
 * **PyTorch** (when `torch` is importable; never a dependency of mlp-lab): the same net,
@@ -19,7 +20,7 @@ normalization into float32) is timed apart, per epoch, as the trainer runs it. P
 is measured in a child process that trains the first net on a full-size (50,000 x 3072)
 uint8 data set with `mlp.train.Trainer`: its peak resident set, as `ps` would show.
 
-    python experiments/bench_speed.py                      # the three nets of issue 7
+    python experiments/bench_speed.py                      # the three nets of NETS
     python experiments/bench_speed.py --threads 1 --reps 9
     python experiments/bench_speed.py --quick              # tiny shapes (the test suite)
     python experiments/bench_speed.py --json results.json
@@ -72,7 +73,7 @@ def mlp_lab_step(dims: tuple, batch: int, seed: int = 0) -> Callable[[], None]:
     y = rng.integers(0, classes, batch)
 
     def step() -> None:  # the lines of Trainer.fit, without the divergence guard
-        loss, grads = model.data_loss_and_grads(X, y)
+        loss, grads = model._backprop(X, y)
         loss += optimizer.step(model.params, grads, LR, l2=model.l2_coefficients())
 
     return step

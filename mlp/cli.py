@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mlp import config as configlib
-from mlp import console, gradcheck, liveness, metrics, optim, plots, tracking
+from mlp import console, gradcheck, liveness, masking, metrics, optim, plots, tracking
 from mlp import data as datalib
 from mlp import spool as spoollib
 from mlp import sweep as sweeplib
@@ -56,16 +57,21 @@ def build_model(cfg: DictConfig, input_dim: int, num_classes: int,
 
 
 def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
-    """The gradient check of the run's architecture, activation, loss and reg: same depth,
-    hidden widths capped at gradcheck.max_width, float64, on gradcheck.samples standard
-    normal inputs (what normalized pixels look like) with random labels."""
+    """The gradient check of what the run trains: its architecture, activation, loss and
+    reg (same depth, hidden widths capped at gradcheck.max_width, float64), through the
+    training step's own path (the zero-copy backward pass and the run's optimizer's fused
+    L2 pass), on gradcheck.samples standard normal inputs (what normalized pixels look
+    like) with random labels."""
     g = cfg.gradcheck
     model = build_model(cfg, datalib.DIM, len(datalib.CLASSES), max_width=g.max_width,
                         dtype="float64")
     rng = np.random.default_rng([cfg.seed, 3])
     X = rng.standard_normal((g.samples, model.arch.input_dim))
     y = rng.integers(0, model.arch.num_classes, g.samples)
-    return gradcheck.check_model(model, X, y, num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
+    kwargs = configlib.optimizer_kwargs(configlib.flatten(OmegaConf.to_container(cfg)))
+    return gradcheck.check_training_step(
+        model, lambda params: optim.make_optimizer(cfg.optim.name, params, **kwargs), X, y,
+        num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
 
 
 def archive_path(cfg: DictConfig) -> tuple[Path | None, str | None]:
@@ -97,15 +103,8 @@ def load_data(cfg: DictConfig) -> datalib.Splits:
     return datalib.split(raw, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed)
 
 
-def _hydra_paths() -> tuple[Path, Path, list[str]]:
-    """(launch dir, this job's output dir, the job's overrides)."""
-    hc = HydraConfig.get()
-    return (Path(hc.runtime.cwd), Path(hc.runtime.output_dir),
-            list(hc.overrides.task))
-
-
 def _config_error(e: ValueError) -> None:
-    print(f"mlp-lab: invalid configuration: {e}", file=sys.stderr)
+    print(masking.mask(f"mlp-lab: invalid configuration: {e}"), file=sys.stderr)
     sys.exit(EXIT_CONFIG)
 
 
@@ -115,8 +114,44 @@ def _connect(cfg: DictConfig, launch_dir: Path) -> tuple[str, str]:
     try:
         return uri, tracking.connect(uri, cfg.tracking.experiment)
     except tracking.TrackingError as e:
-        print(f"mlp-lab: {e}", file=sys.stderr)
+        print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+
+
+@dataclass
+class Job:
+    """Where this run comes from: the directory it was launched in, its Hydra output
+    directory, its overrides as typed, and the sweep it is a job of (None alone)."""
+
+    launch_dir: Path
+    output_dir: Path
+    overrides: list[str]
+    parent: dict | None
+
+    @classmethod
+    def from_hydra(cls) -> Job:
+        hc = HydraConfig.get()
+        parent = sweeplib.read_parent(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+        return cls(Path(hc.runtime.cwd), Path(hc.runtime.output_dir), list(hc.overrides.task),
+                   parent)
+
+    def cannot_start(self, cfg: DictConfig, error: ValueError, what: str) -> float:
+        """Alone: the message and exit 2. In a sweep: a FAILED child run that says why, and
+        NaN for the sweeper, so that the sweep goes on."""
+        if self.parent is None:
+            print(masking.mask(f"mlp-lab: {what}: {error}"), file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
+        log.error("job cannot run, the sweep goes on: %s", error)
+        _, experiment_id = _connect(cfg, self.launch_dir)
+        tags = tracking.environment_tags(self.launch_dir, self.overrides, {})
+        tracking.start_failed_run(experiment_id, tracking.run_name(
+            OmegaConf.to_container(cfg, resolve=True)), tags, error,
+            parent_run_id=self.parent["run_id"])
+        return math.nan
+
+    def command(self, extra: list[str]) -> str:
+        """The mlp-train command line of this run, with `extra` overrides."""
+        return console.command("mlp-train", self.overrides, extra)
 
 
 def train(cfg: DictConfig) -> float:
@@ -128,65 +163,129 @@ def train(cfg: DictConfig) -> float:
     skipped, one that was killed is resumed, and a job that fails is recorded FAILED and
     returns NaN so that the sweep goes on; only an interruption stops the sweep.
     """
-    launch_dir, output_dir, overrides = _hydra_paths()
-    parent = sweeplib.read_parent(HydraConfig.get().sweep.dir) if _multirun() else None
+    job = Job.from_hydra()
     try:
         configlib.validate(cfg)
     except ValueError as e:
-        if parent is None:
-            _config_error(e)
-        return _record_invalid_job(cfg, e, launch_dir, overrides, parent)
+        return job.cannot_start(cfg, e, "invalid configuration")
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
-    flat = configlib.flatten(resolved)
-    for warning in configlib.inactive_overrides(flat, [o.partition("=")[0].lstrip("+~")
-                                                       for o in overrides]):
+    for warning in configlib.inactive_overrides(configlib.flatten(resolved), [
+            o.partition("=")[0].lstrip("+~") for o in job.overrides]):
         log.warning("%s", warning)
-    uri, experiment_id = _connect(cfg, launch_dir)
+    uri, experiment_id = _connect(cfg, job.launch_dir)
     liveness.reap_dead_runs()
     config_hash = sweeplib.config_hash(resolved)
     resume = cfg.trainer.resume
-    if parent is not None:
-        earlier = tracking.runs_with_config(experiment_id, config_hash)
-        finished = [r for r in earlier if r.info.status == "FINISHED"]
-        if finished:
-            log.info("skipping: this config already finished as run %s", finished[0].info.run_id)
-            return finished[0].data.metrics.get(metrics.ACC_BEST_VAL, math.nan)
-        killed = [r for r in earlier if r.info.status == "KILLED"
-                  and Path(r.data.tags.get("checkpoint", "")).is_file()]
-        if killed and not resume:
-            resume = killed[0].data.tags["checkpoint"]
-            log.info("resuming killed run %s from %s", killed[0].info.run_id, resume)
-
+    if job.parent is not None:
+        finished, resume = _earlier_attempts(experiment_id, config_hash, resume)
+        if finished is not None:
+            return finished
     try:
         splits = load_data(cfg)
     except datalib.DataError as e:
-        if parent is None:
-            print(f"mlp-lab: data problem: {e}", file=sys.stderr)
-            sys.exit(EXIT_CONFIG)
-        return _record_invalid_job(cfg, e, launch_dir, overrides, parent)
-    trainer = build_trainer(cfg, splits, output_dir)
-    resumed_run = None
-    if resume:
-        try:
-            resumed_run = trainer.load_checkpoint(resume).get("run_id")
-        except (OSError, ValueError) as e:
-            _config_error(ValueError(f"trainer.resume: {e}"))
-        spoollib.send_pending(spoollib.beside(Path(resume)))
+        return job.cannot_start(cfg, e, "data problem")
+    trainer = build_trainer(cfg, splits, job.output_dir)
+    continued = _resume(trainer, resume) if resume else None
 
-    tags = tracking.environment_tags(launch_dir, overrides, splits.fingerprint)
+    recorder, name = _start_recording(cfg, resolved, job, (uri, experiment_id), splits,
+                                      trainer, config_hash, continued)
+    archive = _archive_override(cfg, job.overrides)
+    try:
+        with recorder.finishing(killed=(Interrupted, KeyboardInterrupt, *_pruned())):
+            result = _check_and_train(cfg, resolved, job, recorder, trainer, splits, name,
+                                      first=continued is None, archive=archive)
+    except Interrupted as e:
+        log.warning("%s\nresume with: %s", e, _resume_command(job, archive, e))
+        if job.parent is not None:
+            raise KeyboardInterrupt(str(e)) from e  # stop the whole sweep
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:
+        if job.parent is not None and type(e).__name__ != "TrialPruned":
+            log.error("job failed, the sweep goes on: %s: %s", type(e).__name__, e)
+            return math.nan
+        if isinstance(e, DivergenceError | GradcheckFailed):
+            print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
+            sys.exit(EXIT_GRADCHECK if isinstance(e, GradcheckFailed) else 1)
+        raise
+    _summary(result, recorder.run_id, tracking.how_to_view(uri, experiment_id, recorder.run_id),
+             job.command(archive))
+    return result.best_val_acc
+
+
+def _pruned() -> tuple[type[BaseException], ...]:
+    """Optuna's TrialPruned, when Optuna is there: a pruned trial ends KILLED."""
+    try:
+        from optuna import TrialPruned
+    except ImportError:
+        return ()
+    return (TrialPruned,)
+
+
+def _resume_command(job: Job, archive: list[str], e: Interrupted) -> str:
+    """The command that continues an interrupted run."""
+    return job.command([*archive, f"trainer.resume={e.checkpoint}"])
+
+
+def _earlier_attempts(experiment_id: str, config_hash: str, resume: str | None
+                      ) -> tuple[float | None, str | None]:
+    """For a sweep job: (its best val accuracy, None) when this config already finished in
+    the experiment, else (None, the checkpoint to resume: a killed attempt's, or `resume`)."""
+    earlier = tracking.runs_with_config(experiment_id, config_hash)
+    finished = [r for r in earlier if r.info.status == "FINISHED"]
+    if finished:
+        log.info("skipping: this config already finished as run %s", finished[0].info.run_id)
+        return finished[0].data.metrics.get(metrics.ACC_BEST_VAL, math.nan), None
+    killed = [r for r in earlier if r.info.status == "KILLED"
+              and Path(r.data.tags.get("checkpoint", "")).is_file()]
+    if killed and not resume:
+        resume = killed[0].data.tags["checkpoint"]
+        log.info("resuming killed run %s from %s", killed[0].info.run_id, resume)
+    return None, resume
+
+
+def _resume(trainer: Trainer, checkpoint: str) -> str | None:
+    """Load a checkpoint into the trainer (validated whole first: exit 2 naming the
+    problem), send what an earlier attempt could not; returns the run to continue: the
+    checkpoint's run unless that one finished (a resume never changes another run's
+    status: a finished run's checkpoint continues as a new run)."""
+    try:
+        run_id = trainer.load_checkpoint(checkpoint).get("run_id")
+    except (OSError, ValueError) as e:
+        _config_error(ValueError(f"trainer.resume: {e}"))
+    spoollib.send_pending(spoollib.beside(Path(checkpoint)))
+    if run_id is not None and tracking.run_status(run_id) == "FINISHED":
+        log.info("run %s finished: this resume is recorded as a new run", run_id)
+        trainer.meta["resumed_from"] = run_id
+        return None
+    return run_id
+
+
+def _start_recording(cfg: DictConfig, resolved: dict[str, Any], job: Job,
+                     store: tuple[str, str], splits: datalib.Splits, trainer: Trainer,
+                     config_hash: str, continued: str | None
+                     ) -> tuple[tracking.RunRecorder, str]:
+    """Start (or reopen) the MLflow run with the run's tags, and attach its recorder and
+    the per-epoch printer (and Optuna's pruning reporter in a trial) to the trainer."""
+    uri, experiment_id = store
+    tags = tracking.environment_tags(job.launch_dir, job.overrides, splits.fingerprint)
     tags[sweeplib.CONFIG_HASH_TAG] = config_hash
     tags["mlp.blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "default")
     tags |= liveness.process_tags()
+    if "resumed_from" in trainer.meta:
+        tags["mlp.resumed_from"] = trainer.meta["resumed_from"]
+    parent = job.parent
     name = cfg.tracking.run_name or (
-        sweeplib.child_name(parent["swept"], overrides) if parent and parent.get("swept")
+        sweeplib.child_name(parent["swept"], job.overrides) if parent and parent.get("swept")
         else tracking.run_name(resolved))
     if parent is not None:
         tags[sweeplib.SWEEP_NAME_TAG] = parent.get("name", "")
-    recorder = tracking.start_run(experiment_id, name, tags, run_id=resumed_run,
+    recorder = tracking.start_run(experiment_id, name, tags, run_id=continued,
                                   log_every_steps=cfg.tracking.log_every_steps,
                                   parent_run_id=parent and parent["run_id"],
                                   system_metrics=cfg.tracking.system_metrics,
                                   spool_path=spoollib.beside(trainer.checkpoint_path()))
+    if continued is not None:  # what the interrupted attempt left no longer holds
+        recorder.clear_tags(("error.type", "error.message", liveness.REASON_TAG))
     trainer.meta["run_id"] = recorder.run_id
     trainer.observers += [recorder, console.EpochPrinter(cfg.trainer.epochs)]
     trial = cfg.get("trial")
@@ -195,52 +294,41 @@ def train(cfg: DictConfig) -> float:
 
         trainer.observers.append(TrialReporter(trial.storage, trial.study, trial.id))
     log.info("MLflow run %s (%s) in experiment %r at %s", recorder.run_id, name,
-             cfg.tracking.experiment, uri)
-    archive = _archive_override(cfg, overrides)
+             cfg.tracking.experiment, masking.mask(uri))
+    return recorder, name
+
+
+def _check_and_train(cfg: DictConfig, resolved: dict[str, Any], job: Job,
+                     recorder: tracking.RunRecorder, trainer: Trainer, splits: datalib.Splits,
+                     name: str, first: bool, archive: list[str]) -> TrainResult:
+    """What a run does inside its record: config, datasets and gradient check (the first
+    time), training, then the results. An interruption leaves the checkpoint and the
+    command that resumes it as tags; a pruned trial says so."""
     datasets = tracking.split_datasets(splits, cfg.data.name, _data_source(cfg))
-    try:
-        if resumed_run is None:
-            recorder.log_config(resolved, overrides, output_dir / ".hydra")
-            recorder.log_datasets(datasets)
-        if cfg.gradcheck.enabled and resumed_run is None:
+    if first:
+        recorder.log_config(resolved, job.overrides, job.output_dir / ".hydra")
+        recorder.log_datasets(datasets)
+        if cfg.gradcheck.enabled:
             report = run_gradcheck(cfg)
-            log.info("gradient check (float64, widths <= %d):\n%s", cfg.gradcheck.max_width, report)
+            log.info("gradient check (float64, widths <= %d):\n%s", cfg.gradcheck.max_width,
+                     report)
             recorder.log_gradcheck(report)
             if not report.passed and cfg.gradcheck.stop_on_fail:
                 raise GradcheckFailed(f"gradient check failed: max relative error "
                                       f"{report.max_rel_error:.2e} >= tol {report.tol:g}")
+    try:
         result = trainer.fit()
-        with recorder.unless_offline("figures, model or description"):
-            record_result(recorder, cfg, trainer, splits, result, datasets, name)
     except Interrupted as e:
-        again = console.command("mlp-train", overrides, [*archive,
-                                                         f"trainer.resume={e.checkpoint}"])
-        recorder.set_tags({"checkpoint": str(e.checkpoint), "resume": again})
-        recorder.finish("KILLED", e)
-        log.warning("%s\nresume with: %s", e, again)
-        if parent is not None:
-            raise KeyboardInterrupt(str(e)) from e  # stop the whole sweep
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt as e:
-        recorder.finish("KILLED", e)
+        recorder.set_tags({"checkpoint": str(e.checkpoint),
+                           "resume": _resume_command(job, archive, e)})
         raise
     except BaseException as e:
         if type(e).__name__ == "TrialPruned":
             recorder.set_tags({"optuna.pruned": "true"})
-            recorder.finish("KILLED", e)
-            raise
-        recorder.finish("FAILED", e)
-        if parent is not None and isinstance(e, Exception):
-            log.error("job failed, the sweep goes on: %s: %s", type(e).__name__, e)
-            return math.nan
-        if isinstance(e, DivergenceError | GradcheckFailed):
-            print(f"mlp-lab: {e}", file=sys.stderr)
-            sys.exit(EXIT_GRADCHECK if isinstance(e, GradcheckFailed) else 1)
         raise
-    recorder.finish("FINISHED")
-    _summary(result, recorder.run_id, tracking.how_to_view(uri, experiment_id, recorder.run_id),
-             console.command("mlp-train", overrides, archive))
-    return result.best_val_acc
+    with recorder.unless_offline("figures, model or description"):
+        record_result(recorder, cfg, trainer, splits, result, datasets, name)
+    return result
 
 
 def _data_source(cfg: DictConfig) -> str:
@@ -310,32 +398,12 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
     if cfg.tracking.log_model:
         model_id = recorder.log_model(trainer.model, trainer.normalizer, splits.classes, name,
                                       example=np.asarray(splits.X_test[:3]))
-    step = result.best_epoch
     recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
-                         step=step, model_id=model_id, dataset=datasets["test"])
-    recorder.log_metrics({metrics.ACC_BEST_VAL: result.best_val_acc,
-                          metrics.BEST_EPOCH: result.best_epoch}, step=step, model_id=model_id,
-                         dataset=datasets["validation"])
+                         step=result.best_epoch, model_id=model_id, dataset=datasets["test"])
     widths = [splits.X_train.shape[1], *cfg.model.hidden_sizes, len(splits.classes)]
     recorder.describe(tracking.describe_run(OmegaConf.to_container(cfg, resolve=True), result,
                                             recorder.client.get_run(recorder.run_id).data.tags,
                                             widths))
-
-
-def _multirun() -> bool:
-    return HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _record_invalid_job(cfg: DictConfig, error: Exception, launch_dir: Path,
-                        overrides: list[str], parent: dict) -> float:
-    """A sweep job that cannot start: a FAILED child run that says why; NaN to the sweeper."""
-    log.error("job cannot run, the sweep goes on: %s", error)
-    _, experiment_id = _connect(cfg, launch_dir)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    tags = tracking.environment_tags(launch_dir, overrides, {})
-    tracking.start_failed_run(experiment_id, tracking.run_name(resolved), tags, error,
-                              parent_run_id=parent["run_id"])
-    return math.nan
 
 
 def check(cfg: DictConfig) -> bool:
@@ -344,22 +412,19 @@ def check(cfg: DictConfig) -> bool:
         configlib.validate(cfg)
     except ValueError as e:
         _config_error(e)
-    launch_dir, output_dir, overrides = _hydra_paths()
+    job = Job.from_hydra()
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
-    uri, experiment_id = _connect(cfg, launch_dir)
-    tags = tracking.environment_tags(launch_dir, overrides, {}) | {"mlp.kind": "gradcheck"}
+    uri, experiment_id = _connect(cfg, job.launch_dir)
+    tags = tracking.environment_tags(job.launch_dir, job.overrides, {}) | {
+        "mlp.kind": "gradcheck"}
     name = "gradcheck-" + (cfg.tracking.run_name or tracking.run_name(resolved))
     recorder = tracking.start_run(experiment_id, name, tags)
-    try:
-        recorder.log_config(resolved, overrides, output_dir / ".hydra")
+    with recorder.finishing():
+        recorder.log_config(resolved, job.overrides, job.output_dir / ".hydra")
         report = run_gradcheck(cfg)
         recorder.log_gradcheck(report)
-    except BaseException as e:
-        recorder.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", e)
-        raise
-    recorder.finish("FINISHED")
     print(report)
-    print(f"MLflow run {recorder.run_id} at {uri}")
+    print(masking.mask(f"MLflow run {recorder.run_id} at {uri}"))
     return report.passed
 
 
@@ -384,11 +449,13 @@ def _check_command_line() -> None:
 
 def train_main() -> None:
     """`mlp-train [overrides]` / `mlp-train -m [sweep overrides]`."""
+    masking.install()
     _check_command_line()
     _train_app()
 
 
 def gradcheck_main() -> None:
     """`mlp-gradcheck [overrides]`: exit 0 when the check passes, 3 when it fails."""
+    masking.install()
     _check_command_line()
     _gradcheck_app()

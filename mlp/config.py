@@ -2,7 +2,7 @@
 
 The dataclasses mirror `conf/` and the code they configure: `model` -> `model.MLP`'s
 keyword arguments, `optim` -> `optim.make_optimizer` + `optim.Schedule`, `data` ->
-`data`, `trainer` -> `train.TrainSettings`, `gradcheck` -> `gradcheck.check_model`,
+`data`, `trainer` -> `train.TrainSettings`, `gradcheck` -> `gradcheck.check_training_step`,
 `tracking` -> `tracking`. Their defaults are read from that code (a default lives where
 it acts); only what the code has no default for (the learning rate, the data set) is set
 here. Registered in Hydra's ConfigStore, the schema is the base of `conf/config.yaml`,
@@ -40,7 +40,7 @@ def _defaults(fn: Callable) -> dict[str, Any]:
 _MLP = _defaults(model.MLP)
 _OPTIM = _defaults(optim.make_optimizer)
 _SCHEDULE = _defaults(optim.Schedule)
-_CHECK = _defaults(gradcheck.check_model)
+_CHECK = _defaults(gradcheck.check_training_step)
 _NORMALIZER = _defaults(datalib.Normalizer)
 _TRAIN = TrainSettings()
 
@@ -345,9 +345,10 @@ def validate(cfg: DictConfig | Config | Mapping[str, Any]) -> None:
         if flat["data.val_size"] >= n_train:
             raise ConfigError("data.val_size", flat["data.val_size"],
                               f"fewer images than {source}={n_train}")
-        if flat["trainer.batch_size"] > n_train - flat["data.val_size"]:
-            raise ConfigError("trainer.batch_size", flat["trainer.batch_size"],
-                              f"at most the {n_train - flat['data.val_size']} training images")
+    # A batch larger than the training split, or a run larger than the machine's memory.
+    from mlp import budget  # (budget raises this module's ConfigError: imported here)
+
+    budget.check(flat)
     # The schedule and the optimizer check their own hyperparameters (ValueError naming
     # the optim.* key); building them here moves those errors before any work.
     schedule = {k: flat[f"optim.schedule.{k}"] for k in ScheduleConfig.__dataclass_fields__}

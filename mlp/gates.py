@@ -1,18 +1,21 @@
 """The computational graph of cs231n lecture 4: gates, local gradients and the chain rule.
 
-Two things live here, and the rest of mlp-lab builds on both:
+Each derivative rule is written once, here, and the layers that train apply it:
 
-* Elementwise gates (`Sigmoid`, `Tanh`, `ReLU`, `Exp`, `Reciprocal`, ...): a forward
-  formula and its local gradient, each written once. The activation layers in
-  `layers.py` apply these same objects to whole batches, so the gate of the lecture and
-  the layer that trains are the same code. Backward is always `dout * local_grad`,
-  elementwise: the (diagonal) Jacobian is never built.
-* `Node`, a value in a graph of gates. Gate functions (`add`, `mul`, `maximum`,
-  `matmul`, `sqnorm`, `apply`, ...) build the graph in the forward pass and attach each
-  node's local backward step; `Node.backward()` walks the graph in reverse topological
-  order. The lecture's patterns are visible in the code: add distributes the upstream
-  gradient, mul swaps its inputs, max routes to the larger input, and a node used by
-  several gates accumulates (`+=`) the sum of their gradients.
+* Elementwise gates (`Sigmoid`, `Tanh`, `ReLU`, `LeakyReLU`, `ELU`, and `Exp`,
+  `Reciprocal`, `Scale` of the lecture's sigmoid circuit): a forward formula and its local
+  gradient. `layers.Activation` applies the first five to whole batches, so the gate of
+  the lecture and the activation that trains are the same code. Backward is always
+  `dout * local_grad`, elementwise: the (diagonal) Jacobian is never built.
+* `matmul_backward`, the matrix-multiply gate's rule, which `layers.Linear` uses.
+* `Node`, a value in a small graph of gates, to replay the lecture's worked examples:
+  gate functions (`add`, `mul`, `maximum`, `matmul`, `sqnorm`, `apply`) build the graph
+  in the forward pass and attach each node's local backward step; `Node.backward()`
+  walks the graph in reverse topological order. The lecture's patterns are visible in
+  the code: add distributes the upstream gradient, mul swaps its inputs, max routes to
+  the larger input, and a node used by several gates sums their gradients (`+=`).
+
+`python -m mlp.gates` prints the lecture's worked examples, computed by this code.
 """
 
 from __future__ import annotations
@@ -67,24 +70,6 @@ class Scale(Gate):
 
     def __repr__(self) -> str:
         return f"Scale({self.c})"
-
-
-class Shift(Gate):
-    """y = x + c; the local gradient is 1."""
-
-    name = "shift"
-
-    def __init__(self, c: float) -> None:
-        self.c = c
-
-    def forward(self, x: Array, out: Array | None = None) -> Array:
-        return np.add(x, self.c, out=out)
-
-    def local_grad(self, x: Array, out: Array) -> Array:
-        return np.ones_like(x)
-
-    def __repr__(self) -> str:
-        return f"Shift({self.c})"
 
 
 class Exp(Gate):
@@ -197,6 +182,17 @@ class ELU(Gate):
 
     def __repr__(self) -> str:
         return f"ELU(alpha={self.alpha})"
+
+
+def matmul_backward(a: Array, b: Array, dout: Array, da: Array | None = None,
+                    db: Array | None = None, need_da: bool = True) -> tuple[Array | None, Array]:
+    """The matrix-multiply gate out = a @ b, a (N, D), b (D, H), dout (N, H): each input gets
+    the upstream gradient times the other input, transposed (the mul gate's swap for
+    matrices): da = dout b^T (N, D), db = a^T dout (D, H). Written into `da` / `db` when
+    given; without `need_da`, da is skipped (None).
+    """
+    db = np.matmul(a.T, dout, out=db)  # a.T is a view: BLAS reads it transposed
+    return (np.matmul(dout, b.T, out=da) if need_da else None), db
 
 
 def _into(value: Array, out: Array | None, dtype: np.dtype) -> Array:
@@ -323,13 +319,15 @@ def apply(gate: Gate, x: Node | float) -> Node:
 
 
 def matmul(W: Node, x: Node) -> Node:
-    """W @ x for W (M, D) and x (D,) or (D, K). dW = dout x^T, dx = W^T dout."""
+    """W @ x for W (M, D) and x (D,) or (D, K): `matmul_backward`, dW = dout x^T,
+    dx = W^T dout."""
     out = Node(W.data @ x.data, (W, x), "matmul")
 
     def _backward() -> None:
-        dout = out.grad
-        W.grad += np.outer(dout, x.data) if x.data.ndim == 1 else dout @ x.data.T
-        x.grad += W.data.T @ dout
+        columns = x.data.reshape(len(x.data), -1)  # a vector as one column
+        dW, dx = matmul_backward(W.data, columns, out.grad.reshape(len(W.data), -1))
+        W.grad += dW
+        x.grad += dx.reshape(x.data.shape)
 
     out._backward = _backward
     return out
@@ -359,3 +357,53 @@ def reciprocal(x: Node | float) -> Node:
 def sigmoid(x: Node | float) -> Node:
     """The sigmoid as one gate, with the local gradient sigma (1 - sigma)."""
     return apply(Sigmoid(), x)
+
+
+# ---------------------------------------------------------------------------------------
+# The lecture's worked examples
+
+
+def lecture_examples() -> dict[str, dict[str, float | list]]:
+    """The worked examples of cs231n lecture 4, computed by the gates above: for each (by
+    its formula and point), the output "f" and the gradient "df/d<input>" of every input
+    (floats, or nested lists for arrays)."""
+    examples = {}
+    x, y, z = Node(-2.0), Node(5.0), Node(-4.0)
+    examples["f = (x + y) z at x=-2, y=5, z=-4"] = _solve((x + y) * z, x=x, y=y, z=z)
+
+    point = "at w=(2, -3, -3), x=(-1, -2)"
+    for title, one_gate in (("gate by gate", False), ("as one sigmoid gate", True)):
+        w0, x0, w1, x1, w2 = (Node(v) for v in (2.0, -1.0, -3.0, -2.0, -3.0))
+        dot = w0 * x0 + w1 * x1 + w2
+        f = sigmoid(dot) if one_gate else reciprocal(1.0 + exp(-dot))
+        examples[f"f = 1 / (1 + e^-(w0 x0 + w1 x1 + w2)) {point}, {title}"] = _solve(
+            f, w0=w0, w1=w1, w2=w2, x0=x0, x1=x1)
+
+    x, y, z, w = Node(3.0), Node(-4.0), Node(2.0), Node(-1.0)
+    examples["f = 2 (x y + max(z, w)) at x=3, y=-4, z=2, w=-1: add distributes, max routes, "
+             "mul swaps"] = _solve(2.0 * (x * y + maximum(z, w)), x=x, y=y, z=z, w=w)
+
+    W, v = Node([[0.1, 0.5], [-0.3, 0.8]]), Node([0.2, 0.4])
+    examples["f = ||W x||^2 at W=[[0.1, 0.5], [-0.3, 0.8]], x=[0.2, 0.4]"] = _solve(
+        sqnorm(W @ v), W=W, x=v)
+    return examples
+
+
+def _solve(f: Node, **inputs: Node) -> dict[str, float | list]:
+    f.backward()
+    return {"f": f.data.tolist(), **{f"df/d{k}": n.grad.tolist() for k, n in inputs.items()}}
+
+
+def main() -> None:
+    """Print `lecture_examples()`, four significant digits."""
+    for title, values in lecture_examples().items():
+        print(title)
+        for name, value in values.items():
+            label = f"  {name:<7} "
+            shown = np.array2string(np.asarray(value), precision=4, suppress_small=True,
+                                    prefix=label) if isinstance(value, list) else f"{value:.4g}"
+            print(label + shown)
+
+
+if __name__ == "__main__":
+    main()

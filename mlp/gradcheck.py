@@ -1,9 +1,15 @@
 """Gradient checking: analytic gradients against centered finite differences.
 
 A reusable tool (cs231n's `gradient_check.py`, grown up): `numeric_gradient` for any
-function of an array, `rel_error`, whole-model checks (`check_model`, data loss and
-regularization separately and together) and per-layer checks (`check_layer`), with
-kink detection and a `GradcheckReport` that renders as a table or a dict.
+function of an array, `rel_error`, whole-model checks and per-layer checks
+(`check_layer`), with kink detection and a `GradcheckReport` that renders as a table or
+a dict. Two whole-model checks, one per way of computing the gradient:
+
+* `check_training_step`: the path training runs, the model's zero-copy backward pass
+  plus the L2 gradient the optimizer adds inside its own update pass, against finite
+  differences of data loss + reg * sum W^2. This is the check every run records.
+* `check_model`: the public API, `data_loss_and_grads`, `reg_loss_and_grads` and
+  `loss_and_grads`, each against its own loss.
 
 The numbers are always float64, whatever dtype the model trains in. A coordinate is a
 "kink" when the branches taken by the net's max gates (ReLU sides, Maxout pieces, active
@@ -15,11 +21,13 @@ backward pass. Kinks are counted, reported and excluded from the verdict.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mlp import optim
 from mlp.layers import Layer
 from mlp.model import MLP
 
@@ -217,9 +225,6 @@ def _row(name: str, part: str, analytic: Array, numeric: Array, kinks: Array,
                       mean_rel_error=float(errors.mean()) if errors.size else 0.0)
 
 
-PARTS = ("data", "reg", "total")
-
-
 def check_model(
     model: MLP,
     X: Array,
@@ -242,15 +247,65 @@ def check_model(
     BatchNorm uses the batch's statistics (its running statistics, updated by each pass,
     do not enter the training-mode loss).
     """
-    analytic_net = model.copy("float64")
-    analytic_net.freeze_dropout()
-    grads = {
-        "data": analytic_net.data_loss_and_grads(X, y)[1],
-        "reg": analytic_net.reg_loss_and_grads()[1],
-    }
-    grads = {part: {n: g.copy() for n, g in gs.items()} for part, gs in grads.items()}
-    grads["total"] = analytic_net.loss_and_grads(X, y)[1]
+    analytic_net = _float64_copy(model)
+    grads = {"data": analytic_net.data_loss_and_grads(X, y)[1],
+             "reg": analytic_net.reg_loss_and_grads()[1],
+             "total": analytic_net.loss_and_grads(X, y)[1]}
+    return _compare(model, X, y, grads, num_checks, h, tol, seed)
 
+
+def check_training_step(
+    model: MLP,
+    optimizer: str | Callable[[dict[str, Array]], optim.Optimizer],
+    X: Array,
+    y: Array,
+    num_checks: int | None = None,
+    h: float = DEFAULT_H,
+    tol: float = GOOD,
+    seed: int = 0,
+) -> GradcheckReport:
+    """Check the gradient a training step applies, on a batch X (N, D), y (N,).
+
+    The analytic side is the trainer's own path, run on a float64 copy of the model: the
+    model's zero-copy backward pass, then `Optimizer.applied_gradients` of an optimizer
+    built for that copy (`optimizer`: a name of `optim.OPTIMIZERS`, or a function of the
+    parameters that builds one, e.g. the run's `make_optimizer`), which forms
+    grads + c * W for `l2_coefficients()` in the same fused pass `step` makes and hands
+    that to the update rule. The numeric side differentiates the loss the run minimizes,
+    data loss + reg * sum W^2 (numerics in `NUMERIC_DTYPE`). Rows per parameter: "data"
+    (the backward pass alone) and "total" (the gradient the update rule receives); one
+    row "l2" part "loss" compares the L2 term `step` returns with reg * sum W^2. The
+    caller's model is not touched; dropout and BatchNorm as in `check_model`.
+    """
+    analytic_net = _float64_copy(model)
+    make = functools.partial(optim.make_optimizer, optimizer) if isinstance(
+        optimizer, str) else optimizer
+    # The layers' own gradient arrays, read by the optimizer's pass before any other pass
+    # runs on this net: as in the trainer, no copy.
+    _, data_grads = analytic_net._backprop(X, y)
+    l2_term, applied = make(analytic_net.params).applied_gradients(
+        analytic_net.params, data_grads, l2=analytic_net.l2_coefficients())
+    report = _compare(model, X, y, {"data": data_grads, "total": applied}, num_checks, h,
+                      tol, seed)
+    reg_loss = analytic_net.reg_loss()
+    report.rows.append(ParamCheck(name="l2", part="loss", shape=(), checked=1, kinks=0,
+                                  max_rel_error=float(rel_error(l2_term, reg_loss)),
+                                  mean_rel_error=float(rel_error(l2_term, reg_loss))))
+    return report
+
+
+def _float64_copy(model: MLP) -> MLP:
+    """The model in float64 with frozen Dropout masks: the analytic side of a check."""
+    net = model.copy("float64")
+    net.freeze_dropout()
+    return net
+
+
+def _compare(model: MLP, X: Array, y: Array, grads: dict[str, dict[str, Array]],
+             num_checks: int | None, h: float, tol: float, seed: int) -> GradcheckReport:
+    """Rows comparing analytic gradients by part ("data", "reg" or "total": the gradient
+    of the data loss, of reg * sum W^2, of their sum) with centered differences of those
+    losses on an extended-precision copy of the model, at the same coordinates."""
     net = model.copy(NUMERIC_DTYPE)
     net.freeze_dropout()
     X = np.asarray(X, dtype=NUMERIC_DTYPE)
@@ -264,15 +319,11 @@ def check_model(
     for name, p in net.params.items():
         coords = _coords(p.size, num_checks, rng)
         numeric, kinks = numeric_gradient(losses, p, coords, h, net.kink_state)
-        no_kinks = np.zeros_like(kinks)
-        report.rows += [
-            _row(name, "data", grads["data"][name], numeric[:, 0], kinks, coords, p.shape,
-                 floor),
-            _row(name, "reg", grads["reg"][name], numeric[:, 1], no_kinks, coords, p.shape,
-                 floor),
-            _row(name, "total", grads["total"][name], numeric.sum(axis=1), kinks, coords,
-                 p.shape, floor),
-        ]
+        by_part = {"data": (numeric[:, 0], kinks),
+                   "reg": (numeric[:, 1], np.zeros_like(kinks)),  # smooth: no kinks
+                   "total": (numeric.sum(axis=1), kinks)}
+        report.rows += [_row(name, part, grads[part][name], *by_part[part], coords, p.shape,
+                             floor) for part in grads]
     return report
 
 

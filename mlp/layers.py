@@ -72,7 +72,8 @@ class Linear(Layer):
     """Affine layer out = x @ W + b, W (D, H), b (H,).
 
     forward: x (N, D) -> out (N, H). backward: dout (N, H) -> dx (N, D), with
-    grads["W"] = x^T dout (D, H) and grads["b"] = sum of dout over the batch (H,).
+    grads["W"] = x^T dout (D, H) (the matrix-multiply gate, `gates.matmul_backward`) and
+    grads["b"] = sum of dout over the batch (H,).
     With `input_grad = False` (the first layer of a net: nothing upstream needs dx)
     backward skips dout W^T, a third of the layer's backward work, and returns None.
     """
@@ -95,11 +96,10 @@ class Linear(Layer):
 
     def backward(self, dout: Array) -> Array | None:
         x, W = self.x, self.params["W"]
-        np.matmul(x.T, dout, out=self.grads["W"])  # x.T is a view: BLAS reads it transposed
-        np.sum(dout, axis=0, out=self.grads["b"])
-        if not self.input_grad:
-            return None
-        return np.matmul(dout, W.T, out=self._out("dx", x.shape, np.result_type(dout, W)))
+        np.sum(dout, axis=0, out=self.grads["b"])  # the add gate, summed over the batch
+        dx = self._out("dx", x.shape, np.result_type(dout, W)) if self.input_grad else None
+        return gates.matmul_backward(x, W, dout, da=dx, db=self.grads["W"],
+                                     need_da=self.input_grad)[0]
 
 
 class Activation(Layer):

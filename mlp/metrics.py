@@ -17,7 +17,7 @@ name for it), the speed, and the training-health numbers of the cs231n notes (`u
 | `loss/gap` | epoch | loss/val - loss/train |
 | `loss/batch` | global step | training loss (data + L2) of one minibatch |
 | `acc/test`, `loss/test` | best epoch | the test split, once, with the best epoch's params |
-| `acc/best_val`, `acc/best_val_epoch` | best epoch | the best validation accuracy and its epoch |
+| `acc/best_val`, `acc/best_val_epoch` | epoch | the best validation accuracy so far, its epoch |
 | `opt/lr` | epoch | learning rate at the epoch's last step |
 | `rel_error/max`, `rel_error/<param>` | 0 | gradient check: worst relative error (total loss) |
 | `rel_error/..._log10` | 0 | the same as log10, readable in charts at 1e-12 |
@@ -47,6 +47,7 @@ EPOCH_KEYS = {
     "train_acc": ACC_TRAIN, "val_acc": ACC_VAL, "gap_acc": ACC_GAP,
     "train_loss": LOSS_TRAIN, "val_loss": LOSS_VAL, "gap_loss": LOSS_GAP,
     "lr": LR, "epoch_time": EPOCH_TIME, "images_per_sec": IMAGES_PER_SEC,
+    "best_val_acc": ACC_BEST_VAL, "best_epoch": BEST_EPOCH,
 }
 
 # The training loop's health numbers, `health/<param>/<what>` and `health/layer<k>/dead_frac`,

@@ -27,6 +27,11 @@ training-mode pass computes the same function (BatchNorm then depends on the bat
 
 The loss is data loss + reg * sum of squared weights (biases, gamma and beta not
 regularized).
+
+Every public method returns arrays the caller owns (scores, gradients): keep them, and
+later passes leave them alone. The layers reuse their work arrays between passes so that
+training allocates nothing; only the trainer's step reads the layers' gradient arrays
+directly (`_backprop`), and it is done with them before the next pass.
 """
 
 from __future__ import annotations
@@ -118,6 +123,23 @@ def _require(ok: bool, name: str, value: object, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
 
 
+def _architecture(hidden_sizes: Sequence[int], dtype: str | np.dtype, norm: str | None,
+                  **rest: object) -> Architecture:
+    """The validated Architecture of MLP's arguments: hidden_sizes as a tuple, the dtype
+    by its name, norm "none" as None."""
+    if isinstance(hidden_sizes, int | str) or not isinstance(hidden_sizes, Sequence):
+        raise ValueError(f"hidden_sizes={hidden_sizes!r} is not allowed: expected a list of "
+                         "positive integers ([] for a linear classifier)")
+    try:
+        dtype_name = np.dtype(dtype).name
+    except TypeError:
+        dtype_name = str(dtype)  # validate() names it and lists what is allowed
+    arch = Architecture(hidden_sizes=tuple(hidden_sizes), dtype=dtype_name,
+                        norm=None if norm == "none" else norm, **rest)
+    arch.validate()
+    return arch
+
+
 class MLP:
     """A fully connected net with hand-written backprop.
 
@@ -150,19 +172,10 @@ class MLP:
         dropout: float = 0.0,
         norm: str | None = None,
     ) -> None:
-        if isinstance(hidden_sizes, int | str) or not isinstance(hidden_sizes, Sequence):
-            raise ValueError(f"hidden_sizes={hidden_sizes!r} is not allowed: expected a list of "
-                             "positive integers ([] for a linear classifier)")
-        try:
-            dtype_name = np.dtype(dtype).name
-        except TypeError:
-            dtype_name = str(dtype)  # validate() names it and lists what is allowed
-        self.arch = Architecture(
-            input_dim=input_dim, hidden_sizes=tuple(hidden_sizes), num_classes=num_classes,
-            activation=activation, loss=loss, reg=reg, dtype=dtype_name,
-            leaky_slope=leaky_slope, elu_alpha=elu_alpha, maxout_pieces=maxout_pieces,
-            dropout=dropout, norm=None if norm == "none" else norm)
-        self.arch.validate()
+        self.arch = _architecture(
+            input_dim=input_dim, hidden_sizes=hidden_sizes, num_classes=num_classes,
+            activation=activation, loss=loss, reg=reg, dtype=dtype, leaky_slope=leaky_slope,
+            elu_alpha=elu_alpha, maxout_pieces=maxout_pieces, dropout=dropout, norm=norm)
         _require(init in INITS, "init", init, f"one of {list(INITS)}")
         _require(_is_number(weight_scale) and weight_scale > 0, "weight_scale", weight_scale,
                  "a number > 0")
@@ -173,8 +186,13 @@ class MLP:
         self.params: dict[str, Array] = {}
         self.buffers: dict[str, Array] = {}
         self._param_layers: dict[str, tuple[Layer, str]] = {}
-        rng = np.random.default_rng(seed)
         self.dropout_rng = np.random.default_rng(None if seed is None else [seed, 4])
+        self._build(np.random.default_rng(seed), init, weight_scale)
+        self._last_scores: Array | None = None
+        self._last_y: Array | None = None
+
+    def _build(self, rng: np.random.Generator, init: str, weight_scale: float) -> None:
+        """The layer stack of the module docstring, its weights drawn from rng."""
         arch = self.arch
         dims = [arch.input_dim, *arch.hidden_sizes]
         maxout = arch.activation == "maxout"
@@ -196,8 +214,6 @@ class MLP:
         self.layers[0].input_grad = False  # the gradient of the data is never needed
         for layer in self.layers[:-1]:  # the scores are returned: the caller may keep them
             layer.reuse_buffers = True
-        self._last_scores: Array | None = None
-        self._last_y: Array | None = None
 
     def _init(self, rng: np.random.Generator, init: str, weight_scale: float,
               fan_in: int, fan_out: int) -> tuple[Array, Array]:
@@ -266,8 +282,15 @@ class MLP:
         return self.data_loss(X, y) + self.reg_loss()
 
     def data_loss_and_grads(self, X: Array, y: Array) -> tuple[float, dict[str, Array]]:
-        """Data loss and its gradients: forward in training mode, loss, then backward
-        through the layers."""
+        """Data loss and its gradients (new arrays keyed like `params`) for a batch X (N, D),
+        y (N,): forward in training mode, loss, then backward through the layers."""
+        loss, grads = self._backprop(X, y)
+        return loss, {name: g.copy() for name, g in grads.items()}
+
+    def _backprop(self, X: Array, y: Array) -> tuple[float, dict[str, Array]]:
+        """`data_loss_and_grads` without the copies, for the trainer's step (and the checks
+        and benchmark of that step): the gradient arrays are the layers' own, overwritten
+        by the next pass. Nothing outside the training step may keep them."""
         scores = self.scores(X, training=True)
         y = self._check_y(y, len(scores))
         loss, dout = self.loss_fn(scores, y)
@@ -283,12 +306,12 @@ class MLP:
         return self.reg_loss(), grads
 
     def loss_and_grads(self, X: Array, y: Array) -> tuple[float, dict[str, Array]]:
-        """Total loss and gradients keyed like `params`, for a batch X (N, D), y (N,), in
-        training mode.
+        """Total loss (data + L2) and its gradients, new arrays keyed like `params`, for a
+        batch X (N, D), y (N,), in training mode.
 
-        The gradient arrays are the layers' own buffers, overwritten by the next call:
-        copy them to keep them. (The trainer computes the same thing in two parts: the data
-        part here and the L2 part, `l2_coefficients()`, inside the optimizer's pass.)
+        The trainer computes the same thing in two parts, without copies: the data part
+        (`_backprop`) and the L2 part, `l2_coefficients()`, inside the optimizer's pass;
+        `gradcheck.check_training_step` checks that path.
         """
         loss, grads = self.data_loss_and_grads(X, y)
         for name, c in self.l2_coefficients().items():

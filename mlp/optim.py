@@ -6,7 +6,9 @@ them trains. Its state (velocities, moment estimates, the step counter `t`) live
 arrays of the parameters' dtype, allocated once, and `state_dict()` returns it flat
 ("v/W1", "m/b2", "t") so that it fits an `.npz` without pickling. The update is the hot
 loop of training and memory-bound: each rule's `_update` works on chunks that fit the
-cache, on a few threads (`mlp.elementwise`), with a small scratch array per thread.
+cache (`mlp.elementwise`), with a small scratch array, and the L2 gradient of
+`step(..., l2=...)` is added in that same pass. `applied_gradients` runs the pass without
+updating, to show the gradient check what the rules receive.
 
 A `Schedule` maps the global step (0 for the first update) to the learning rate.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +53,7 @@ class Optimizer:
 
     name: str = ""
     buffers: tuple[str, ...] = ()
+    nonnegative: tuple[str, ...] = ()  # buffers that hold means of squares
 
     def __init__(self, params: dict[str, Array]) -> None:
         self.t = 0
@@ -74,33 +77,61 @@ class Optimizer:
         Returns the L2 term, the sum of c/2 * |p|^2 at the parameters before this update,
         summed in the same pass (0.0 without `l2`).
         """
+        self._check_keys(params)
+        self.t += 1
+        # A Python float keeps float32 arithmetic in float32 (a NumPy float64 would not).
+        return self._pass(params, grads, l2, functools.partial(self._update, lr=float(lr)))
+
+    def applied_gradients(self, params: dict[str, Array], grads: dict[str, Array],
+                          l2: Mapping[str, float] | None = None
+                          ) -> tuple[float, dict[str, Array]]:
+        """The L2 term `step` would return and the gradient its update rule would receive
+        for every parameter (new arrays of the parameters' shapes), from the very pass
+        `step` makes, with the rule replaced by a copy: nothing is updated, neither the
+        parameters nor the state nor `t`. What the gradient check of the training step
+        compares with finite differences.
+        """
+        self._check_keys(params)
+        applied = {key: np.empty_like(p) for key, p in params.items()}
+
+        def record(p: Array, g: Array, *state_and_out: Array, scratch: Array) -> None:
+            np.copyto(state_and_out[-1], g)
+
+        l2_term = self._pass(params, grads, l2, record, extra=applied)
+        return l2_term, applied
+
+    def _check_keys(self, params: dict[str, Array]) -> None:
         if params.keys() != self._slots.keys():
             raise ValueError(f"optimizer was built for parameters {sorted(self._slots)}, "
                              f"got {sorted(params)}")
-        self.t += 1
-        # A Python float keeps float32 arithmetic in float32 (a NumPy float64 would not).
-        lr = float(lr)
+
+    def _pass(self, params: dict[str, Array], grads: dict[str, Array],
+              l2: Mapping[str, float] | None, rule: Callable[..., None],
+              extra: dict[str, Array] | None = None) -> float:
+        """rule(p, g, *state, [extra[k]], scratch=...) on the chunks of every parameter, g
+        with the L2 gradient added for the keys of l2; returns the L2 term."""
         l2 = l2 or {}
         l2_term = 0.0
         for key, p in params.items():
+            arrays = (p, grads[key], *self._slots[key], *([extra[key]] if extra else []))
             if l2.get(key):
                 squares: list[Array] = []
-                update = functools.partial(self._update_l2, l2[key], squares, lr=lr)
-                elementwise.chunked(update, p, grads[key], *self._slots[key], rows=2)
+                kernel = functools.partial(self._with_l2, l2[key], squares, rule)
+                elementwise.chunked(kernel, *arrays, rows=2)
                 l2_term += l2[key] / 2 * float(np.sum(squares))
             else:
-                update = functools.partial(self._update, lr=lr)
-                elementwise.chunked(update, p, grads[key], *self._slots[key])
+                elementwise.chunked(rule, *arrays)
         return l2_term
 
-    def _update_l2(self, c: float, squares: list[Array], p: Array, g: Array, *state: Array,
-                   lr: float, scratch: Array) -> None:
-        """_update with the gradient g + c p, on a chunk; appends the chunk's |p|^2."""
+    @staticmethod
+    def _with_l2(c: float, squares: list[Array], rule: Callable[..., None], p: Array, g: Array,
+                 *rest: Array, scratch: Array) -> None:
+        """rule with the gradient g + c p, on a chunk; appends the chunk's |p|^2."""
         squares.append(np.vdot(p, p))
         total_grad, scratch = scratch
         np.multiply(p, c, out=total_grad)
         total_grad += g
-        self._update(p, total_grad, *state, lr=lr, scratch=scratch)
+        rule(p, total_grad, *rest, scratch=scratch)
 
     def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         raise NotImplementedError
@@ -111,27 +142,35 @@ class Optimizer:
         state["t"] = np.array(self.t, dtype=np.int64)
         return state
 
-    def load_state_dict(self, state: dict[str, Array]) -> None:
-        """Restore what `state_dict` returned (copied into the live buffers).
-
-        Raises ValueError, changing nothing, on a missing or unexpected key, a shape other
-        than the parameter's, or a "t" that is not a 0-d integer >= 0.
-        """
+    def check_state_dict(self, state: Mapping[str, Array]) -> None:
+        """Raise ValueError unless `load_state_dict` can take `state`: the keys of
+        `state_dict()`, each buffer of its parameter's shape, finite, and >= 0 for the
+        buffers of `nonnegative` (running means of squares); "t" a 0-d integer >= 0."""
         expected = {*self.state, "t"}
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if missing or unexpected:
             raise ValueError(f"{self.name} state does not match: missing {missing}, "
                              f"unexpected {unexpected}")
         for key, arr in self.state.items():
-            if np.shape(state[key]) != arr.shape:
-                raise ValueError(f"{self.name} state {key!r} has shape {np.shape(state[key])}, "
+            value = np.asarray(state[key])
+            if value.shape != arr.shape:
+                raise ValueError(f"{self.name} state {key!r} has shape {value.shape}, "
                                  f"expected {arr.shape}")
+            if not np.all(np.isfinite(value)) or (
+                    key.split("/")[0] in self.nonnegative and np.any(value < 0)):
+                raise ValueError(f"{self.name} state {key!r} holds values it cannot take "
+                                 f"(NaN, infinite{', negative' * bool(self.nonnegative)})")
         t = np.asarray(state["t"])
         if t.shape != () or t.dtype.kind not in "iu" or t < 0:
             raise ValueError(f"{self.name} state 't' must be an integer >= 0, got {t!r}")
+
+    def load_state_dict(self, state: Mapping[str, Array]) -> None:
+        """Restore what `state_dict` returned (copied into the live buffers); raises
+        ValueError, changing nothing, when `check_state_dict` refuses it."""
+        self.check_state_dict(state)
         for key, arr in self.state.items():
             np.copyto(arr, state[key])
-        self.t = int(t)
+        self.t = int(state["t"])
 
 
 class SGD(Optimizer):
@@ -193,6 +232,7 @@ class RMSProp(Optimizer):
 
     name = "rmsprop"
     buffers = ("cache",)
+    nonnegative = ("cache",)
 
     def __init__(self, params: dict[str, Array], decay_rate: float = 0.99,
                  eps: float = 1e-8) -> None:
@@ -225,6 +265,7 @@ class Adam(Optimizer):
 
     name = "adam"
     buffers = ("m", "v")
+    nonnegative = ("v",)
 
     def __init__(self, params: dict[str, Array], beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8) -> None:

@@ -103,7 +103,9 @@ class SweepCallback(Callback):
         self.parent: dict | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlp import tracking  # mlflow loads only when a sweep starts
+        from mlp import masking, tracking  # mlflow loads only when a sweep starts
+
+        masking.install()
 
         hydra = config.hydra
         launcher = str(hydra.launcher.get("_target_", ""))
@@ -126,8 +128,8 @@ class SweepCallback(Callback):
         swept = swept_keys(overrides, sweeper_params)
         run_id = tracking.open_parent_run(experiment_id, name, {
             SWEEP_TAG: "true", SWEEP_HASH_TAG: sweep_hash, SWEEP_NAME_TAG: name,
-            "mlp.sweep.overrides": " ".join(overrides),
-            "mlp.sweep.params": json.dumps(sweeper_params),
+            "mlp.sweep.overrides": masking.mask(" ".join(overrides)),
+            "mlp.sweep.params": masking.mask(json.dumps(sweeper_params)),
             "mlp.sweep.launcher": launcher.rsplit(".", 1)[-1],
             SWEPT_TAG: " ".join(swept),
             **{f"{SWEPT_TAG}.{key}": values for key, values in swept.items()}})
@@ -135,7 +137,7 @@ class SweepCallback(Callback):
                        "name": name, "swept": list(swept)}
         sweep_dir = Path(hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_FILE).write_text(json.dumps(self.parent))
+        (sweep_dir / PARENT_FILE).write_text(json.dumps(masking.mask_tree(self.parent)))
         atexit.register(self._end_if_running, "KILLED")
         log.info("MLflow parent run %s (%s) at %s", run_id, name, uri)
 

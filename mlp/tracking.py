@@ -21,6 +21,8 @@ import os
 
 # Before mlflow is imported: no usage telemetry unless the user asks for it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# mlp-train prints its own links (with any password masked), not MLflow's.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import contextlib
 import platform
@@ -47,7 +49,7 @@ from mlflow.models import infer_signature
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mlp import config as configlib
-from mlp import liveness, serving, store
+from mlp import liveness, masking, serving, store
 from mlp import metrics as keys
 from mlp import spool as spoollib
 from mlp.data import Normalizer
@@ -127,10 +129,15 @@ def how_to_view(uri: str, experiment_id: str, run_id: str) -> str:
     """What to run and open to see a run in the MLflow UI. `workflowType=machine_learning`
     opens the model-training view: MLflow 3.17's UI starts in its GenAI view whatever the
     experiment's kind tag says."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    view = "workflowType=machine_learning"
+    run = f"#/experiments/{experiment_id}/runs/{run_id}?{view}"
+    table = (f"#/experiments/{experiment_id}/runs?{view}"
+             "&orderByKey=metrics.%60acc%2Fbest_val%60&orderByAsc=false")
     if uri.startswith(("http://", "https://")):
-        return f"open {uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{page}"
+        base = uri.rstrip("/")
+        return f"open {base}/{run}\n  all runs, best first: {base}/{table}"
+    return (f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{run}\n"
+            f"  all runs, best first: http://127.0.0.1:5000/{table}")
 
 
 def run_params(resolved: Mapping[str, Any]) -> dict[str, str]:
@@ -146,7 +153,7 @@ def bookkeeping_tags(resolved: Mapping[str, Any]) -> dict[str, str]:
     """The bookkeeping keys set to something else than their default (where the data and
     the store are, a resume, reporting switches) as `mlp.<key>` tags."""
     flat, defaults = configlib.flatten(resolved), configlib.schema_keys()
-    return {f"mlp.{k}": _text(v) for k, v in flat.items()
+    return {f"mlp.{k}": masking.mask(_text(v)) for k, v in flat.items()
             if configlib.is_bookkeeping(k) and k in defaults and v != defaults[k]}
 
 
@@ -220,8 +227,8 @@ def environment_tags(launch_dir: Path, overrides: list[str], fingerprint: Mappin
     """Tags that say where a run came from: git commit and dirty flag, overrides, command,
     host, versions and BLAS, the dataset fingerprint, and the Docker image when set."""
     tags = {
-        "mlp.overrides": " ".join(overrides),
-        "mlp.command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "mlp.overrides": masking.mask(" ".join(overrides)),
+        "mlp.command": masking.mask(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])),
         "mlp.host": socket.gethostname(),
         "mlp.python": platform.python_version(),
         "mlp.numpy": np.__version__,
@@ -426,13 +433,16 @@ class RunRecorder:
     def log_config(self, resolved: Mapping[str, Any], overrides: list[str],
                    hydra_dir: Path | None) -> None:
         """The config keys that act in the run as params, the bookkeeping keys as tags, and
-        the whole resolved config under config/ with Hydra's own files."""
-        items = list(run_params(resolved).items())
+        the whole resolved config under config/ with Hydra's own files (secrets masked:
+        `masking`)."""
+        items = [(k, masking.mask(v)) for k, v in run_params(resolved).items()]
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i:i + 100]), run_id=self.run_id)
         self.set_tags(bookkeeping_tags(resolved))
-        self.client.log_dict(self.run_id, dict(resolved), "config/resolved.yaml")
-        self.client.log_text(self.run_id, "\n".join(overrides) + "\n", "config/overrides.txt")
+        self.client.log_dict(self.run_id, masking.mask_tree(dict(resolved)),
+                             "config/resolved.yaml")
+        self.client.log_text(self.run_id, masking.mask("\n".join(overrides) + "\n"),
+                             "config/overrides.txt")
         if hydra_dir is not None and hydra_dir.is_dir():
             self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
 
@@ -503,8 +513,32 @@ class RunRecorder:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set tags now, with any buffered metrics (kept like them when the store fails)."""
         with self._lock:
-            self._tags |= tags
+            self._tags |= {key: masking.mask(value) for key, value in tags.items()}
         self.flush(wait=True)
+
+    @contextlib.contextmanager
+    def finishing(self, killed: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
+                  ) -> Iterator[RunRecorder]:
+        """The run's life as a block: it ends FINISHED when the block does, KILLED when an
+        exception of a `killed` type (an interruption) leaves it, FAILED with the error's
+        tags for any other exception, which goes on propagating."""
+        try:
+            yield self
+        except killed as e:
+            self.finish("KILLED", e)
+            raise
+        except BaseException as e:
+            self.finish("FAILED", e)
+            raise
+        self.finish("FINISHED")
+
+    def clear_tags(self, keys_: tuple[str, ...]) -> None:
+        """Delete these tags where the run has them (an earlier attempt's error, when a
+        resume continues the run)."""
+        present = self.client.get_run(self.run_id).data.tags
+        for key in keys_:
+            if key in present:
+                self.client.delete_tag(self.run_id, key)
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
         """End the run FINISHED, FAILED (with the error as tags) or KILLED. With a spool and
@@ -517,7 +551,7 @@ class RunRecorder:
             self._deferred = []
             if error is not None:
                 self._tags |= {"error.type": type(error).__name__,
-                               "error.message": str(error)[:5000]}
+                               "error.message": masking.mask(str(error)[:5000])}
         try:
             self.flush(wait=True, strict=status == "FINISHED" or self.spool is not None)
         finally:
@@ -560,7 +594,7 @@ def start_run(experiment_id: str, name: str, tags: Mapping[str, str],
     as a child of `parent_run_id` when given, sampling CPU and memory as `system/*`
     metrics when `system_metrics`, and return its recorder (keeping what the store does
     not take in `spool_path`, when given)."""
-    tags = dict(tags)
+    tags = {key: masking.mask(value) for key, value in tags.items()}
     if parent_run_id is not None:
         tags["mlflow.parentRunId"] = parent_run_id
     if run_id is not None:
@@ -608,6 +642,11 @@ def split_datasets(splits: Any, name: str, source: str) -> dict[str, Any]:
                                                 digest=f"{digest}-{context}-{len(y)}",
                                                 source=source)
                 for context, (X, y) in parts.items()}
+
+
+def run_status(run_id: str) -> str:
+    """A run's status (RUNNING, FINISHED, FAILED, KILLED) in the current store."""
+    return MlflowClient().get_run(run_id).info.status
 
 
 def start_failed_run(experiment_id: str, name: str, tags: Mapping[str, str],

@@ -1,29 +1,23 @@
 """The training loop: batches, forward/backward, update, evaluation, checkpoints.
 
-`Trainer.fit` is one loop, readable top to bottom: shuffle the epoch, then for every
-minibatch (gathered, augmented and normalized by `_batches`, one batch ahead on a helper
-thread) forward/backward, guard against divergence, update; at
-the end of the epoch evaluate train (a fixed subset) and validation, keep the best
-parameters, checkpoint, maybe stop early. After the last epoch the best parameters are
-restored (as cs231n's Solver does) and the test set is evaluated once.
+`Trainer.fit` is one loop, readable top to bottom: train an epoch (`_train_epoch`: shuffle,
+then for every minibatch, gathered, augmented and normalized by `data.batches` one batch
+ahead on a helper thread, the step: backward pass, divergence guard, update), keep the
+best parameters, checkpoint, report, maybe stop early. After the last epoch the best
+parameters are restored (as cs231n's Solver does) and the test set is evaluated once.
 
 Progress goes out through an `Observer` (plain numbers), never through MLflow calls:
-tracking is wired in by the caller. Checkpoints are `.npz` files with no pickles,
-written atomically, and hold everything needed to continue bit for bit: parameters,
-optimizer state, normalizer, RNG state, the epoch's shuffle order and position.
+tracking is wired in by the caller. The checkpoint format, and its validation before a
+resume changes anything, is `mlp.checkpoint`'s.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +26,7 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from mlp import checkpoint
 from mlp import data as datalib
 from mlp.layers import Activation
 from mlp.model import MLP
@@ -144,71 +139,95 @@ class Trainer:
         eval_rows = np.random.default_rng([settings.seed, 2]).choice(
             len(splits.y_train), n_eval, replace=False)
         self.train_eval = (splits.X_train[np.sort(eval_rows)], splits.y_train[np.sort(eval_rows)])
-        self._bufs = [np.empty((settings.batch_size, splits.X_train.shape[1]), self.dtype)
-                      for _ in range(2)]
+        self._bufs = tuple(np.empty((settings.batch_size, splits.X_train.shape[1]), self.dtype)
+                           for _ in range(2))
         self._signal: int | None = None
+        self._saved: tuple[Path, str] | None = None  # the last checkpoint, and where it is
 
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
         """Train for the remaining epochs; raise DivergenceError or Interrupted on trouble."""
-        s, st, model = self.s, self.state, self.model
-        n, bs = len(self.splits.y_train), s.batch_size
-        batches_per_epoch = -(-n // bs)
-        stopped_early, checkpoint = False, self.checkpoint_path()
+        st, stopped_early = self.state, False
         with self._signals():
-            while st.epoch < s.epochs:
-                if st.order is None:
-                    st.order = self.rng.permutation(n)
-                t0, seen = time.perf_counter(), 0
-                bar = self._bar(st.epoch, batches_per_epoch)
-                for b, Xb, yb in self._batches(st.epoch, st.order, st.batch, batches_per_epoch):
-                    if self._signal is not None:
-                        bar.close()
-                        raise Interrupted(self._signal, self.save_checkpoint())
-                    lr = self.schedule(st.step)
-                    loss, grads = model.data_loss_and_grads(Xb, yb)
-                    self._guard(float(loss))
-                    before = self._snapshot() if s.health and b == batches_per_epoch - 1 else None
-                    # The L2 term (model.loss_and_grads computes it apart) is left to the
-                    # optimizer: it adds the gradient and sums the loss term in the one pass
-                    # it makes over the weights.
-                    loss += self.optimizer.step(model.params, grads, lr,
-                                                l2=model.l2_coefficients())
-                    st.step, st.batch, seen = st.step + 1, b + 1, seen + len(yb)
-                    for observer in self.observers:
-                        observer.on_step(st.step, float(loss), lr)
-                    bar.update()
-                    if st.step % 20 == 0:
-                        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
-                bar.close()
-                epoch_time = time.perf_counter() - t0
-                st.epoch, st.batch, st.order = st.epoch + 1, 0, None
-                metrics = self._end_of_epoch(self.schedule(st.step - 1), epoch_time, seen)
-                if s.health and before is not None:
-                    metrics.update(self._health(grads, before))
-                if metrics["val_acc"] > st.best_val_acc:
-                    st.best_val_acc, st.best_epoch, st.bad_epochs = metrics["val_acc"], st.epoch, 0
-                    for name, p in model.params.items():
-                        self.best_params[name][...] = p
-                    for name, b in model.buffers.items():
-                        self.best_buffers[name][...] = b
-                else:
-                    st.bad_epochs += 1
-                checkpoint = self.save_checkpoint()
+            while st.epoch < self.s.epochs:
+                metrics = self._train_epoch()
+                self._keep_if_best(metrics["val_acc"])
+                metrics |= {"best_val_acc": st.best_val_acc, "best_epoch": st.best_epoch}
+                saved = self.save_checkpoint()
                 for observer in self.observers:
                     observer.on_epoch(st.epoch, metrics)
                 if self._signal is not None:
-                    raise Interrupted(self._signal, checkpoint)
-                if s.patience is not None and st.bad_epochs >= s.patience:
+                    raise Interrupted(self._signal, saved)
+                if self.s.patience is not None and st.bad_epochs >= self.s.patience:
                     stopped_early = True
                     break
-        model.set_params(self.best_params, self.best_buffers)
+        self.model.set_params(self.best_params, self.best_buffers)
         test_loss, test_acc, test_pred = self.evaluate(self.splits.X_test, self.splits.y_test)
         return TrainResult(history=st.history, best_epoch=st.best_epoch,
                            best_val_acc=st.best_val_acc, test_loss=test_loss, test_acc=test_acc,
                            test_pred=test_pred, epochs_run=st.epoch,
-                           stopped_early=stopped_early, checkpoint=checkpoint)
+                           stopped_early=stopped_early, checkpoint=self.checkpoint_path())
+
+    def _train_epoch(self) -> dict[str, float]:
+        """The rest of the current epoch, step by step, then its evaluation: its metrics."""
+        st, s = self.state, self.s
+        if st.order is None:
+            st.order = self.rng.permutation(len(self.splits.y_train))
+        count = self._batches_per_epoch()
+        t0, seen, grads, before = time.perf_counter(), 0, {}, None
+        bar = self._bar(st.epoch, count)
+        for b, Xb, yb in self._batches(st.epoch, st.order, st.batch):
+            if self._signal is not None:
+                bar.close()
+                raise Interrupted(self._signal, self.save_checkpoint())
+            lr = self.schedule(st.step)
+            before = self._snapshot() if s.health and b == count - 1 else None
+            loss, grads = self._step(Xb, yb, lr)
+            st.step, st.batch, seen = st.step + 1, b + 1, seen + len(yb)
+            for observer in self.observers:
+                observer.on_step(st.step, loss, lr)
+            bar.update()
+            if st.step % 20 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        bar.close()
+        epoch_time = time.perf_counter() - t0
+        st.epoch, st.batch, st.order = st.epoch + 1, 0, None
+        metrics = self._end_of_epoch(self.schedule(st.step - 1), epoch_time, seen)
+        if before is not None:
+            metrics.update(self._health(grads, before))
+        return metrics
+
+    def _step(self, Xb: Array, yb: Array, lr: float) -> tuple[float, dict[str, Array]]:
+        """One update; returns the batch's loss (data + L2) and the data gradients.
+
+        The model's backward pass hands over its own gradient arrays (no copy: they are
+        read once, by the optimizer's pass below, before the next pass overwrites them).
+        The L2 term is left to the optimizer: it adds the gradient and sums the loss term
+        in the one pass it makes over the weights. `gradcheck.check_training_step` checks
+        exactly these two calls.
+        """
+        loss, grads = self.model._backprop(Xb, yb)
+        self._guard(float(loss))
+        loss += self.optimizer.step(self.model.params, grads, lr,
+                                    l2=self.model.l2_coefficients())
+        return float(loss), grads
+
+    def _keep_if_best(self, val_acc: float) -> None:
+        """Copy params and buffers aside when val_acc is the best so far; else count a bad
+        epoch (for early stopping)."""
+        st = self.state
+        if val_acc <= st.best_val_acc:
+            st.bad_epochs += 1
+            return
+        st.best_val_acc, st.best_epoch, st.bad_epochs = val_acc, st.epoch, 0
+        for name, p in self.model.params.items():
+            self.best_params[name][...] = p
+        for name, b in self.model.buffers.items():
+            self.best_buffers[name][...] = b
+
+    def _batches_per_epoch(self) -> int:
+        return -(-len(self.splits.y_train) // self.s.batch_size)
 
     def _end_of_epoch(self, lr: float, epoch_time: float, seen: int) -> dict[str, float]:
         """Evaluate, append to the history and return this epoch's metrics."""
@@ -227,12 +246,19 @@ class Trainer:
         st = self.state
         if st.first_loss is None:
             st.first_loss = loss
-        if not np.isfinite(loss) or loss > self.s.diverge_factor * max(st.first_loss, 1.0):
-            raise DivergenceError(
-                f"training diverged at step {st.step + 1} (epoch {st.epoch + 1}): batch loss "
-                f"{loss:.4g} (first batch {st.first_loss:.4g}, bound x{self.s.diverge_factor}). "
-                "Lower optim.lr or raise model.reg; the last epoch's checkpoint can be resumed "
-                "with trainer.resume=...")
+        if np.isfinite(loss) and loss <= self.s.diverge_factor * max(st.first_loss, 1.0):
+            return
+        if self._saved is not None:
+            path, where = self._saved
+            resume = f"the checkpoint {where}, {path}, can be resumed with trainer.resume={path}"
+        else:
+            resume = "no checkpoint was written" + (
+                " (trainer.checkpoint_dir is not set)" if self.checkpoint_path() is None
+                else " (the first is written when the first epoch ends)")
+        raise DivergenceError(
+            f"training diverged at step {st.step + 1} (epoch {st.epoch + 1}): batch loss "
+            f"{loss:.4g} (first batch {st.first_loss:.4g}, bound x{self.s.diverge_factor}). "
+            f"Lower optim.lr or raise model.reg; {resume}.")
 
     # -- evaluation and health ------------------------------------------------------------
 
@@ -250,37 +276,15 @@ class Trainer:
         n = max(len(y), 1)
         return total / n, float(np.mean(preds == y)) if len(y) else 0.0, preds
 
-    def _batches(self, epoch: int, order: Array, first: int,
-                 count: int) -> Iterator[tuple[int, Array, Array]]:
-        """(b, normalized X (B, D), y (B,)) for batches first..count-1 of the epoch's order.
-
-        Batch b is gathered from the uint8 images, augmented with its own generator, seeded
-        by (seed, epoch, b), so it is the same batch whenever and on whichever thread it is
-        prepared (and after a resume), and normalized into one of two reused arrays. With
-        `prefetch`, batch b+1 is prepared on a helper thread while the caller trains on
-        batch b (NumPy releases the GIL in the copies and ufuncs); the two arrays alternate,
-        so a batch stays valid until the caller asks for the next one.
-        """
-        s, bs = self.s, self.s.batch_size
-        X, y = self.splits.X_train, self.splits.y_train
-
-        def prepare(b: int) -> tuple[int, Array, Array]:
-            idx = order[b * bs:(b + 1) * bs]
-            Xb = X[idx]
-            if s.augment_pad or s.augment_flip:
-                rng = np.random.default_rng([s.seed, 3, epoch, b])
-                Xb = datalib.augment(Xb, rng, s.augment_pad, s.augment_flip)
-            return b, self.normalizer(Xb, self.dtype, out=self._bufs[b % 2][:len(idx)]), y[idx]
-
-        if not s.prefetch:
-            yield from map(prepare, range(first, count))
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="mlp-batches") as pool:
-            pending = pool.submit(prepare, first) if first < count else None
-            for b in range(first, count):
-                batch = pending.result()
-                pending = pool.submit(prepare, b + 1) if b + 1 < count else None
-                yield batch
+    def _batches(self, epoch: int, order: Array, first: int
+                 ) -> Iterator[tuple[int, Array, Array]]:
+        """`data.batches` of the training split from batch `first` on, normalized into the
+        trainer's two reused arrays (a batch is valid until the next one is asked for)."""
+        s = self.s
+        return datalib.batches(self.splits.X_train, self.splits.y_train, order, s.batch_size,
+                               self.normalizer, self.dtype, first=first, seed=s.seed,
+                               epoch=epoch, augment_pad=s.augment_pad,
+                               augment_flip=s.augment_flip, prefetch=s.prefetch, out=self._bufs)
 
     def _snapshot(self) -> dict[str, Array]:
         return {name: p.copy() for name, p in self.model.params.items()}
@@ -333,14 +337,56 @@ class Trainer:
                 signal.signal(sig, h)
 
     def checkpoint_path(self) -> Path | None:
+        """<checkpoint_dir>/last.npz, or None without a checkpoint_dir."""
         d = self.s.checkpoint_dir
         return None if d is None else Path(d) / "last.npz"
 
     def save_checkpoint(self) -> Path | None:
-        """Write the full training state to <checkpoint_dir>/last.npz atomically."""
+        """Write the full training state to `checkpoint_path()` (see mlp.checkpoint)."""
         path = self.checkpoint_path()
         if path is None:
             return None
+        checkpoint.save(path, self._checkpoint())
+        self._saved = path, self._position()
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Restore the state saved by `save_checkpoint`; returns its `meta["extra"]`.
+
+        The whole file is validated first (`checkpoint.load`, against this trainer's own
+        state: same architecture, optimizer, dtype, training split and batch size): a
+        problem raises CheckpointError (a ValueError) naming it, and nothing is changed.
+        """
+        ck = checkpoint.load(path, self._checkpoint(), len(self.splits.y_train),
+                             self._batches_per_epoch(),
+                             checks={"optim": self.optimizer.check_state_dict,
+                                     "norm": self.normalizer.check_state_dict})
+        groups, meta = ck.groups, ck.meta
+        self.model.set_params(groups["param"], groups["buffer"])
+        for name, value in groups["best"].items():
+            self.best_params[name][...] = value
+        for name, value in groups["bestbuffer"].items():
+            self.best_buffers[name][...] = value
+        self.model.dropout_rng.bit_generator.state = meta["dropout_rng"]
+        self.optimizer.load_state_dict(groups["optim"])
+        self.normalizer.load_state_dict(groups["norm"])
+        self.rng.bit_generator.state = meta["rng"]
+        st = self.state
+        st.epoch, st.step, st.batch = meta["epoch"], meta["step"], meta["batch"]
+        st.first_loss, st.best_val_acc = meta["first_loss"], meta["best_val_acc"]
+        st.best_epoch, st.bad_epochs = meta["best_epoch"], meta["bad_epochs"]
+        st.history = meta["history"]
+        st.order = ck.order
+        self._saved = Path(path), self._position()
+        return meta["extra"]
+
+    def _position(self) -> str:
+        st = self.state
+        return (f"at batch {st.batch} of epoch {st.epoch + 1}" if st.batch
+                else f"after epoch {st.epoch}")
+
+    def _checkpoint(self) -> checkpoint.Checkpoint:
+        """The trainer's state as a Checkpoint (its arrays, not copies)."""
         st = self.state
         meta = {"epoch": st.epoch, "step": st.step, "batch": st.batch,
                 "first_loss": st.first_loss, "best_val_acc": st.best_val_acc,
@@ -349,61 +395,10 @@ class Trainer:
                 "dropout_rng": self.model.dropout_rng.bit_generator.state,
                 "arch": _arch_dict(self.model), "optimizer": self.optimizer.name,
                 "dtype": self.s.dtype, "extra": self.meta}
-        arrays = {"meta": np.array(json.dumps(meta))}
-        arrays |= {f"param/{n}": p for n, p in self.model.params.items()}
-        arrays |= {f"best/{n}": p for n, p in self.best_params.items()}
-        arrays |= {f"buffer/{n}": b for n, b in self.model.buffers.items()}
-        arrays |= {f"bestbuffer/{n}": b for n, b in self.best_buffers.items()}
-        arrays |= {f"optim/{k}": v for k, v in self.optimizer.state_dict().items()}
-        arrays |= {f"norm/{k}": v for k, v in self.normalizer.state_dict().items()}
-        if st.order is not None:
-            arrays["order"] = st.order
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".last-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
-
-    def load_checkpoint(self, path: str | Path) -> dict:
-        """Restore the state saved by `save_checkpoint`; returns its `meta["extra"]`.
-
-        The checkpoint must come from the same architecture, optimizer and dtype."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"trainer.resume={str(path)!r}: no such checkpoint file")
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("meta")))
-        for key, mine in (("arch", _arch_dict(self.model)), ("optimizer", self.optimizer.name),
-                          ("dtype", self.s.dtype)):
-            if meta[key] != mine:
-                raise ValueError(f"trainer.resume={str(path)!r} was written for {key} "
-                                 f"{meta[key]!r}, this run has {mine!r}")
-        group = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items()  # noqa: E731
-                                if k.startswith(prefix)}
-        self.model.set_params(group("param/"), group("buffer/"))
-        for name, value in group("best/").items():
-            self.best_params[name][...] = value
-        for name, value in group("bestbuffer/").items():
-            self.best_buffers[name][...] = value
-        self.model.dropout_rng.bit_generator.state = meta["dropout_rng"]
-        self.optimizer.load_state_dict(group("optim/"))
-        self.normalizer.load_state_dict(group("norm/"))
-        self.rng.bit_generator.state = meta["rng"]
-        st = self.state
-        st.epoch, st.step, st.batch = meta["epoch"], meta["step"], meta["batch"]
-        st.first_loss, st.best_val_acc = meta["first_loss"], meta["best_val_acc"]
-        st.best_epoch, st.bad_epochs = meta["best_epoch"], meta["bad_epochs"]
-        st.history = meta["history"]
-        st.order = arrays.get("order")
-        return meta["extra"]
+        groups = {"param": self.model.params, "best": self.best_params,
+                  "buffer": self.model.buffers, "bestbuffer": self.best_buffers,
+                  "optim": self.optimizer.state_dict(), "norm": self.normalizer.state_dict()}
+        return checkpoint.Checkpoint(meta, groups, st.order)
 
 
 def _arch_dict(model: MLP) -> dict:

@@ -125,7 +125,7 @@ def test_invalid_values_name_the_key(override: str, key: str):
 
 def test_a_batch_larger_than_the_training_split_is_refused():
     cfg = _compose(["data=synthetic", "trainer.batch_size=600"])
-    with pytest.raises(ValueError, match=r"trainer\.batch_size=600.*at most the 500"):
+    with pytest.raises(ValueError, match=r"trainer\.batch_size=600.*at most the 500 images"):
         configlib.validate(cfg)
 
 

@@ -126,7 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server(monkeypatch: pytest.MonkeyPatch):
     """A threaded HTTP server on 127.0.0.1, stopped after the test; retries do not wait."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")
-    monkeypatch.setattr(data, "_RETRY_WAIT", 0.0)
+    monkeypatch.setattr(data.fetch, "_RETRY_WAIT", 0.0)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.files, httpd.requests, httpd.ranges, httpd.drops, httpd.stall = {}, [], True, 0, 0.0
     httpd.url = f"http://127.0.0.1:{httpd.server_port}"
@@ -220,9 +220,9 @@ def test_second_load_neither_extracts_unpickles_nor_hashes(
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(data.tarfile, "open", boom)
-    monkeypatch.setattr(data._SafeUnpickler, "load", boom)
-    monkeypatch.setattr(data.hashlib, "new", boom)
+    monkeypatch.setattr(tarfile, "open", boom)
+    monkeypatch.setattr(data.cache._SafeUnpickler, "load", boom)
+    monkeypatch.setattr(hashlib, "new", boom)
     second = data.load_cifar10(tmp_path, archive, md5, progress=False)
     assert second.digest == first.digest and second.classes == first.classes
     for name in ("X_train", "y_train", "X_test", "y_test"):
@@ -419,8 +419,8 @@ def test_download_http_error_is_not_retried(server, tmp_path: Path):
 
 def test_download_gives_up_after_timeouts(server, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "_TIMEOUT", 0.2)
-    monkeypatch.setattr(data, "_ATTEMPTS", 2)
+    monkeypatch.setattr(data.fetch, "_TIMEOUT", 0.2)
+    monkeypatch.setattr(data.fetch, "_ATTEMPTS", 2)
     server.files["/f.tar.gz"], server.stall = PAYLOAD, 1.0
     with pytest.raises(data.DataError, match=r"after 2 attempts.*timed out"):
         data.download(server.url + "/f.tar.gz", tmp_path / "f.tar.gz", None, progress=False)
@@ -429,7 +429,7 @@ def test_download_gives_up_after_timeouts(server, tmp_path: Path,
 
 def test_download_unreachable_server_is_a_data_error(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "_RETRY_WAIT", 0.0)
+    monkeypatch.setattr(data.fetch, "_RETRY_WAIT", 0.0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -447,8 +447,8 @@ def test_download_from_a_file_url(tmp_path: Path):
 def test_fetch_official_downloads_once_and_replaces_a_bad_copy(
         server, archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     server.files["/cifar.tar.gz"] = archive.read_bytes()
-    monkeypatch.setattr(data, "OFFICIAL_URL", server.url + "/cifar.tar.gz")
-    monkeypatch.setattr(data, "OFFICIAL_MD5", data.file_digest(archive))
+    monkeypatch.setattr(data.fetch, "OFFICIAL_URL", server.url + "/cifar.tar.gz")
+    monkeypatch.setattr(data.fetch, "OFFICIAL_MD5", data.file_digest(archive))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         raw = data.load_cifar10(tmp_path, progress=False)
@@ -506,7 +506,7 @@ def pixels() -> np.ndarray:
 
 
 def test_mean_image_centres_every_pixel(pixels: np.ndarray, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "_FIT_ROWS", 7)  # several chunks
+    monkeypatch.setattr(data.normalize, "_FIT_ROWS", 7)  # several chunks
     norm = data.Normalizer("mean_image").fit(pixels)
     out = norm(pixels, np.float64)
     assert np.allclose(out.mean(axis=0), 0, atol=1e-9)
@@ -515,7 +515,7 @@ def test_mean_image_centres_every_pixel(pixels: np.ndarray, monkeypatch: pytest.
 
 def test_channel_mode_gives_zero_mean_unit_std_per_channel(
         pixels: np.ndarray, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "_FIT_ROWS", 7)
+    monkeypatch.setattr(data.normalize, "_FIT_ROWS", 7)
     out = data.Normalizer("channel").fit(pixels)(pixels, np.float64).reshape(50, 3, 1024)
     assert np.allclose(out.mean(axis=(0, 2)), 0, atol=1e-9)
     assert np.allclose(out.std(axis=(0, 2)), 1, atol=1e-9)
@@ -605,31 +605,88 @@ def test_augment_is_deterministic_and_leaves_its_input_alone():
 # -- batches ----------------------------------------------------------------------------------
 
 
-def test_batches_cover_every_image_once_per_epoch():
+def test_batches_cover_the_epochs_order_once():
     X = np.repeat(np.arange(103, dtype=np.uint8)[:, None], 3072, axis=1)
     y = np.arange(103)
     norm = data.Normalizer("none").fit(X)
-    got = list(data.batches(X, y, 10, np.random.default_rng(0), norm))
-    assert [len(yb) for _, yb in got] == [10] * 10 + [3]
-    labels = np.concatenate([yb for _, yb in got])
-    assert sorted(labels) == list(range(103)) and not np.array_equal(labels, y)
-    assert all(np.array_equal(xb[:, 0], yb) and xb.dtype == np.float32 for xb, yb in got)
-    again = np.concatenate([yb for _, yb in data.batches(X, y, 10, np.random.default_rng(0),
-                                                          norm)])
-    assert np.array_equal(again, labels)
-
-    dropped = list(data.batches(X, y, 10, np.random.default_rng(0), norm, drop_last=True))
-    assert [len(yb) for _, yb in dropped] == [10] * 10
-    sequential = np.concatenate([yb for _, yb in data.batches(X, y, 25, None, norm)])
-    assert np.array_equal(sequential, y)
+    order = np.random.default_rng(0).permutation(103)
+    got = list(data.batches(X, y, order, 10, norm))
+    assert [b for b, _, _ in got] == list(range(11))
+    assert [len(yb) for _, _, yb in got] == [10] * 10 + [3]
+    assert np.array_equal(np.concatenate([yb for _, _, yb in got]), order)
+    assert all(np.array_equal(xb[:, 0], yb) and xb.dtype == np.float32 for _, xb, yb in got)
+    resumed = list(data.batches(X, y, order, 10, norm, first=4))
+    assert [b for b, _, _ in resumed] == list(range(4, 11))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(got[4:], resumed, strict=True))
 
 
-def test_batches_augment_only_when_shuffling(pixels: np.ndarray):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_batches_are_the_same_prefetched_or_not_and_reuse_the_given_arrays(
+        pixels: np.ndarray, prefetch: bool):
     y = np.arange(len(pixels))
     norm = data.Normalizer("mean_image").fit(pixels)
-    plain = np.concatenate([xb for xb, _ in data.batches(
-        pixels, y, 16, None, norm, np.float64, augment_pad=4, augment_flip=True)])
+    order = np.random.default_rng(1).permutation(len(pixels))
+    kwargs = {"seed": 3, "epoch": 2, "augment_pad": 4, "augment_flip": True}
+    fresh = [xb.copy() for _, xb, _ in data.batches(pixels, y, order, 16, norm, **kwargs)]
+    out = (np.empty((16, 3072), np.float32), np.empty((16, 3072), np.float32))
+    for b, xb, _ in data.batches(pixels, y, order, 16, norm, prefetch=prefetch, out=out,
+                                 **kwargs):
+        assert np.shares_memory(xb, out[b % 2])
+        assert np.array_equal(xb, fresh[b])
+    other_epoch = next(data.batches(pixels, y, order, 16, norm, **{**kwargs, "epoch": 3}))
+    assert not np.array_equal(other_epoch[1], fresh[0])
+
+
+def test_batches_augment_only_when_asked(pixels: np.ndarray):
+    y = np.arange(len(pixels))
+    norm = data.Normalizer("mean_image").fit(pixels)
+    order = np.arange(len(pixels))
+    plain = np.concatenate([xb for _, xb, _ in data.batches(pixels, y, order, 16, norm,
+                                                             np.float64)])
     assert np.array_equal(plain, norm(pixels, np.float64))
-    rng = np.random.default_rng(0)
-    xb, yb = next(data.batches(pixels, y, 16, rng, norm, np.float64, 4, True))
+    _, xb, yb = next(data.batches(pixels, y, order, 16, norm, np.float64, augment_pad=4,
+                                  augment_flip=True))
     assert xb.dtype == np.float64 and not np.allclose(xb, norm(pixels[yb], np.float64))
+
+
+def test_batches_refuse_an_order_of_another_length(pixels: np.ndarray):
+    norm = data.Normalizer("none").fit(pixels)
+    with pytest.raises(ValueError, match="order"):
+        next(data.batches(pixels, np.arange(len(pixels)), np.arange(3), 4, norm))
+
+
+# -- offline first ----------------------------------------------------------------------------
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("no download may be attempted")
+
+    monkeypatch.setattr(data.fetch, "download", download)
+
+
+def test_a_decoded_cache_of_the_official_archive_needs_no_archive_and_no_network(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The synthetic archive stands in for the official one; a first run (given the file)
+    # builds the cache, later runs without data.archive use the cache alone.
+    monkeypatch.setattr(data.fetch, "OFFICIAL_MD5", data.file_digest(archive))
+    first = data.load_cifar10(tmp_path, archive, progress=False)
+    _no_network(monkeypatch)
+    again = data.load_cifar10(tmp_path, progress=False)
+    assert again.digest == first.digest
+    assert np.array_equal(again.X_train, first.X_train)
+
+
+def test_a_cache_of_another_archive_does_not_stand_in_for_the_official_one(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    data.load_cifar10(tmp_path, archive, data.file_digest(archive), progress=False)
+    _no_network(monkeypatch)
+    with pytest.raises(AssertionError, match="no download"):
+        data.load_cifar10(tmp_path, progress=False)
+
+
+def test_a_named_archive_is_used_without_network(archive: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch):
+    _no_network(monkeypatch)
+    raw = data.load_cifar10(tmp_path, archive, data.file_digest(archive), progress=False)
+    assert raw.X_train.shape == (200, 3072)

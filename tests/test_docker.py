@@ -1,6 +1,8 @@
 """docker/: the image's Dockerfile (hadolint), its build context, its entrypoint, the lock file
 (in sync with pyproject.toml, offline), the compose stack (structure, no public ports, no
-committed secret) and, marked slow, docker/check.sh building the image and training in it."""
+committed secret, the entrypoint's refusal of a placeholder password), marked slow,
+docker/check.sh building the image and training in it, and marked compose,
+docker/compose-check.sh bringing the stack up for real and restarting it."""
 
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ COMPOSE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 LOCK = DOCKER / "requirements.lock"
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN", re.I)
-PLACEHOLDERS = {"", "change-me"}
 
 
 def _lock_module():
@@ -316,7 +317,25 @@ def test_no_secret_is_committed(compose):
                 assert re.fullmatch(r"\$\{\w+\}", password), f"{name}.{key}: literal password"
     for key, value in _env_example().items():
         if SECRET_KEY.search(key):
-            assert value in PLACEHOLDERS, f".env.example: {key} must stay a placeholder"
+            assert value == "", f".env.example: {key} must stay empty (compose refuses it so)"
+            assert f"${{{key}:?" in COMPOSE.read_text(), f"compose.yaml: ${{{key}:?...}}"
+
+
+@pytest.mark.parametrize(("uri", "refused"), [
+    ("postgresql://mlflow:change-me@postgres:5432/mlflow", True),
+    ("postgresql://mlflow:@postgres:5432/mlflow", True),
+    ("postgresql://mlflow:9f2c41d0a7@postgres:5432/mlflow", False),
+    ("", False),  # not a tracking server: nothing to check
+])
+def test_the_entrypoint_refuses_a_placeholder_database_password(uri: str, refused: bool):
+    done = subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), "true"], capture_output=True,
+                          text=True, timeout=30,
+                          env={"PATH": os.environ["PATH"], "MLFLOW_BACKEND_STORE_URI": uri})
+    if refused:
+        assert done.returncode == 2
+        assert "set a real POSTGRES_PASSWORD in docker/.env" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
 
 
 def test_docker_env_is_ignored_by_git():
@@ -340,3 +359,16 @@ def test_check_sh_builds_the_image_and_trains_in_it():
     sys.stdout.write(done.stdout[-3000:])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "trains and records reproducibly" in done.stdout
+
+
+@pytest.mark.compose
+def test_compose_check_keeps_a_run_across_a_restart_of_the_stack():
+    engine = shutil.which("podman") or shutil.which("docker")
+    if os.geteuid() != 0 and engine is None:
+        pytest.skip("needs podman or docker, or root to install podman")
+    done = subprocess.run(["bash", str(DOCKER / "compose-check.sh")], capture_output=True,
+                          text=True, timeout=2400)
+    sys.stdout.write(done.stdout[-3000:])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "compose refuses an empty POSTGRES_PASSWORD" in done.stdout
+    assert "durable: after down and up the server returns the same run" in done.stdout

@@ -11,43 +11,52 @@ from mlp.gates import Node
 from mlp.gradcheck import numeric_gradient
 
 
+def _example(start: str) -> dict:
+    (values,) = [v for title, v in gates.lecture_examples().items() if title.startswith(start)]
+    return values
+
+
 def test_add_mul_circuit_lecture_example():
-    # f = (x + y) * z at x=-2, y=5, z=-4
-    x, y, z = Node(-2.0), Node(5.0), Node(-4.0)
-    f = gates.mul(gates.add(x, y), z)
-    f.backward()
-    assert f.data == -12.0
-    assert (x.grad, y.grad, z.grad) == (-4.0, -4.0, 3.0)
+    assert _example("f = (x + y) z") == {"f": -12.0, "df/dx": -4.0, "df/dy": -4.0,
+                                         "df/dz": 3.0}
 
 
-def _sigmoid_circuit(w: list[Node], x: list[Node], one_gate: bool) -> Node:
-    dot = gates.add(gates.add(gates.mul(w[0], x[0]), gates.mul(w[1], x[1])), w[2])
-    if one_gate:
-        return gates.sigmoid(dot)
-    neg = gates.apply(gates.Scale(-1.0), dot)
-    return gates.reciprocal(gates.apply(gates.Shift(1.0), gates.exp(neg)))
-
-
-@pytest.mark.parametrize("one_gate", [False, True], ids=["elementary", "sigmoid_gate"])
-def test_sigmoid_circuit_lecture_example(one_gate):
-    w = [Node(2.0), Node(-3.0), Node(-3.0)]
-    x = [Node(-1.0), Node(-2.0)]
-    f = _sigmoid_circuit(w, x, one_gate)
-    f.backward()
-    assert f.data == pytest.approx(0.73, abs=5e-3)
-    assert np.round([n.grad for n in w], 2).tolist() == [-0.20, -0.39, 0.20]
-    assert np.round([n.grad for n in x], 2).tolist() == [0.39, -0.59]
+@pytest.mark.parametrize("variant", ["gate by gate", "as one sigmoid gate"])
+def test_sigmoid_circuit_lecture_example(variant):
+    (values,) = [v for title, v in gates.lecture_examples().items()
+                 if title.startswith("f = 1 / (1 + e^") and title.endswith(variant)]
+    assert values["f"] == pytest.approx(0.73, abs=5e-3)
+    assert np.round([values[f"df/dw{i}"] for i in range(3)], 2).tolist() == [-0.20, -0.39, 0.20]
+    assert np.round([values[f"df/dx{i}"] for i in range(2)], 2).tolist() == [0.39, -0.59]
 
 
 def test_sigmoid_gate_equals_elementary_circuit():
-    grads = []
-    for one_gate in (False, True):
-        w = [Node(2.0), Node(-3.0), Node(-3.0)]
-        x = [Node(-1.0), Node(-2.0)]
-        f = _sigmoid_circuit(w, x, one_gate)
-        f.backward()
-        grads.append(np.array([f.data] + [n.grad for n in w + x]))
-    assert np.allclose(grads[0], grads[1], rtol=0, atol=1e-12)
+    one, elementary = (v for title, v in gates.lecture_examples().items()
+                       if title.startswith("f = 1 / (1 + e^"))
+    assert one.keys() == elementary.keys()
+    np.testing.assert_allclose(list(one.values()), list(elementary.values()), rtol=0,
+                               atol=1e-12)
+
+
+def test_patterns_lecture_example():
+    # add distributes (x y and max get 2), max routes (z wins, w gets 0), mul swaps
+    assert _example("f = 2 (x y + max(z, w))") == {"f": -20.0, "df/dx": -8.0, "df/dy": 6.0,
+                                                   "df/dz": 2.0, "df/dw": 0.0}
+
+
+def test_squared_norm_of_matrix_vector_product_lecture_example():
+    values = _example("f = ||W x||^2")
+    assert values["f"] == pytest.approx(0.116, abs=1e-12)
+    np.testing.assert_allclose(values["df/dW"], [[0.088, 0.176], [0.104, 0.208]], atol=1e-12)
+    np.testing.assert_allclose(values["df/dx"], [-0.112, 0.636], atol=1e-12)
+
+
+def test_the_command_line_prints_every_example(capsys: pytest.CaptureFixture):
+    gates.main()
+    printed = capsys.readouterr().out
+    for title in gates.lecture_examples():
+        assert title in printed
+    assert "df/dw0  -0.1966" in printed and "f       -20" in printed
 
 
 def test_negation_operator_is_scale_minus_one():
@@ -56,16 +65,6 @@ def test_negation_operator_is_scale_minus_one():
     f.backward()
     assert f.data == -3.0
     assert a.grad == -1.0
-
-
-def test_squared_norm_of_matrix_vector_product_lecture_example():
-    W = Node(np.array([[0.1, 0.5], [-0.3, 0.8]]))
-    x = Node(np.array([0.2, 0.4]))
-    f = gates.sqnorm(W @ x)
-    f.backward()
-    assert f.data == pytest.approx(0.116, abs=1e-12)
-    np.testing.assert_allclose(W.grad, [[0.088, 0.176], [0.104, 0.208]], atol=1e-12)
-    np.testing.assert_allclose(x.grad, [-0.112, 0.636], atol=1e-12)
 
 
 def test_matmul_sqnorm_batch_of_columns_matches_finite_differences():
@@ -126,7 +125,6 @@ def test_backward_twice_does_not_accumulate():
 
 ELEMENTWISE_GATES = [
     gates.Scale(-2.5),
-    gates.Shift(1.5),
     gates.Exp(),
     gates.Reciprocal(),
     gates.Sigmoid(),
@@ -148,13 +146,31 @@ def test_local_grad_matches_centered_difference(gate):
 
 
 @pytest.mark.parametrize("gate", ELEMENTWISE_GATES, ids=repr)
-def test_backward_is_upstream_times_local_grad(gate):
+def test_backward_is_upstream_times_the_derivative(gate):
+    # Against finite differences of forward, not against local_grad (which backward is
+    # built from): a wrong backward, or a wrong override of it, fails here. Both ways of
+    # calling it are checked, a new array and the training loop's reused one.
     rng = np.random.default_rng(2)
     x = rng.uniform(0.2, 2.0, size=(5, 3)) * rng.choice([-1.0, 1.0], size=(5, 3))
     dout = rng.standard_normal(x.shape)
+    h = 1e-6
+    expected = dout * (gate.forward(x + h) - gate.forward(x - h)) / (2 * h)
     out = gate.forward(x)
-    np.testing.assert_allclose(gate.backward(dout, x, out), dout * gate.local_grad(x, out),
-                               rtol=1e-15, atol=0)
+    np.testing.assert_allclose(gate.backward(dout, x, out), expected, rtol=1e-7, atol=1e-9)
+    dx = np.empty_like(x)
+    assert gate.backward(dout, x, out, dx=dx) is dx
+    np.testing.assert_allclose(dx, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_matmul_backward_writes_into_given_arrays_and_can_skip_da():
+    rng = np.random.default_rng(7)
+    a, b, dout = (rng.standard_normal(s) for s in ((4, 3), (3, 5), (4, 5)))
+    da, db = np.empty((4, 3)), np.empty((3, 5))
+    got_da, got_db = gates.matmul_backward(a, b, dout, da=da, db=db)
+    assert got_da is da and got_db is db
+    np.testing.assert_allclose(da, dout @ b.T, rtol=1e-14)
+    np.testing.assert_allclose(db, a.T @ dout, rtol=1e-14)
+    assert gates.matmul_backward(a, b, dout, need_da=False)[0] is None
 
 
 @pytest.mark.parametrize("gate", [gates.Sigmoid(), gates.ReLU(), gates.Tanh()], ids=repr)

@@ -6,11 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from mlp import gates, gradcheck, layers
+from mlp import gates, gradcheck, layers, optim
 from mlp.gradcheck import (
     GradcheckReport,
     ParamCheck,
     check_model,
+    check_training_step,
     numeric_gradient,
     rel_error,
     verdict,
@@ -320,3 +321,118 @@ def test_a_part_with_only_kinks_does_not_pass():
     assert not GradcheckReport(rows=rows).passed
     rows[0] = ParamCheck("W1", "data", (2,), 2, 1, 1e-12, 1e-12)
     assert GradcheckReport(rows=rows).passed
+
+
+# -- the training step: the path that trains ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+@pytest.mark.parametrize("kwargs", [
+    {"activation": "relu"}, {"activation": "tanh", "norm": "batch", "dropout": 0.3},
+    {"activation": "maxout", "norm": "layer"}, {"hidden_sizes": [8, 5], "loss": "svm"},
+], ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_training_step_check_passes_for_every_optimizer(name, kwargs):
+    report = check_training_step(_model(**kwargs), name, *_data(), num_checks=6)
+    assert report.passed, str(report)
+    parts = {(r.name, r.part) for r in report.rows}
+    assert parts == {(n, p) for n in _model(**kwargs).params for p in ("data", "total")} | {
+        ("l2", "loss")}
+
+
+def test_training_step_check_takes_an_optimizer_factory_and_leaves_the_model_alone():
+    model = _model()
+    before = {k: v.copy() for k, v in model.params.items()}
+    built = []
+
+    def factory(params):
+        built.append(optim.make_optimizer("adam", params, beta1=0.5))
+        return built[-1]
+
+    report = check_training_step(model, factory, *_data())
+    assert report.passed, str(report)
+    assert built[0].t == 0 and not any(v.any() for v in built[0].state.values())
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)
+    assert sum(r.checked for r in report.rows if r.part == "total") == sum(
+        p.size for p in model.params.values())
+
+
+def test_wrong_fused_l2_gradient_fails_the_training_step_check(monkeypatch):
+    # The mutation the per-run check exists for: the optimizer adds c/2 W instead of c W.
+    real = optim.Optimizer._with_l2
+
+    def half_l2(c, squares, rule, *arrays, scratch):
+        real(c / 2, squares, rule, *arrays, scratch=scratch)
+
+    monkeypatch.setattr(optim.Optimizer, "_with_l2", staticmethod(half_l2))
+    report = check_training_step(_model(), "momentum", *_data())
+    assert not report.passed
+    assert report.max_by_param("total")["W1"] > 1e-2
+    assert max(report.max_by_param("data").values()) < 1e-7  # the backward pass is right
+    assert check_model(_model(), *_data()).passed  # the public API does not see it
+
+
+def test_wrong_l2_loss_term_fails_the_training_step_check(monkeypatch):
+    real = optim.Optimizer._pass
+    monkeypatch.setattr(optim.Optimizer, "_pass", lambda *a, **kw: 0.5 * real(*a, **kw))
+    report = check_training_step(_model(), "sgd", *_data())
+    assert not report.passed
+    assert [r.max_rel_error > 0.1 for r in report.rows if r.part == "loss"] == [True]
+
+
+def test_wrong_activation_backward_in_the_fast_path_fails_the_training_step_check(
+        monkeypatch):
+    # Wrong only where the layer writes into its reused arrays, the way training runs it.
+    real = layers.Activation.backward
+
+    def backward(self, dout):
+        dx = real(self, dout)
+        if self.reuse_buffers:
+            dx *= 1.01
+        return dx
+
+    monkeypatch.setattr(layers.Activation, "backward", backward)
+    report = check_training_step(_model(activation="tanh"), "sgd", *_data())
+    assert not report.passed
+    assert report.max_by_param("data")["W1"] > 1e-4
+    assert report.max_by_param("data")["W2"] < 1e-7
+
+
+def test_training_step_check_uses_the_trainers_pass(monkeypatch):
+    # Both halves of the step the trainer takes are the ones checked: the zero-copy
+    # backward pass and the optimizer's fused pass.
+    calls = []
+    real_backprop, real_pass = MLP._backprop, optim.Optimizer._pass
+
+    def backprop(self, X, y):
+        calls.append("backprop")
+        return real_backprop(self, X, y)
+
+    def fused(self, *args, **kwargs):
+        calls.append("optimizer pass")
+        return real_pass(self, *args, **kwargs)
+
+    monkeypatch.setattr(MLP, "_backprop", backprop)
+    monkeypatch.setattr(optim.Optimizer, "_pass", fused)
+    check_training_step(_model(), "sgd", *_data(), num_checks=2)
+    assert calls == ["backprop", "optimizer pass"]
+
+
+# -- the public API, checked the cs231n way ----------------------------------------------
+
+
+def test_kept_gradients_survive_the_perturbed_evaluations():
+    # cs231n's procedure: compute the analytic gradients, keep them, then evaluate the loss
+    # function (which computes gradients too) at perturbed parameters and compare.
+    model = _model(hidden_sizes=[8, 6], dtype="float64")
+    X, y = _data()
+    _, grads = model.loss_and_grads(X, y)
+    kept = {k: g.copy() for k, g in grads.items()}
+    _, data_grads = model.data_loss_and_grads(X, y)
+    worst = 0.0
+    for name, p in model.params.items():
+        numeric, _ = numeric_gradient(lambda: model.loss_and_grads(X, y)[0], p, h=1e-5)
+        worst = max(worst, rel_error(grads[name].reshape(-1), numeric).max())
+        np.testing.assert_array_equal(grads[name], kept[name])
+    assert worst < 1e-7
+    assert all(not np.shares_memory(grads[k], data_grads[k]) for k in grads)

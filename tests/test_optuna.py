@@ -1,14 +1,17 @@
 """The Optuna sweeper (hydra/sweeper=mlp_optuna) and pruning: the search-space parser, the
 TrialReporter, how job outcomes are told, and real `mlp-train -m` sweeps on synthetic data
-(in memory, SQLite, two workers sharing one study), read back from Optuna and MLflow."""
+(in memory, SQLite, two workers sharing one study), read back from Optuna and MLflow; marked
+`server`, the same on a real PostgreSQL: two workers, and a study resumed after an interrupt."""
 
 from __future__ import annotations
 
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from conftest import tool  # noqa: E402
+from engine_fixtures import Postgres, fixture_postgres  # noqa: E402, F401  (a fixture)
 from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
 from hydra.core.utils import JobReturn, JobStatus  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -265,6 +269,7 @@ hydra:
 """
 
 
+@pytest.mark.e2e
 def test_an_in_memory_sweep_from_a_preset(tmp_path: Path, run_env: dict, empty_store: Path):
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "optuna_quick.yaml").write_text(PRESET)
@@ -287,9 +292,9 @@ def test_an_in_memory_sweep_from_a_preset(tmp_path: Path, run_env: dict, empty_s
     sweep_dir = next(tmp_path.glob("multirun/*/*"))
     for number in range(4):
         overrides = OmegaConf.load(sweep_dir / str(number) / ".hydra" / "overrides.yaml")
-        assert "trial.storage=null" in overrides
-        assert "trial.study='mlp-lab-optuna_quick'" in overrides
-        assert f"trial.id={number}" in overrides  # in memory: id = number
+        assert "+trial.storage=null" in overrides
+        assert "+trial.study='mlp-lab-optuna_quick'" in overrides
+        assert f"+trial.id={number}" in overrides  # in memory: id = number
 
     [parent], trials = trial_runs(tmp_path)
     assert len(trials) == 4
@@ -297,6 +302,7 @@ def test_an_in_memory_sweep_from_a_preset(tmp_path: Path, run_env: dict, empty_s
     assert {r.data.params["trainer.eval_batch_size"] for r in trials} <= {"40", "50", "60"}
 
 
+@pytest.mark.e2e
 def test_a_sqlite_study_completes_prunes_and_fails_trials(tmp_path: Path, run_env: dict,
                                                           empty_store: Path):
     # Enqueued trials fix the order: good, hopeless (lr 1e-6: pruned after epoch 1 against
@@ -329,6 +335,7 @@ def test_a_sqlite_study_completes_prunes_and_fails_trials(tmp_path: Path, run_en
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
 
 
+@pytest.mark.e2e
 def test_two_workers_share_one_sqlite_study(tmp_path: Path, run_env: dict, empty_store: Path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = ["hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}",
@@ -348,3 +355,90 @@ def test_two_workers_share_one_sqlite_study(tmp_path: Path, run_env: dict, empty
     assert sorted(job_dirs) == ["0", "1", "2", "3"]
     _, runs = trial_runs(tmp_path)
     assert len(runs) == 4
+
+
+# -- on PostgreSQL (marked server: pytest -m server) ----------------------------------------
+
+def _pg_sweep_args(storage: str, study: str, n_trials: int) -> list[str]:
+    return [f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.storage={storage}",
+            f"hydra.sweeper.study_name={study}", "hydra.sweeper.pruner.name=none",
+            "optim.lr=tag(log, interval(1e-3, 1e-1))", "model.reg=interval(1e-6, 1e-5)"]
+
+
+@pytest.mark.server
+def test_two_workers_share_one_postgresql_study(postgres: Postgres, tmp_path: Path,
+                                                run_env: dict, empty_store: Path):
+    # The storage URL carries the password: the sweepers use it, their jobs get it through
+    # PGPASSWORD only (they could not report to the study otherwise), so it is in no job
+    # override, multirun.yaml or output line. Hydra itself saves its command line in each
+    # job's .hydra/hydra.yaml: hence the README's advice to give the password by PGPASSWORD.
+    postgres.create_database("optuna_shared")
+    storage = postgres.uri("optuna_shared", with_password=True)
+    env = {k: v for k, v in run_env.items() if k != "PGPASSWORD"}
+    workers = [sweep([*_pg_sweep_args(storage, "shared", 6),
+                      f"hydra.sweeper.sampler.seed={seed}"], tmp_path, env, empty_store)
+               for seed in (1, 2)]
+    outputs = [finish(w, timeout=600) for w in workers]
+
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    ran = [line.split("trial #")[1].split(":")[0] for out in outputs
+           for line in out.splitlines() if "] trial #" in line]
+    assert sorted(ran, key=int) == [str(n) for n in range(6)]
+    job_dirs = [p.name for p in tmp_path.glob("multirun/*/*/*") if p.is_dir()]
+    assert sorted(job_dirs, key=int) == [str(n) for n in range(6)]
+    _, runs = trial_runs(tmp_path)
+    assert len(runs) == 6
+    assert postgres.password not in "".join(outputs)
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".db"
+             and postgres.password.encode() in p.read_bytes()]
+    assert sorted(str(p.relative_to(tmp_path)) for p in leaks
+                  if p.parts[-2:] != (".hydra", "hydra.yaml")) == []
+
+
+@pytest.mark.server
+def test_an_interrupted_postgresql_study_resumes(postgres: Postgres, tmp_path: Path,
+                                                 run_env: dict, empty_store: Path,
+                                                 monkeypatch: pytest.MonkeyPatch):
+    storage = postgres.create_database("optuna_resume")  # no password: PGPASSWORD has it
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    env = dict(run_env, PGPASSWORD=postgres.password)
+    slow = [*QUICK, "data.synthetic.n_train=3000", "data.val_size=300",
+            "model.hidden_sizes=[64]", "trainer.epochs=25"]
+    args = [*_pg_sweep_args(storage, "resume", 3), "hydra.sweeper.sampler.seed=0"]
+    first = sweep(args, tmp_path, env, empty_store, base=slow)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("multirun/*/*/1/checkpoints/last.npz")):
+            assert first.poll() is None, first.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "trial #1 wrote no checkpoint in 300 s"
+            time.sleep(0.1)
+        first.send_signal(signal.SIGINT)
+        out, _ = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode != 0, out[-3000:]
+    trials = optuna.load_study(study_name="resume", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                         TrialState.WAITING]
+    interrupted = trials[1]
+    assert interrupted.user_attrs[sweeperlib.INTERRUPTED_ATTR] is True
+    assert trials[2].system_attrs["fixed_params"] == interrupted.params  # queued
+    _, runs = trial_runs(tmp_path)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    [killed] = [r for r in runs if r.info.status == "KILLED"]
+
+    again = finish(sweep(args, tmp_path, env, empty_store, base=slow), timeout=600)
+    assert "resuming killed run" in again
+    trials = optuna.load_study(study_name="resume", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                         TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[2].params == interrupted.params
+    # The resumed sampler (seed 0 again) did not draw trial #0's parameters a second time.
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len({tuple(sorted(t.params.items())) for t in completed}) == 3
+    _, runs = trial_runs(tmp_path)
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert killed.info.run_id in {r.info.run_id for r in runs}

@@ -139,8 +139,36 @@ def test_finish_rejects_an_unknown_status(tmp_path: Path):
 
 
 def test_the_view_hint_opens_the_model_training_view():
-    local = tracking.how_to_view("sqlite:////x/mlflow.db", "1", "abc")
-    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in local
-    assert local.endswith("#/experiments/1/runs/abc?workflowType=machine_learning")
-    remote = tracking.how_to_view("http://host:5000/", "2", "r")
-    assert remote == "open http://host:5000/#/experiments/2/runs/r?workflowType=machine_learning"
+    local = tracking.how_to_view("sqlite:////x/mlflow.db", "1", "abc").splitlines()
+    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in local[0]
+    assert local[0].endswith("#/experiments/1/runs/abc?workflowType=machine_learning")
+    assert local[1].endswith("#/experiments/1/runs?workflowType=machine_learning"
+                             "&orderByKey=metrics.%60acc%2Fbest_val%60&orderByAsc=false")
+    remote = tracking.how_to_view("http://host:5000/", "2", "r").splitlines()
+    assert remote[0] == "open http://host:5000/#/experiments/2/runs/r?workflowType=machine_learning"
+    assert remote[1].startswith("  all runs, best first: http://host:5000/#/experiments/2/runs?")
+
+
+def test_a_wrong_fused_l2_fails_the_runs_logged_gradient_check(tmp_path: Path, monkeypatch):
+    """The mutation the per-run check exists for: the optimizer's fused pass adds c/2 W for
+    the L2 gradient. The check a run logs (cli.run_gradcheck) then says failed."""
+    from hydra import compose, initialize_config_module
+
+    from mlp import cli, optim
+
+    configlib.register()
+    with initialize_config_module(config_module="mlp.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model.reg=0.1", "gradcheck.max_width=6",
+                                                        "model.hidden_sizes=[8]"])
+    assert cli.run_gradcheck(cfg).passed
+    real = optim.Optimizer._with_l2
+    monkeypatch.setattr(optim.Optimizer, "_with_l2", staticmethod(
+        lambda c, squares, rule, *arrays, scratch: real(c / 2, squares, rule, *arrays,
+                                                          scratch=scratch)))
+    report = cli.run_gradcheck(cfg)
+    experiment = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "mutant")
+    recorder = tracking.start_run(experiment, "mutant", {})
+    recorder.log_gradcheck(report)
+    recorder.finish("FINISHED")
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(recorder.run_id).data.tags
+    assert tags["gradcheck.passed"] == "false"

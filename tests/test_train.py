@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import signal
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from mlp import data as datalib
 from mlp import optim
+from mlp.checkpoint import CheckpointError
 from mlp.model import MLP
 from mlp.train import DivergenceError, Interrupted, Trainer, TrainSettings
 
@@ -164,7 +167,7 @@ def test_resume_rejects_another_architecture(splits: datalib.Splits, tmp_path: P
 
 
 def test_resume_of_a_missing_file_is_a_clear_error(splits: datalib.Splits, tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match=r"trainer\.resume"):
+    with pytest.raises(CheckpointError, match=r"nope\.npz: no such file"):
         make_trainer(splits).load_checkpoint(tmp_path / "nope.npz")
 
 
@@ -172,3 +175,153 @@ def test_checkpoint_holds_no_pickles(splits: datalib.Splits, tmp_path: Path):
     make_trainer(splits, tmp_path, epochs=1).fit()
     with np.load(tmp_path / "last.npz", allow_pickle=False) as f:
         assert all(f[k].dtype != object for k in f.files)
+
+
+# -- checkpoints are validated completely before anything changes ---------------------------
+
+
+@pytest.fixture(scope="module")
+def stopped_checkpoint(splits: datalib.Splits, tmp_path_factory: pytest.TempPathFactory
+                       ) -> dict[str, np.ndarray]:
+    """The arrays of a checkpoint written mid-epoch (so it holds an order)."""
+    directory = tmp_path_factory.mktemp("stopped")
+    trainer = make_trainer(splits, directory)
+    trainer.observers = [Recorder(stop_at_step=3, trainer=trainer)]
+    with pytest.raises(Interrupted):
+        trainer.fit()
+    with np.load(directory / "last.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def _with_meta(arrays: dict, **changes: object) -> dict:
+    meta = json.loads(str(arrays["meta"]))
+    return {**arrays, "meta": np.array(json.dumps({**meta, **changes}))}
+
+
+def _trainer_state(trainer: Trainer) -> list:
+    st = trainer.state
+    return [{k: v.copy() for k, v in trainer.model.params.items()},
+            {k: v.copy() for k, v in trainer.best_params.items()},
+            trainer.optimizer.state_dict(), trainer.normalizer.state_dict(),
+            trainer.rng.bit_generator.state, trainer.model.dropout_rng.bit_generator.state,
+            (st.epoch, st.step, st.batch, st.first_loss, st.best_val_acc, st.order,
+             json.dumps(st.history))]
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+BAD_CHECKPOINTS = {
+    "empty": (lambda a: b"", "empty file"),
+    "truncated": (lambda a: _npz(a)[:len(_npz(a)) // 2], "not a readable .npz"),
+    "random bytes": (lambda a: np.random.default_rng(0).bytes(4096), r"not an \.npz \(zip\)"),
+    "meta-less": (lambda a: {k: v for k, v in a.items() if k != "meta"}, "no 'meta' entry"),
+    "meta not JSON": (lambda a: {**a, "meta": np.array("{epoch")}, "'meta' is not JSON"),
+    "pickle inside": (lambda a: {**a, "order": np.array([{"x": 1}], dtype=object)},
+                      "without pickles"),
+    "wrong shape": (lambda a: {**a, "param/W1": a["param/W1"][:-1]}, r"param/W1 is .*\(3071, 32\)"),
+    "wrong dtype": (lambda a: {**a, "optim/v/W1": a["optim/v/W1"].astype(np.float32)},
+                    r"optim/v/W1 is float32"),
+    "missing array": (lambda a: {k: v for k, v in a.items() if k != "best/b2"},
+                      r"best entries .*missing \['b2'\]"),
+    "unexpected array": (lambda a: {**a, "extra/x": np.zeros(1)}, "unexpected entry 'extra/x'"),
+    "NaN parameter": (lambda a: {**a, "param/b1": np.full_like(a["param/b1"], np.nan)},
+                      "param/b1 holds NaN"),
+    "order not a permutation": (lambda a: {**a, "order": np.zeros_like(a["order"])},
+                                "not a permutation"),
+    "order of floats": (lambda a: {**a, "order": a["order"].astype(np.float64)},
+                        "not a permutation"),
+    "order missing mid-epoch": (lambda a: {k: v for k, v in a.items() if k != "order"},
+                                "no shuffle order"),
+    "steps do not add up": (lambda a: _with_meta(a, step=99), "do not add up"),
+    "negative epoch": (lambda a: _with_meta(a, epoch=-1), "'epoch' is -1"),
+    "epoch as text": (lambda a: _with_meta(a, epoch="0"), "'epoch' is '0'"),
+    "history too long": (lambda a: _with_meta(a, history={
+        **json.loads(str(a["meta"]))["history"], "val_acc": [0.5]}), "history 'val_acc'"),
+    "bad rng state": (lambda a: _with_meta(a, rng={"bit_generator": "PCG64", "state": 3}),
+                      "'rng' is not a random generator state"),
+    "another optimizer": (lambda a: _with_meta(a, optimizer="adam"), "optimizer 'adam'"),
+    "missing meta key": (lambda a: {**a, "meta": np.array(json.dumps({
+        k: v for k, v in json.loads(str(a["meta"])).items() if k != "best_epoch"}))},
+        r"missing \['best_epoch'\]"),
+    "first loss missing": (lambda a: _with_meta(a, first_loss=None), "first_loss None"),
+    "optimizer t": (lambda a: {**a, "optim/t": np.array(7)}, "t=7 but meta step 3"),
+    "normalizer scale 0": (lambda a: {**a, "norm/scale": np.zeros_like(a["norm/scale"])},
+                           "scale > 0"),
+    "normalizer mode": (lambda a: {**a, "norm/mode": np.array("mean_image")},
+                        "norm/mode is .*'mean_image'.*'channel'"),
+}
+
+
+def _npz(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_is_refused_before_anything_changes(
+        splits: datalib.Splits, stopped_checkpoint: dict, tmp_path: Path, case: str):
+    mutate, message = BAD_CHECKPOINTS[case]
+    content = mutate(stopped_checkpoint)
+    path = tmp_path / "bad.npz"
+    path.write_bytes(content if isinstance(content, bytes) else _npz(content))
+    trainer = make_trainer(splits)
+    before = _trainer_state(trainer)
+    with pytest.raises(CheckpointError, match=message) as refused:
+        trainer.load_checkpoint(path)
+    assert str(path) in str(refused.value)
+    assert isinstance(refused.value, ValueError)
+    assert _same(_trainer_state(trainer), before)
+
+
+def test_the_unchanged_checkpoint_loads(splits: datalib.Splits, stopped_checkpoint: dict,
+                                        tmp_path: Path):
+    # the cases above fail for their mutation, not for something in the file itself
+    path = tmp_path / "good.npz"
+    path.write_bytes(_npz(stopped_checkpoint))
+    trainer = make_trainer(splits)
+    trainer.load_checkpoint(path)
+    assert (trainer.state.epoch, trainer.state.step, trainer.state.batch) == (0, 3, 3)
+
+
+# -- the divergence message names a checkpoint only when one exists -----------------------
+
+
+def test_divergence_before_the_first_checkpoint_names_none(splits: datalib.Splits,
+                                                            tmp_path: Path):
+    with pytest.raises(DivergenceError, match="no checkpoint was written") as diverged:
+        make_trainer(splits, tmp_path, lr=1e4, name="sgd").fit()
+    assert "trainer.resume" not in str(diverged.value)
+    assert not (tmp_path / "last.npz").exists()
+
+
+def test_divergence_without_a_checkpoint_dir_says_so(splits: datalib.Splits):
+    with pytest.raises(DivergenceError, match="checkpoint_dir is not set"):
+        make_trainer(splits, lr=1e4, name="sgd").fit()
+
+
+def test_divergence_after_an_epoch_names_its_checkpoint(splits: datalib.Splits,
+                                                        tmp_path: Path):
+    trainer = make_trainer(splits, tmp_path, epochs=3)
+    real_step = trainer._step
+
+    def step(Xb, yb, lr):
+        if trainer.state.epoch == 1:
+            trainer.model.params["W2"] *= 1e6
+        return real_step(Xb, yb, lr)
+
+    trainer._step = step
+    with pytest.raises(DivergenceError) as diverged:
+        trainer.fit()
+    path = tmp_path / "last.npz"
+    assert f"the checkpoint after epoch 1, {path}, can be resumed with trainer.resume={path}" in (
+        str(diverged.value))
+    assert json.loads(str(np.load(path)["meta"]))["epoch"] == 1

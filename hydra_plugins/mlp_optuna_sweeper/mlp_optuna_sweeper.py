@@ -16,7 +16,7 @@ joblib: in parallel), then tell Optuna how every job ended:
 It stops when the study holds `n_trials` trials in total (complete, pruned, failed or
 still running), counting those of other workers: several `mlp-train -m` processes given
 the same `storage` and `study_name` share one study and run distinct trials. Each job's
-overrides also say which trial it is (`trial.storage`, `trial.study`, `trial.id` = the
+overrides also say which trial it is (`+trial.storage`, `+trial.study`, `+trial.id` = the
 trial's id in the storage) so that it can report val_acc per epoch for pruning; its output
 directory is `<sweep dir>/<trial number>`. At the end `optimization_results.yaml` in the
 sweep dir holds the best value, parameters and overrides, and the trial counts.
@@ -29,7 +29,8 @@ Settings (`hydra.sweeper.*`):
                              # postgresql://host/db to share the study and keep it
     n_trials: 20             # in the study in total
     n_jobs: 1                # trials per batch (run in parallel by a parallel launcher)
-    sampler: {name: tpe, seed: null, n_startup_trials: 5}          # tpe | random
+    sampler: {name: tpe, seed: null, n_startup_trials: 5}          # tpe | random; a study
+                             # that has trials already samples with seed + their number
     pruner: {name: median, n_startup_trials: 3, n_warmup_steps: 2}  # median | none
     params:                  # the search space, key: expression
       optim.lr: interval(1e-4, 1e-1) log
@@ -51,12 +52,24 @@ only: on the command line Hydra's parser takes no trailing word, so write
                                               (model=choice(mlp, linear))
     anything else (trainer.epochs=3)          fixed: every trial gets it unchanged
 
-A SQLite storage is shared by workers on one machine: they take turns (a lock file
-`<database>.lock`) to count the trials and ask new ones, so the study ends with exactly
-`n_trials`. Workers on other machines need a database server; there, workers that ask at
-the same instant can overshoot `n_trials` by a few trials. An in-memory study cannot be
-reached from other processes: with a parallel launcher its jobs do not report val_acc,
-so nothing is pruned (a warning says so); use a storage.
+Workers take turns to count the trials and ask new ones, so the study ends with exactly
+`n_trials` and no trial runs twice: on SQLite (workers on one machine) through a lock file
+`<database>.lock`, on PostgreSQL (workers anywhere) through an advisory lock of the
+database. Other database servers get no lock: workers that ask at the same instant can
+overshoot `n_trials` by a few trials. An in-memory study cannot be reached from other
+processes: with a parallel launcher its jobs do not report val_acc, so nothing is pruned
+(a warning says so); use a storage.
+
+An interrupted sweep (Ctrl-C, SIGTERM; mlp-train stops the whole sweep) marks its running
+trials FAIL with the user attribute `interrupted` and puts their parameters back in the
+study's queue: those trials do not count towards `n_trials`, and the next `mlp-train -m`
+with the same storage and study name runs them first (resuming their killed MLflow runs
+from the checkpoint), then the rest. A worker killed outright (SIGKILL) leaves its trials
+RUNNING: they count, as another worker may still be running them.
+
+A password in a PostgreSQL storage URL stays in the sweeper: the jobs get the URL without
+it, and the password through PGPASSWORD in their environment (which libpq reads), so that
+it is in no override, `.hydra` file or log line; PGPASSWORD set by the user wins.
 """
 
 from __future__ import annotations
@@ -85,6 +98,8 @@ log = logging.getLogger(__name__)
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "random")
 RESULTS_FILE = "optimization_results.yaml"
+INTERRUPTED_ATTR = "interrupted"  # user attribute of trials an interrupted sweep put back
+LOCK_KEY = 0x6D6C705F6C6162  # the PostgreSQL advisory lock of the workers ("mlp_lab")
 
 
 class MlpOptunaSweeper(Sweeper):
@@ -103,6 +118,7 @@ class MlpOptunaSweeper(Sweeper):
         self.direction = direction
         self.study_name = study_name
         self.storage = absolute_storage_url(storage)
+        self.job_storage = job_storage_url(self.storage)
         self.n_trials = n_trials
         self.n_jobs = n_jobs
         self.sampler = OmegaConf.to_container(sampler)
@@ -122,10 +138,11 @@ class MlpOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         """Run trials until the study holds n_trials; return the JobReturns batch by batch."""
         assert self.config is not None and self.launcher is not None
-        optuna = _import_optuna()
+        _import_optuna()
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
         from mlp import pruning
+        from mlp.secrets import mask_uri
 
         from ._search_space import parse_search_space
 
@@ -135,7 +152,8 @@ class MlpOptunaSweeper(Sweeper):
         _check_quotable("study_name", name)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # Hydra's record of the sweep, with any password in a URL (the storage's) masked.
+        (sweep_dir / "multirun.yaml").write_text(mask_uri(OmegaConf.to_yaml(self.config)))
 
         study = self._open_study(name, space)
         in_process = isinstance(self.launcher, BasicLauncher)
@@ -163,7 +181,7 @@ class MlpOptunaSweeper(Sweeper):
                 results = self._launch(trials, batch)
             except BaseException:
                 for trial in trials:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    _put_back(study, trial)
                 raise
             for trial, result in zip(trials, results, strict=True):
                 _tell(study, trial, result)
@@ -189,6 +207,12 @@ class MlpOptunaSweeper(Sweeper):
                 raise ValueError(f"study {name!r} in {redact(self.storage)} is to "
                                  f"{study.direction.name.lower()}, not to {self.direction}")
             study.set_user_attr(pruning.PRUNER_ATTR, self.pruner)
+            n_earlier = len(study.get_trials(deepcopy=False))
+        if n_earlier and self.sampler["seed"] is not None:
+            # A study resumed with the same seed would draw its first parameters again (the
+            # configs that finished already): go on from seed + the trials it has.
+            study.sampler = make_sampler(**(self.sampler | {"seed": self.sampler["seed"]
+                                                            + n_earlier}))
         for trial in study.get_trials(deepcopy=False):
             for key, earlier in trial.distributions.items():
                 if key not in space.distributions:
@@ -218,9 +242,11 @@ class MlpOptunaSweeper(Sweeper):
         trial.set_user_attr("overrides", overrides)
         if not reporting:
             return overrides
-        storage = "null" if self.storage is None else f"'{self.storage}'"
-        return [*overrides, f"trial.storage={storage}", f"trial.study='{study_name}'",
-                f"trial.id={trial._trial_id}"]
+        storage = "null" if self.job_storage is None else f"'{self.job_storage}'"
+        # `+`: trial is not a key of the user's schema but an extension node that this
+        # sweeper adds (mlp.config.EXTENSIONS).
+        return [*overrides, f"+trial.storage={storage}", f"+trial.study='{study_name}'",
+                f"+trial.id={trial._trial_id}"]
 
     def _launch(self, trials: list[optuna.trial.Trial],
                 batch: list[list[str]]) -> list[JobReturn]:
@@ -265,6 +291,22 @@ def absolute_storage_url(url: str | None) -> str | None:
     if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or os.path.isabs(db):
         return url
     return parsed.set(database=os.path.abspath(db)).render_as_string(hide_password=False)
+
+
+def job_storage_url(url: str | None) -> str | None:
+    """The storage URL for the jobs: a PostgreSQL URL without its password, which goes to
+    PGPASSWORD in this process's environment (the jobs inherit it) unless that is set;
+    any other URL unchanged."""
+    if url is None:
+        return None
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql" or parsed.password is None:
+        return url
+    os.environ.setdefault("PGPASSWORD", parsed.password)
+    # URL.set(password=None) would keep the password (None means "unchanged" there).
+    return parsed._replace(password=None).render_as_string(hide_password=False)
 
 
 def redact(url: str | None) -> str:
@@ -333,27 +375,60 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, result: JobReturn) -> 
 
 
 def _counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The trials that count towards n_trials: complete, pruned, failed, running."""
+    """The trials that count towards n_trials: complete, pruned, failed (unless an
+    interrupted sweep put them back in the queue), running."""
     import optuna
 
     states = optuna.trial.TrialState
-    return study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED,
-                                                    states.FAIL, states.RUNNING))
+    trials = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED,
+                                                      states.FAIL, states.RUNNING))
+    return [t for t in trials if not t.user_attrs.get(INTERRUPTED_ATTR)]
+
+
+def _put_back(study: optuna.Study, trial: optuna.trial.Trial) -> None:
+    """An interrupted trial: FAIL, marked `interrupted`, its parameters queued again for
+    the next sweep of the study."""
+    import optuna
+
+    trial.set_user_attr(INTERRUPTED_ATTR, True)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial(trial.params)
+    log.warning("trial #%d interrupted: queued again for the next sweep of study %r",
+                trial.number, study.study_name)
 
 
 @contextmanager
 def _study_lock(storage: str | None) -> Iterator[None]:
-    """Exclusive among the workers of a SQLite study (a lock file next to the database),
-    so that counting the trials and asking new ones is one step; no-op otherwise."""
+    """Exclusive among the workers of a study, so that counting the trials and asking new
+    ones is one step: a lock file next to a SQLite database, an advisory lock of a
+    PostgreSQL database (released with its connection, also when a worker dies); no-op
+    otherwise."""
     from sqlalchemy.engine import make_url
 
-    db = None if storage is None else make_url(storage).database
-    if storage is None or not storage.startswith("sqlite") or db in (None, "", ":memory:"):
+    url = None if storage is None else make_url(storage)
+    backend = None if url is None else url.get_backend_name()
+    if backend == "postgresql":
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"),
+                                       {"key": LOCK_KEY})
+        finally:
+            engine.dispose()
+        return
+    if backend != "sqlite" or url.database in (None, "", ":memory:"):
         yield
         return
     import fcntl
 
-    with open(f"{db}.lock", "a") as f:
+    with open(f"{url.database}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -1,0 +1,88 @@
+"""Secrets kept out of everything mlp-train writes: log lines, Hydra's files, MLflow records.
+
+The secrets are those `mlp.secrets` finds in the environment (MLFLOW_TRACKING_PASSWORD,
+PGPASSWORD, a password inside MLFLOW_TRACKING_URI, ...) and in the command line (a
+`tracking.uri=http://user:password@host` override); any URI's password is masked too.
+`install` makes every log record masked (Hydra's launcher prints the jobs' overrides, and
+its job log files hold what the run logs); `MaskHydraFiles`, a Hydra callback
+(`conf/config.yaml`), rewrites the files Hydra saved for a job (`.hydra/config.yaml`,
+`hydra.yaml`, `overrides.yaml`) and the sweep's `multirun.yaml` before the job runs; and
+`mask` / `mask_tree` are applied by `tracking` to every param, tag and config artifact.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from mlp import secrets
+
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+@functools.cache
+def _secrets() -> tuple[str, ...]:
+    found = secrets.env_secrets()
+    for arg in sys.argv[1:]:
+        found += secrets.uri_secrets(arg)
+    return tuple(found)
+
+
+def mask(text: str) -> str:
+    """`text` with the process's secrets and every URI's password replaced by `***`."""
+    return secrets.mask_text(text, _secrets())
+
+
+def mask_tree(tree: Any) -> Any:
+    """A copy of a JSON-like tree (dicts, lists, strings, numbers) with its strings masked."""
+    if isinstance(tree, dict):
+        return {key: mask_tree(value) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [mask_tree(value) for value in tree]
+    return mask(tree) if isinstance(tree, str) else tree
+
+
+def mask_file(path: Path) -> None:
+    """Rewrite a text file with its secrets masked (nothing when it holds none)."""
+    text = path.read_text(encoding="utf-8")
+    masked = mask(text)
+    if masked != text:
+        path.write_text(masked, encoding="utf-8")
+
+
+def install() -> None:
+    """Mask every log record of this process from now on, whoever logs it and wherever
+    it goes (idempotent)."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "masks_secrets", False):
+        return
+
+    def masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        message = mask(record.getMessage())
+        if message != record.getMessage():
+            record.msg, record.args = message, None
+        return record
+
+    masked_record.masks_secrets = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(masked_record)
+
+
+class MaskHydraFiles(Callback):
+    """Mask the files Hydra saved for a job (and a sweep) before the job runs."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        install()
+        paths = [Path(config.hydra.sweep.dir) / "multirun.yaml"]
+        if config.hydra.output_subdir is not None:
+            output = Path(config.hydra.runtime.output_dir) / config.hydra.output_subdir
+            paths += [output / name for name in HYDRA_FILES]
+        for path in paths:
+            if path.is_file():
+                mask_file(path)
