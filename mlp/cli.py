@@ -326,8 +326,7 @@ def _check_and_train(cfg: DictConfig, resolved: dict[str, Any], job: Job,
         if type(e).__name__ == "TrialPruned":
             recorder.set_tags({"optuna.pruned": "true"})
         raise
-    with recorder.unless_offline("figures, model or description"):
-        record_result(recorder, cfg, trainer, splits, result, datasets, name)
+    record_result(recorder, cfg, trainer, splits, result, datasets, name)
     return result
 
 
@@ -382,28 +381,32 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                   splits: datalib.Splits, result: TrainResult, datasets: dict[str, Any],
                   name: str) -> None:
     """Figures, the model, the final metrics (linked to the model and the test split) and
-    the description of a finished training."""
+    the description of a finished training. With the store gone, the metrics and tags go
+    to the run's spool and the rest is named in a warning (`unless_offline`)."""
     recorder.set_tags({"checkpoint": str(result.checkpoint),
                        "stopped_early": str(result.stopped_early).lower()})
     if cfg.tracking.plots:
-        classes = splits.classes
-        recorder.log_figure(plots.curves_figure(result.history), "curves")
-        recorder.log_figure(plots.confusion_figure(splits.y_test, result.test_pred, classes),
-                            "confusion_matrix")
-        recorder.log_figure(plots.per_class_figure(splits.y_test, result.test_pred, classes),
-                            "per_class_accuracy")
-        recorder.log_figure(plots.weights_figure(trainer.model.params["W1"]),
-                            "first_layer_weights")
+        with recorder.unless_offline("the figures"):
+            classes = splits.classes
+            recorder.log_figure(plots.curves_figure(result.history), "curves")
+            recorder.log_figure(plots.confusion_figure(splits.y_test, result.test_pred,
+                                                       classes), "confusion_matrix")
+            recorder.log_figure(plots.per_class_figure(splits.y_test, result.test_pred,
+                                                       classes), "per_class_accuracy")
+            recorder.log_figure(plots.weights_figure(trainer.model.params["W1"]),
+                                "first_layer_weights")
     model_id = None
     if cfg.tracking.log_model:
-        model_id = recorder.log_model(trainer.model, trainer.normalizer, splits.classes, name,
-                                      example=np.asarray(splits.X_test[:3]))
+        with recorder.unless_offline("the model"):
+            model_id = recorder.log_model(trainer.model, trainer.normalizer, splits.classes,
+                                          name, example=np.asarray(splits.X_test[:3]))
     recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
                          step=result.best_epoch, model_id=model_id, dataset=datasets["test"])
     widths = [splits.X_train.shape[1], *cfg.model.hidden_sizes, len(splits.classes)]
-    recorder.describe(tracking.describe_run(OmegaConf.to_container(cfg, resolve=True), result,
-                                            recorder.client.get_run(recorder.run_id).data.tags,
-                                            widths))
+    with recorder.unless_offline("the description"):
+        recorder.describe(tracking.describe_run(
+            OmegaConf.to_container(cfg, resolve=True), result,
+            recorder.client.get_run(recorder.run_id).data.tags, widths))
 
 
 def check(cfg: DictConfig) -> bool:
