@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from mlflow import MlflowClient
 
+from mlp import config as configlib
 from mlp import metrics, store, tracking
 
 REPRODUCES_TAG = "mlp.reproduces"
@@ -83,20 +84,10 @@ def overrides_for(resolved: Mapping[str, Any], uri: str, experiment: str,
                   output_dir: Path) -> list[str]:
     """`key=value` for every leaf of the recorded config, with OWN_KEYS, the store, the
     experiment and the Hydra output directory of the reproduction."""
-    leaves = _leaves(resolved)
+    leaves = configlib.flatten(resolved)
     leaves |= OWN_KEYS | {"tracking.uri": uri, "tracking.experiment": experiment}
     return [f"{k}={override_value(v)}" for k, v in leaves.items()] + [
         f"hydra.run.dir={override_value(str(output_dir))}"]
-
-
-def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out |= _leaves(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> dict[int, list[float]]:
