@@ -231,6 +231,48 @@ def test_sigterm_kills_the_run_and_resume_finishes_it(tmp_path: Path, run_env: d
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
     steps = [p.step for p in client.get_metric_history(run_id, metrics.ACC_VAL)]
     assert steps == list(range(1, resumed_epochs + 1))
+    # The interruption's error no longer describes the run once it finished.
+    assert not {"error.type", "error.message"} & set(runs[0].data.tags)
+
+    # The finished run's checkpoint, resumed for more epochs, is a new run: the finished
+    # run keeps its status and record.
+    before = client.get_run(run_id)
+    again = mlp_train([*args[:-4], f"trainer.epochs={resumed_epochs + 1}",
+                       f"trainer.checkpoint_dir={ckpt_dir}", "gradcheck.enabled=false",
+                       f"trainer.resume={ckpt_dir / 'last.npz'}"], tmp_path, run_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _, runs = runs_of(tmp_path / "mlflow.db")
+    assert len(runs) == 2
+    new = next(r for r in runs if r.info.run_id != run_id)
+    assert new.info.status == "FINISHED" and new.data.tags["mlp.resumed_from"] == run_id
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert len(client.get_metric_history(run_id, metrics.ACC_VAL)) == resumed_epochs
+
+
+def test_environment_and_docker_tags(tmp_path: Path, monkeypatch):
+    """Where a run came from: git commit and dirty flag, versions, and the image's tags
+    when it runs in the Docker image (its entrypoint sets MLP_LAB_IMAGE* variables)."""
+    from mlp import tracking
+
+    for var, value in (("MLP_LAB_IMAGE", "mlp-lab:0.1.0"), ("MLP_LAB_IMAGE_DIGEST", "sha256:ab"),
+                       ("MLP_LAB_LOCK_HASH", "cd" * 32)):
+        monkeypatch.setenv(var, value)
+    root = Path(__file__).resolve().parents[1]
+    tags = tracking.environment_tags(root, ["optim.lr=0.1"], {"archive_sha256": "ff" * 32,
+                                                               "n_train": 10, "seed": 0})
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["mlp.git.dirty"] in ("True", "False")
+    assert tags["docker.image"] == "mlp-lab:0.1.0" and tags["docker.digest"] == "sha256:ab"
+    assert tags["docker.lock_hash"] == "cd" * 32
+    assert tags["mlp.overrides"] == "optim.lr=0.1"
+    assert tags["data.archive_sha256"] == "ff" * 32 and tags["data.n_train"] == "10"
+    assert "data.seed" not in tags  # the split's other numbers are params
+    assert tags["mlp.numpy"] == np.__version__ and tags["mlp.python"].count(".") == 2
+    outside = tracking.environment_tags(tmp_path, [], {})  # not a git checkout
+    assert "mlflow.source.git.commit" not in outside
 
 
 def test_gradcheck_command_logs_its_own_run(tmp_path: Path, run_env: dict):
