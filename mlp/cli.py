@@ -230,7 +230,7 @@ def _earlier_attempts(experiment_id: str, config_hash: str, resume: str | None
                       ) -> tuple[float | None, str | None]:
     """For a sweep job: (its best val accuracy, None) when this config already finished in
     the experiment, else (None, the checkpoint to resume: a killed attempt's, or `resume`)."""
-    earlier = tracking.runs_with_config(experiment_id, config_hash)
+    earlier = sweeplib.runs_with_config(experiment_id, config_hash)
     finished = [r for r in earlier if r.info.status == "FINISHED"]
     if finished:
         log.info("skipping: this config already finished as run %s", finished[0].info.run_id)

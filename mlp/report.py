@@ -3,14 +3,12 @@
 
 `build_report` reads the runs and makes a `Report`: one row per run (name, status, the
 params that differ between the runs, val_acc, test_acc, gap_acc, gradient check,
-duration), best val_acc first, unfinished runs last. `figures` draws the val_acc heatmap
-over learning rate x regularization, the learning curves of the best runs, the gap
-against the hidden sizes and the accuracy per activation (each only when that param
-varies). `write_report` writes report.md, a standalone report.html and the PNGs;
-`log_sweep_report` logs the same on the sweep's parent run. `mlp-report` (`main`) does
-it from the command line.
-
-Figures are `matplotlib.figure.Figure` objects (no pyplot), like `plots.py`.
+duration), best val_acc first, unfinished runs last. `figures` reads the best runs'
+learning curves and has `compare_plots` draw what applies (the val_acc heatmap over
+learning rate x regularization, the curves, the gap against the hidden sizes, the
+accuracy per activation). `write_report` writes report.md, a standalone report.html and
+the PNGs; `log_sweep_report` makes the sweep's parent a summary of it. `mlp-report`
+(`main`) does it from the command line.
 """
 
 from __future__ import annotations
@@ -21,10 +19,8 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import argparse
-import ast
 import base64
 import html
-import io
 import re
 import shlex
 import sys
@@ -34,19 +30,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import mlflow
-import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
+from mlp import compare_plots as plots
 from mlp import metrics as keys
 from mlp.config import is_bookkeeping
 from mlp.sweep import SWEEP_NAME_TAG, SWEPT_TAG
-from mlp.tracking import short_number
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "mlp.sweep"
@@ -54,7 +47,6 @@ CONFIG_HASH_TAG = "mlp.config_hash"
 METRIC_COLUMNS = ("val_acc", "test_acc", "gap_acc", "gradcheck", "duration_s")
 NUMBER_COLUMNS = {"val_acc", "test_acc", "gap_acc", "duration_s"}  # right-aligned
 CHAMPION = "champion"  # the registry alias of a sweep's best model
-FIGURE_DPI = 110
 
 
 @dataclass
@@ -338,7 +330,7 @@ def _make_report(client: MlflowClient, experiment: str, sweep: str | None
     runs, parent = _collect(client, experiment, sweep)
     swept = _swept(runs)
     rows = sorted((_row(r, swept) for r in runs), key=_sort_key)
-    best = next(iter(_finished(rows[:1])), None)
+    best = next(iter(plots.finished(rows[:1])), None)
     parent_id = title = None
     if parent is not None:
         parent_id = parent.info.run_id
@@ -356,187 +348,24 @@ def build_report(client: MlflowClient, experiment: str, sweep: str | None = None
     return _make_report(client, experiment, sweep)[0]
 
 
-# -- figures -------------------------------------------------------------------------------
-
-
-def _number(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _finished(rows: Iterable[dict]) -> list[dict]:
-    return [r for r in rows if r["status"] == "FINISHED" and r["val_acc"] is not None]
-
-
-def heatmap_figure(report: Report) -> Figure | None:
-    """val_acc over optim.lr (x) x model.reg (y), the best run of each cell (over the
-    other swept params); cells whose runs all failed say so. None unless both vary."""
-    if not {"optim.lr", "model.reg"} <= set(report.swept):
-        return None
-    cells = [(_number(r["optim.lr"]), _number(r["model.reg"]), r) for r in report.rows]
-    cells = [(lr, reg, r) for lr, reg, r in cells if lr is not None and reg is not None]
-    lrs = sorted({lr for lr, _, _ in cells})
-    regs = sorted({reg for _, reg, _ in cells})
-    if len(lrs) < 2 or len(regs) < 2:
-        return None
-    grid = np.full((len(regs), len(lrs)), np.nan)
-    status: dict[tuple[int, int], str] = {}
-    for lr, reg, r in cells:
-        i, j = regs.index(reg), lrs.index(lr)
-        if r["status"] == "FINISHED" and r["val_acc"] is not None:
-            grid[i, j] = np.fmax(grid[i, j], r["val_acc"])
-        else:
-            status.setdefault((i, j), r["status"])
-    fig = Figure(figsize=(1.3 * len(lrs) + 3, 0.8 * len(regs) + 2.2), layout="constrained")
-    ax = fig.subplots()
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, origin="lower", aspect="auto")
-    lo, hi = (np.nanmin(grid), np.nanmax(grid)) if np.isfinite(grid).any() else (0, 1)
-    for i, j in np.ndindex(grid.shape):
-        if np.isfinite(grid[i, j]):
-            light = hi > lo and (grid[i, j] - lo) / (hi - lo) > 0.6
-            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=9,
-                    color="black" if light else "white")
-        else:
-            ax.text(j, i, status.get((i, j), "not run"), ha="center", va="center",
-                    fontsize=8, color="#a33")
-    ax.set_xticks(range(len(lrs)), [short_number(x) for x in lrs])
-    ax.set_yticks(range(len(regs)), [short_number(x) for x in regs])
-    ax.set_xlabel("learning rate (optim.lr)")
-    ax.set_ylabel("L2 regularization (model.reg)")
-    others = [k for k in report.swept if k not in ("optim.lr", "model.reg")]
-    ax.set_title("Validation accuracy" + (f" (best over {', '.join(others)})" if others else ""))
-    fig.colorbar(image, ax=ax, label="val_acc")
-    return fig
-
-
-def _label(row: dict, swept: Sequence[str]) -> str:
-    values = [f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in swept if row[k] is not None]
-    return ", ".join(values) or row["run"]
-
-
-def curves_figure(client: MlflowClient, report: Report, top: int = 5) -> Figure | None:
-    """val_acc (solid) and train_acc (dashed) per epoch of the `top` best runs."""
-    best = _finished(report.rows)[:top]
-    if not best:
-        return None
-    fig = Figure(figsize=(9, 5), layout="constrained")
-    ax = fig.subplots()
-    for i, row in enumerate(best):
-        color = f"C{i % 10}"
-        for key, style in ((keys.ACC_VAL, "-"), (keys.ACC_TRAIN, "--")):
-            history = sorted(client.get_metric_history(row["run_id"], key),
-                             key=lambda m: m.step)
-            if history:
-                label = f"{_label(row, report.swept)} ({row['val_acc']:.3f})"
-                ax.plot([m.step for m in history], [m.value for m in history], style,
-                        color=color, marker="o", ms=3, label=label if key == keys.ACC_VAL else None)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"Learning curves of the {len(best)} best runs (solid: val, dashed: train)")
-    ax.grid(alpha=0.3)
-    fig.legend(loc="outside lower center", fontsize=8, ncols=2, title="best val_acc")
-    return fig
-
-
-def _hidden(value: str) -> list[int] | None:
-    try:
-        sizes = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return None
-    return [int(h) for h in sizes] if isinstance(sizes, list | tuple) else None
-
-
-def gap_figure(report: Report) -> Figure | None:
-    """Final gap_acc (train_acc - val_acc) of each run against its hidden layers, ordered
-    by total hidden units, colored by activation when that varies too; the mean per
-    architecture as a bar. None unless model.hidden_sizes varies."""
-    if "model.hidden_sizes" not in report.swept:
-        return None
-    by_activation = "model.activation" in report.swept
-    groups: dict[tuple[int, ...], list[tuple[float, str]]] = {}
-    for row in _finished(report.rows):
-        sizes = _hidden(row["model.hidden_sizes"])
-        if sizes is not None and row["gap_acc"] is not None:
-            kind = row["model.activation"] if by_activation else "runs"
-            groups.setdefault(tuple(sizes), []).append((row["gap_acc"], kind))
-    if not groups:
-        return None
-    order = sorted(groups, key=lambda s: (sum(s), len(s), s))
-    kinds = sorted({kind for points in groups.values() for _, kind in points})
-    fig = Figure(figsize=(max(6.0, 1.1 * len(order) + 2), 4.5), layout="constrained")
-    ax = fig.subplots()
-    ax.bar(range(len(order)), [np.mean([g for g, _ in groups[s]]) for s in order],
-           color="gray", alpha=0.25, label="mean")
-    for x, sizes in enumerate(order):
-        points = groups[sizes]
-        offsets = np.linspace(-0.2, 0.2, len(points)) if len(points) > 1 else [0.0]
-        for dx, (gap, kind) in zip(offsets, points, strict=True):
-            ax.plot(x + dx, gap, "o", ms=5, color=f"C{kinds.index(kind) % 10}")
-    for i, kind in enumerate(kinds):
-        ax.plot([], [], "o", color=f"C{i % 10}", label=kind)
-    ax.set_xticks(range(len(order)),
-                  [f"{'x'.join(map(str, s)) or 'linear'}\n({sum(s)} units)" for s in order])
-    ax.axhline(0, color="gray", lw=1)
-    ax.set_xlabel("hidden layers (ordered by total hidden units)")
-    ax.set_ylabel("final gap_acc (train_acc - val_acc)")
-    ax.set_title("Overfitting gap vs hidden size")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def activation_figure(report: Report) -> Figure | None:
-    """Per activation: the best val_acc and the test_acc of that same run, as bars.
-    None unless model.activation varies."""
-    if "model.activation" not in report.swept:
-        return None
-    best: dict[str, dict] = {}
-    for row in _finished(report.rows):  # best first: the first row of each activation
-        best.setdefault(row["model.activation"], row)
-    if not best:
-        return None
-    names = list(best)
-    x = np.arange(len(names))
-    fig = Figure(figsize=(max(6.0, 1.2 * len(names) + 2), 4.5), layout="constrained")
-    ax = fig.subplots()
-    for offset, key, color in ((-0.2, "val_acc", "tab:blue"), (0.2, "test_acc", "tab:green")):
-        values = [best[n][key] if best[n][key] is not None else np.nan for n in names]
-        bars = ax.bar(x + offset, values, width=0.4, color=color, label=key)
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ax.set_xticks(x, names)
-    ax.set_ylim(0, min(1.0, 1.15 * max(r["val_acc"] for r in best.values())))
-    ax.set_xlabel("activation")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Best run per activation (by val_acc) and its test accuracy")
-    ax.legend(fontsize=8, loc="lower right")
-    return fig
-
-
 def figures(client: MlflowClient, runs: list[Run], report: Report, top: int = 5
             ) -> dict[str, Figure]:
     """The report's figures, those that apply: "val_acc_heatmap", "top_curves" (the `top`
     best runs among `runs`), "gap_vs_hidden", "acc_by_activation"."""
     ids = {r.info.run_id for r in runs}
-    shown = Report(report.title, report.columns, [r for r in report.rows if r["run_id"] in ids],
-                   report.swept, report.best)
-    made = {"val_acc_heatmap": heatmap_figure(shown),
-            "top_curves": curves_figure(client, shown, top),
-            "gap_vs_hidden": gap_figure(shown),
-            "acc_by_activation": activation_figure(shown)}
+    rows, swept = [r for r in report.rows if r["run_id"] in ids], report.swept
+    best = plots.finished(rows)[:top]
+    histories = {r["run_id"]: {key: [(m.step, m.value) for m in
+                                     client.get_metric_history(r["run_id"], key)]
+                               for key in (keys.ACC_VAL, keys.ACC_TRAIN)} for r in best}
+    made = {"val_acc_heatmap": plots.heatmap_figure(rows, swept),
+            "top_curves": plots.curves_figure(rows, swept, histories, top),
+            "gap_vs_hidden": plots.gap_figure(rows, swept),
+            "acc_by_activation": plots.activation_figure(rows, swept)}
     return {name: fig for name, fig in made.items() if fig is not None}
 
 
 # -- output --------------------------------------------------------------------------------
-
-
-def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
-    return buffer.getvalue()
 
 
 def write_report(report: Report, figs: Mapping[str, Figure], out_dir: Path) -> list[Path]:
@@ -544,7 +373,7 @@ def write_report(report: Report, figs: Mapping[str, Figure], out_dir: Path) -> l
     returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = {name: _png(fig) for name, fig in figs.items()}
+    images = {name: plots.png(fig) for name, fig in figs.items()}
     paths = [out_dir / "report.md", out_dir / "report.html"]
     paths[0].write_text(report.to_markdown(images), encoding="utf-8")
     paths[1].write_text(report.to_html(images), encoding="utf-8")

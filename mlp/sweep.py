@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,33 @@ def _digest(tree: Any) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def open_parent_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
+    """The parent run of a sweep: the one with the same `mlp.sweep.hash` tag if the sweep
+    ran before (reopened as RUNNING), else a new one. Not the fluent active run: the
+    jobs' child runs are."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{SWEEP_HASH_TAG}` = '{tags[SWEEP_HASH_TAG]}'",
+        max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    return client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
+
+
+def runs_with_config(experiment_id: str, config_hash: str) -> list:
+    """Training runs of the experiment whose `mlp.config_hash` tag is config_hash, newest
+    first."""
+    from mlflow import MlflowClient
+
+    return MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{config_hash}'",
+        order_by=["attributes.start_time DESC"])
+
+
 def read_parent(sweep_dir: str | Path) -> dict | None:
     """The parent run written by `SweepCallback` for this sweep dir, if any."""
     path = Path(sweep_dir) / PARENT_FILE
@@ -126,7 +154,7 @@ class SweepCallback(Callback):
         sweep_hash = _digest(definition)
         name = _sweep_name(config, overrides)
         swept = swept_keys(overrides, sweeper_params)
-        run_id = tracking.open_parent_run(experiment_id, name, {
+        run_id = open_parent_run(experiment_id, name, {
             SWEEP_TAG: "true", SWEEP_HASH_TAG: sweep_hash, SWEEP_NAME_TAG: name,
             "mlp.sweep.overrides": masking.mask(" ".join(overrides)),
             "mlp.sweep.params": masking.mask(json.dumps(sweeper_params)),

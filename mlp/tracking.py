@@ -605,29 +605,6 @@ def start_run(experiment_id: str, name: str, tags: Mapping[str, str],
     return RunRecorder(run.info.run_id, log_every_steps, spool_path)
 
 
-def open_parent_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
-    """The parent run of a sweep: the one with the same `mlp.sweep.hash` tag if the sweep
-    ran before (reopened as RUNNING), else a new one. Not the fluent active run: the
-    jobs' child runs are."""
-    client = MlflowClient()
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlp.sweep.hash` = '{tags['mlp.sweep.hash']}'",
-        max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    return client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
-
-
-def runs_with_config(experiment_id: str, config_hash: str) -> list:
-    """Training runs of the experiment whose `mlp.config_hash` tag is config_hash, newest
-    first."""
-    return MlflowClient().search_runs(
-        [experiment_id], filter_string=f"tags.`mlp.config_hash` = '{config_hash}'",
-        order_by=["attributes.start_time DESC"])
-
-
 def split_datasets(splits: Any, name: str, source: str) -> dict[str, Any]:
     """The train / validation / test splits as MLflow datasets (context -> dataset), named
     `<name>-<split>`, with the archive's sha256 and the split in the digest, and `source`

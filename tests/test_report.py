@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from mlp import compare_plots
 from mlp import metrics as keys
 from mlp import report as rp
 
@@ -262,7 +263,7 @@ def test_the_heatmap_marks_cells_whose_runs_all_failed():
     report = rp.Report("t", [], [row("0.001", "0", 0.4), row("0.001", "0.01", 0.3),
                                  row("0.1", "0", None, "FAILED"), row("0.1", "0.01", 0.2)],
                        ["model.reg", "optim.lr"], None)
-    ax = rp.heatmap_figure(report).axes[0]
+    ax = compare_plots.heatmap_figure(report.rows, report.swept).axes[0]
     assert {t.get_text() for t in ax.texts} == {"0.400", "0.300", "FAILED", "0.200"}
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1e-2"]
 
