@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from mlp import config as configlib
 from mlp import optim
+from mlp.errors import ConfigError
 
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000  # images in the official archive
 INPUT_DIM, NUM_CLASSES = 3072, 10
@@ -149,19 +149,19 @@ _KEY_OF_PART = {"parameters and gradients": "model.hidden_sizes",
 def check(flat: Mapping[str, Any], available: int | None = None) -> Estimate:
     """Refuse a flattened config that cannot run on this machine; return its estimate.
 
-    Raises mlp.config.ConfigError naming trainer.batch_size when the batch is larger than
+    Raises mlp.errors.ConfigError naming trainer.batch_size when the batch is larger than
     the training split, or the key behind the largest part of the estimate when the total
     exceeds `available` bytes (default: `available_bytes()`)."""
     n_train = split_sizes(flat)[0]
     if flat["trainer.batch_size"] > n_train:
-        raise configlib.ConfigError("trainer.batch_size", flat["trainer.batch_size"],
+        raise ConfigError("trainer.batch_size", flat["trainer.batch_size"],
                                     f"at most the {n_train} images of the training split")
     found = estimate_config(flat)
     limit = available_bytes() if available is None else available
     if found.total > limit:
         part = max((p for p in found.parts if p in _KEY_OF_PART), key=found.parts.__getitem__)
         key = _KEY_OF_PART[part]
-        raise configlib.ConfigError(
+        raise ConfigError(
             key, flat[key], f"a run that fits in the {gib(limit)} of memory available; this one "
             f"needs about {found.describe()}")
     return found

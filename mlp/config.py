@@ -25,8 +25,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from mlp import budget, gradcheck, losses, model, optim
 from mlp import data as datalib
-from mlp import gradcheck, losses, model, optim
+from mlp.errors import ConfigError
 from mlp.layers import ACTIVATIONS
 from mlp.train import TrainSettings
 
@@ -259,14 +260,6 @@ def schema_keys() -> dict[str, Any]:
     return flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
 
 
-class ConfigError(ValueError):
-    """A configuration value that is out of range or not one of the allowed choices."""
-
-    def __init__(self, key: str, value: Any, allowed: str) -> None:
-        super().__init__(f"{key}={value!r} is not allowed: expected {allowed}")
-        self.key = key
-
-
 def _one_of(choices: Any) -> tuple[Callable[[Any], bool], str]:
     choices = list(choices)
     return (lambda v: v in choices), f"one of {choices}"
@@ -346,8 +339,6 @@ def validate(cfg: DictConfig | Config | Mapping[str, Any]) -> None:
             raise ConfigError("data.val_size", flat["data.val_size"],
                               f"fewer images than {source}={n_train}")
     # A batch larger than the training split, or a run larger than the machine's memory.
-    from mlp import budget  # (budget raises this module's ConfigError: imported here)
-
     budget.check(flat)
     # The schedule and the optimizer check their own hyperparameters (ValueError naming
     # the optim.* key); building them here moves those errors before any work.

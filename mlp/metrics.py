@@ -1,4 +1,5 @@
-"""The metric contract: every key a run logs to MLflow, in one place.
+"""The record contract: every metric key a run logs to MLflow, and the tags the code reads
+back, in one place.
 
 The MLflow UI groups a run's charts into sections by the key's path (the part before the
 last `/`; keys without one go to a last, unnamed section), and sorts the sections by name;
@@ -41,6 +42,14 @@ GRADCHECK_PREFIX = "rel_error/"
 GRADCHECK_MAX = "rel_error/max"
 GRADCHECK_KINKS = "rel_error/kinks"
 LOG10 = "_log10"  # suffix of a gradient-check error's log10
+
+# Tags that sweeps, reports and skipping/resuming read back.
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_TAG = "mlp.sweep"  # "true" on a sweep's parent run
+SWEEP_HASH_TAG = "mlp.sweep.hash"  # the sweep's definition: a re-run reopens the same parent
+SWEEP_NAME_TAG = "mlp.sweep.name"  # on the parent and on its children
+SWEPT_TAG = "mlp.swept"  # the swept keys; mlp.swept.<key>: their values as written
+CONFIG_HASH_TAG = "mlp.config_hash"  # the config without its bookkeeping keys
 
 # The training loop's own names for its per-epoch numbers (train.HISTORY_KEYS) -> MLflow.
 EPOCH_KEYS = {

@@ -39,11 +39,8 @@ from mlflow.exceptions import MlflowException
 from mlp import compare_plots as plots
 from mlp import metrics as keys
 from mlp.config import is_bookkeeping
-from mlp.sweep import SWEEP_NAME_TAG, SWEPT_TAG
+from mlp.metrics import CONFIG_HASH_TAG, PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_TAG
 
-PARENT_TAG = "mlflow.parentRunId"
-SWEEP_TAG = "mlp.sweep"
-CONFIG_HASH_TAG = "mlp.config_hash"
 METRIC_COLUMNS = ("val_acc", "test_acc", "gap_acc", "gradcheck", "duration_s")
 NUMBER_COLUMNS = {"val_acc", "test_acc", "gap_acc", "duration_s"}  # right-aligned
 CHAMPION = "champion"  # the registry alias of a sweep's best model

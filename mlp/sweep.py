@@ -28,14 +28,17 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mlp.metrics import (
+    CONFIG_HASH_TAG,
+    SWEEP_HASH_TAG,
+    SWEEP_NAME_TAG,
+    SWEEP_TAG,
+    SWEPT_TAG,
+)
+
 log = logging.getLogger("mlp.sweep")
 
 PARENT_FILE = "mlflow_parent.json"
-SWEEP_TAG = "mlp.sweep"
-SWEEP_HASH_TAG = "mlp.sweep.hash"
-SWEEP_NAME_TAG = "mlp.sweep.name"
-SWEPT_TAG = "mlp.swept"  # the swept keys; mlp.swept.<key>: their values as written
-CONFIG_HASH_TAG = "mlp.config_hash"
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def config_hash(resolved: dict[str, Any]) -> str:
