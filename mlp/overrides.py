@@ -12,7 +12,9 @@ a sweep preset (`hparams_search=...`) run without `-m`.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from hydra._internal.utils import get_args_parser
@@ -33,12 +35,23 @@ class OverrideError(ValueError):
     """An override the configuration cannot take."""
 
 
-def groups() -> dict[str, list[str]]:
-    """The config groups under `conf/` and their options: {"optim": ["adam", ...], ...}."""
-    root = resources.files(CONF_PACKAGE)
-    return {d.name: sorted(f.name.removesuffix(".yaml") for f in d.iterdir()
-                           if f.name.endswith(".yaml"))
-            for d in root.iterdir() if d.is_dir() and not d.name.startswith("_")}
+def groups(extra: Iterable[str] = ()) -> dict[str, list[str]]:
+    """The config groups under `conf/` and their options: {"optim": ["adam", ...], ...},
+    with those of the `extra` search path entries (`file://dir`, `pkg://module`, a
+    directory), as Hydra adds them for `hydra.searchpath=[...]` or `--config-dir`."""
+    roots = [resources.files(CONF_PACKAGE)]
+    for entry in extra:
+        if entry.startswith("pkg://"):
+            roots.append(resources.files(entry.removeprefix("pkg://").replace("/", ".")))
+        elif Path(entry.removeprefix("file://")).is_dir():
+            roots.append(Path(entry.removeprefix("file://")))
+    found: dict[str, set[str]] = {}
+    for root in roots:
+        for d in root.iterdir():
+            if d.is_dir() and not d.name.startswith(("_", ".")):
+                found.setdefault(d.name, set()).update(
+                    f.name.removesuffix(".yaml") for f in d.iterdir() if f.name.endswith(".yaml"))
+    return {name: sorted(options) for name, options in found.items()}
 
 
 def _nodes(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -146,7 +159,11 @@ def check_command_line(argv: list[str]) -> None:
         raise OverrideError(f"cannot read the overrides: {e}") from None
     schema = OmegaConf.structured(configlib.Config)
     keys = _nodes(schema)
-    known_groups = groups()
+    search = [args.config_dir] if args.config_dir else []
+    for override in overrides:
+        if override.key_or_group == "hydra.searchpath" and not override.is_sweep_override():
+            search += [str(entry) for entry in override.value() or []]
+    known_groups = groups(search)
     for override in overrides:
         key = override.key_or_group
         if key.startswith(("hydra.", "hydra/")) or key == "hydra":
