@@ -30,7 +30,7 @@ Settings (`hydra.sweeper.*`):
     n_trials: 20             # in the study in total
     n_jobs: 1                # trials per batch (run in parallel by a parallel launcher)
     sampler: {name: tpe, seed: null, n_startup_trials: 5}          # tpe | random; a study
-                             # that has trials already samples with seed + their number
+                             # that has trials already samples with a seed made of both
     pruner: {name: median, n_startup_trials: 3, n_warmup_steps: 2}  # median | none
     params:                  # the search space, key: expression
       optim.lr: interval(1e-4, 1e-1) log
@@ -82,6 +82,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
@@ -210,9 +211,12 @@ class MlpOptunaSweeper(Sweeper):
             n_earlier = len(study.get_trials(deepcopy=False))
         if n_earlier and self.sampler["seed"] is not None:
             # A study resumed with the same seed would draw its first parameters again (the
-            # configs that finished already): go on from seed + the trials it has.
-            study.sampler = make_sampler(**(self.sampler | {"seed": self.sampler["seed"]
-                                                            + n_earlier}))
+            # configs that finished already): draw from a seed made of (seed, the trials it
+            # has). Not seed + trials: worker seeds 1 and 2 starting at 1 and 0 trials would
+            # both draw from seed 2, the same parameters.
+            mixed = int(np.random.SeedSequence([self.sampler["seed"], n_earlier])
+                        .generate_state(1)[0])
+            study.sampler = make_sampler(**(self.sampler | {"seed": mixed}))
         for trial in study.get_trials(deepcopy=False):
             for key, earlier in trial.distributions.items():
                 if key not in space.distributions:
