@@ -74,21 +74,21 @@ def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
         num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
 
 
-def archive_path(cfg: DictConfig) -> tuple[Path | None, str | None]:
-    """(archive, md5) of the configured data: `data.archive`, else $MLP_LAB_ARCHIVE, else
-    None (a cached or downloaded official archive); for `data=synthetic` the generated
-    archive under the data root (made on first use)."""
+def archive_path(cfg: DictConfig) -> Path | None:
+    """The configured data's archive: `data.archive`, else $MLP_LAB_ARCHIVE, else None (a
+    cached or downloaded official archive); for `data=synthetic` the generated archive
+    under the data root (made on first use)."""
     d = cfg.data
     if d.name != "synthetic":
         archive = d.archive or os.environ.get(ARCHIVE_VAR) or None
-        return (Path(archive).expanduser() if archive else None), d.md5
+        return Path(archive).expanduser() if archive else None
     root = _data_root(cfg)
     archive = root / f"synthetic-{d.synthetic.n_train}-{d.synthetic.n_test}-{cfg.seed}.tar.gz"
     if not archive.exists():
         root.mkdir(parents=True, exist_ok=True)
         datalib.make_synthetic_archive(archive, d.synthetic.n_train, d.synthetic.n_test,
                                        seed=cfg.seed)
-    return archive, datalib.file_digest(archive, "md5")
+    return archive
 
 
 def _data_root(cfg: DictConfig) -> Path:
@@ -98,7 +98,9 @@ def _data_root(cfg: DictConfig) -> Path:
 def load_data(cfg: DictConfig) -> datalib.Splits:
     """CIFAR-10 (a local archive, the cache, or the download) or the synthetic set, split
     as configured."""
-    archive, md5 = archive_path(cfg)
+    archive = archive_path(cfg)
+    # The generated archive is its own reference: its md5 keeps it from reading as unverified.
+    md5 = datalib.file_digest(archive, "md5") if cfg.data.name == "synthetic" else cfg.data.md5
     raw = datalib.load_cifar10(_data_root(cfg), archive, md5, progress=cfg.trainer.progress)
     return datalib.split(raw, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed)
 
@@ -200,7 +202,7 @@ def train(cfg: DictConfig) -> float:
             raise KeyboardInterrupt(str(e)) from e  # stop the whole sweep
         sys.exit(EXIT_INTERRUPTED)
     except Exception as e:
-        if job.parent is not None and type(e).__name__ != "TrialPruned":
+        if job.parent is not None and not isinstance(e, _pruned()):
             log.error("job failed, the sweep goes on: %s: %s", type(e).__name__, e)
             return math.nan
         if isinstance(e, DivergenceError | GradcheckFailed):
@@ -322,9 +324,8 @@ def _check_and_train(cfg: DictConfig, resolved: dict[str, Any], job: Job,
         recorder.set_tags({"checkpoint": str(e.checkpoint),
                            "resume": _resume_command(job, archive, e)})
         raise
-    except BaseException as e:
-        if type(e).__name__ == "TrialPruned":
-            recorder.set_tags({"optuna.pruned": "true"})
+    except _pruned():
+        recorder.set_tags({"optuna.pruned": "true"})
         raise
     record_result(recorder, cfg, trainer, splits, result, datasets, name)
     return result
@@ -332,7 +333,7 @@ def _check_and_train(cfg: DictConfig, resolved: dict[str, Any], job: Job,
 
 def _data_source(cfg: DictConfig) -> str:
     """Where the images came from: the archive's absolute path, or the official URL."""
-    archive, _ = archive_path(cfg)
+    archive = archive_path(cfg)
     return str(archive.resolve()) if archive else datalib.OFFICIAL_URL
 
 
