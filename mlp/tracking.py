@@ -62,6 +62,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 FINGERPRINT_TAGS = ("archive_sha256", "n_train", "n_val", "n_test")
 MODEL_STEP = -1  # the step a model is logged at: one where the run logs no metric
 TRAINING_KIND = "custom_model_development"  # the MLflow UI's model-training view
+DATASET_TRIES = 3  # log_inputs under parallel jobs: see RunRecorder.log_datasets
 
 
 class TrackingError(RuntimeError):
@@ -452,7 +453,18 @@ class RunRecorder:
         inputs = [DatasetInput(dataset._to_mlflow_entity(),
                                tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
                   for context, dataset in datasets.items()]
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        # The store checks whether a dataset exists, then inserts it: parallel jobs of a
+        # sweep that log the same splits at the same moment collide on its key (the server
+        # answers BAD_REQUEST, "duplicate key ... dataset_pk"). The loser's transaction is
+        # rolled back whole, and its next try finds the winner's datasets.
+        for attempt in range(DATASET_TRIES):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException:
+                if attempt == DATASET_TRIES - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_gradcheck(self, report: GradcheckReport) -> None:
         """The gradient check at its real values: metrics `rel_error/max` and

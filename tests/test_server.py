@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import tool
 from engine_fixtures import (  # noqa: F401  (fixtures)
@@ -21,6 +24,8 @@ from engine_fixtures import (  # noqa: F401  (fixtures)
 )
 from mlflow import MlflowClient
 from test_sweep import FAST, GRID
+
+from mlp import tracking
 
 pytestmark = pytest.mark.server
 
@@ -43,6 +48,7 @@ class Recorded:
     params: dict[str, str]
     points: dict[str, int]
     artifacts: dict[str, int] = field(default_factory=dict)  # path -> size in bytes
+    error: str = ""  # a failed run's error.type and error.message tags
 
 
 def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> dict[str, int]:
@@ -69,7 +75,8 @@ def read_back(uri: str, experiment: str = "mlp-lab") -> dict[str, Recorded]:
             run.info.status, dict(run.data.params),
             {key: len(client.get_metric_history(run.info.run_id, key))
              for key in run.data.metrics},
-            _artifacts(client, run.info.run_id))
+            _artifacts(client, run.info.run_id),
+            " ".join(run.data.tags.get(k, "") for k in ("error.type", "error.message")).strip())
     return store
 
 
@@ -106,7 +113,8 @@ def test_a_sweep_of_4_parallel_workers_loses_nothing_on_the_server(
     print(f"\nsent (runs, metric points, artifacts): {totals(sent)}; "
           f"read back from the server: {totals(received)}")
     assert sorted(received) == sorted(sent) and len(sent) == 5
-    assert {r.status for r in received.values()} == {"FINISHED"}
+    assert {r.status for r in received.values()} == {"FINISHED"}, (
+        {name: (r.status, r.error) for name, r in received.items()}, done.stderr[-3000:])
     for name, run in received.items():
         assert run.params == sent[name].params, name
         assert run.points == sent[name].points, name
@@ -135,6 +143,49 @@ def test_a_sweep_of_4_parallel_workers_loses_nothing_on_the_server(
                 {alias: str(version) for alias, version in m.aliases.items()} for m in models}
 
     assert registry(mlflow_server.url) == registry(f"sqlite:///{tmp_path / 'local' / 'mlflow.db'}")
+
+
+def _log_together(recorders: list[tracking.RunRecorder], datasets: dict) -> list[Exception]:
+    """Each recorder logs `datasets` in its own thread, all released at once; the errors."""
+    together = threading.Barrier(len(recorders))
+    errors: list[Exception] = []
+
+    def log(recorder: tracking.RunRecorder) -> None:
+        together.wait()
+        try:
+            recorder.log_datasets(datasets)
+        except Exception as e:  # collected, asserted by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in recorders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors
+
+
+def test_parallel_jobs_logging_the_same_splits_all_record_them(
+        mlflow_server: MlflowServer):
+    # The store checks whether a dataset exists, then inserts it: 8 jobs logging the same
+    # splits at the same moment collide on its key (most rounds, unguarded). Every run must
+    # still end up with its three inputs.
+    experiment_id = tracking.connect(mlflow_server.url, "same-splits")  # as mlp-train does
+    client = MlflowClient(mlflow_server.url)
+    for round_ in range(4):
+        splits = SimpleNamespace(
+            fingerprint={"archive_sha256": f"{round_:012d}"}, X_train=np.zeros((4, 3)),
+            y_train=np.zeros(4), X_val=np.zeros((2, 3)), y_val=np.zeros(2),
+            X_test=np.zeros((2, 3)), y_test=np.zeros(2))
+        datasets = tracking.split_datasets(splits, "synthetic", "/data/archive.tar.gz")
+        recorders = [tracking.RunRecorder(client.create_run(experiment_id).info.run_id)
+                     for _ in range(8)]
+        errors = _log_together(recorders, datasets)
+        assert errors == [], f"round {round_}: {errors[:1]}"
+        for recorder in recorders:
+            inputs = client.get_run(recorder.run_id).inputs.dataset_inputs
+            assert sorted(i.dataset.name for i in inputs) == [
+                "synthetic-test", "synthetic-train", "synthetic-validation"]
 
 
 @pytest.fixture(scope="module")

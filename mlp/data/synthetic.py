@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -63,9 +64,12 @@ def make_synthetic_archive(
         b"num_vis": DIM,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside and renamed into place: parallel jobs of a sweep that find no archive
+    # each write one, and none of them reads another's half-written file.
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
     # gzip's header holds a timestamp and tar entries an mtime: both fixed for equal bytes
     with (
-        path.open("wb") as f,
+        part.open("wb") as f,
         gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz,
         tarfile.open(fileobj=gz, mode="w") as tar,
     ):
@@ -77,5 +81,6 @@ def make_synthetic_archive(
             info = tarfile.TarInfo(f"{BATCH_DIR}/{name}")
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
+    os.replace(part, path)
     return path
 
