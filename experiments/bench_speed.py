@@ -1,34 +1,41 @@
-"""Speed benchmark: mlp-lab's training step against the matrix-multiply floor and PyTorch.
+"""Speed benchmark: mlp-lab's training step against the hardware's floor and PyTorch.
 
 For each net, in one process, with the same shapes, dtype, batch and thread count:
 
-* **mlp-lab**: the step `mlp-train` runs, the model's zero-copy backward pass then
-  `optimizer.step` with the L2 term fused into its pass (SGD momentum, L2 reg, ReLU,
-  softmax), on a batch that is already normalized;
+* **mlp-lab**: the step `mlp-train` runs (`mlp.train.step`: the weights' gradients
+  accumulated by the GEMMs into the momentum velocity, then one pass that adds the L2 term
+  and moves the weights; SGD momentum, L2 reg, ReLU, softmax), on a normalized batch;
 * **floor**: only the matrix multiplies of that step (forward, and the backward of every
   layer, without the data's gradient), into preallocated arrays: no framework can beat it;
+* **floor + memory**: the floor plus the memory traffic no update can avoid, reading and
+  writing every weight and its velocity once (4 x parameters x 4 bytes per step) at the
+  copy bandwidth measured in the same run (`np.copyto` of 64 MiB: bytes read + written
+  per second);
 * **PyTorch** (when `torch` is importable; never a dependency of mlp-lab): the same net,
   loss, momentum and weight decay, `zero_grad / backward / step`.
 
 Repetitions alternate between the implementations, so a machine that slows down mid-run
 slows all of them; each is reported as the median over repetitions, scaled to seconds per
-50,000-image epoch, and the ratios mlp-lab/floor and mlp-lab/PyTorch are the numbers to
-read (absolute times move with the machine's load; ratios measured in one run do not).
+50,000-image epoch, and the ratios are the numbers to read (absolute times move with the
+machine's load; ratios measured in one run do not). Three tables: every net at batch 256
+for each thread count of `--threads` (NumPy's BLAS and PyTorch switched in the process),
+then every net at each batch of `--batches` with all threads. `--plot` draws seconds per
+epoch against parameter count (batch 256, all threads) for mlp-lab, PyTorch and the floors.
 
 The data pipeline (gathering a shuffled batch from the uint8 images, crop+flip, per-batch
 normalization into float32) is timed apart, per epoch, as the trainer runs it. Peak memory
 is measured in a child process that trains the first net on a full-size (50,000 x 3072)
 uint8 data set with `mlp.train.Trainer`: its peak resident set, as `ps` would show.
 
-    python experiments/bench_speed.py                      # the three nets of NETS
-    python experiments/bench_speed.py --threads 1 --reps 9
+    python experiments/bench_speed.py --plot docs/speed.png --json results.json
+    python experiments/bench_speed.py --threads 1 --batches 256 --reps 9
     python experiments/bench_speed.py --quick              # tiny shapes (the test suite)
-    python experiments/bench_speed.py --json results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -62,6 +69,7 @@ def mlp_lab_step(dims: tuple, batch: int, seed: int = 0) -> Callable[[], None]:
     """The training step as `mlp.train.Trainer.fit` runs it."""
     import numpy as np
 
+    from mlp import train
     from mlp.model import MLP
     from mlp.optim import Momentum
 
@@ -72,11 +80,7 @@ def mlp_lab_step(dims: tuple, batch: int, seed: int = 0) -> Callable[[], None]:
     X = rng.standard_normal((batch, input_dim), dtype=np.float32)
     y = rng.integers(0, classes, batch)
 
-    def step() -> None:  # the lines of Trainer.fit, without the divergence guard
-        loss, grads = model._backprop(X, y)
-        loss += optimizer.step(model.params, grads, LR, l2=model.l2_coefficients())
-
-    return step
+    return functools.partial(train.step, model, optimizer, X, y, LR)
 
 
 def floor_step(dims: tuple, batch: int, seed: int = 0) -> Callable[[], None]:
@@ -152,20 +156,56 @@ def time_steps(impls: dict[str, Callable[[], None]], steps: int, reps: int,
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def bench_net(name: str, dims: tuple, batch: int, threads: int, steps: int,
-              reps: int) -> dict:
-    """Seconds per epoch of each implementation and the ratios, for one net."""
+def bench_net(name: str, dims: tuple, batch: int, threads: int, steps: int, reps: int,
+              bandwidth: float) -> dict:
+    """Seconds per epoch of each implementation, the memory floor and the ratios, for one
+    net; `bandwidth` in bytes read + written per second."""
     impls = {"mlp-lab": mlp_lab_step(dims, batch), "floor": floor_step(dims, batch)}
     if (torch := torch_step(dims, batch, threads)) is not None:
         impls["pytorch"] = torch
     per_step = time_steps(impls, steps, reps)
+    params = n_params(dims)
+    # Read and write every weight and its velocity once, float32.
+    per_step["memory"] = 4 * params * 4 / bandwidth
+    per_step["floor+memory"] = per_step["floor"] + per_step["memory"]
     steps_per_epoch = -(-EPOCH_IMAGES // batch)
-    row = {"net": name, "batch": batch, "threads": threads,
+    row = {"net": name, "params": params, "batch": batch, "threads": threads,
            **{f"{k}_s_per_epoch": v * steps_per_epoch for k, v in per_step.items()},
-           "mlp_lab_over_floor": per_step["mlp-lab"] / per_step["floor"]}
+           "mlp_lab_over_floor": per_step["mlp-lab"] / per_step["floor"],
+           "mlp_lab_over_floor_memory": per_step["mlp-lab"] / per_step["floor+memory"]}
     if "pytorch" in per_step:
         row["mlp_lab_over_pytorch"] = per_step["mlp-lab"] / per_step["pytorch"]
     return row
+
+
+def n_params(dims: tuple) -> int:
+    """Weights and biases of a net (input_dim, hidden sizes, classes)."""
+    sizes = [dims[0], *dims[1], dims[2]]
+    return sum(a * b + b for a, b in itertools.pairwise(sizes))
+
+
+def copy_bandwidth(mib: int = 64, reps: int = 9) -> float:
+    """Bytes read + written per second by `np.copyto` of a `mib` MiB float32 array
+    (median): the rate of a memory-bound pass on this machine."""
+    import numpy as np
+
+    src = np.ones(mib * 2**18, dtype=np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.nbytes / statistics.median(times[1:])
+
+
+def set_threads(threads: int) -> None:
+    """Switch NumPy's BLAS (and PyTorch's pool, when imported) to `threads` threads."""
+    from mlp import blas
+
+    blas.set_threads(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def bench_data(n: int, dim: int, batch: int, reps: int) -> dict:
@@ -252,36 +292,98 @@ def _peak_rss_mib() -> float:
 # -- report -------------------------------------------------------------------------------------
 
 
+COLUMNS = (("floor", "floor_s_per_epoch", ".2f"), ("+memory", "floor+memory_s_per_epoch", ".2f"),
+           ("mlp-lab", "mlp-lab_s_per_epoch", ".2f"), ("pytorch", "pytorch_s_per_epoch", ".2f"),
+           ("lab/floor", "mlp_lab_over_floor", ".3f"),
+           ("lab/+mem", "mlp_lab_over_floor_memory", ".3f"),
+           ("lab/torch", "mlp_lab_over_pytorch", ".3f"))
+
+
+def _print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'net':<20}{'batch':>6}{'thr':>4}" + "".join(f"{c:>10}" for c, _, _ in COLUMNS))
+    for row in rows:
+        print(f"{row['net']:<20}{row['batch']:>6}{row['threads']:>4}" + "".join(
+            f"{row.get(key, float('nan')):>10{fmt}}" for _, key, fmt in COLUMNS))
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Seconds per epoch against parameter count, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["params"])
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    styles = {"mlp-lab": ("mlp-lab", "o-", "C0"), "pytorch": ("PyTorch", "s-", "C3"),
+              "floor+memory": ("floor: GEMMs + update memory traffic", "^--", "0.35"),
+              "floor": ("floor: GEMMs only", "v:", "0.6")}
+    for key, (label, style, color) in styles.items():
+        points = [(r["params"], r[f"{key}_s_per_epoch"]) for r in rows
+                  if f"{key}_s_per_epoch" in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, color=color, label=label)
+    for r in rows:
+        ax.annotate(r["net"], (r["params"], r["mlp-lab_s_per_epoch"]),
+                    textcoords="offset points", xytext=(6, -12), fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="parameters",
+           ylabel="seconds per 50,000-image epoch",
+           title=f"float32 training step, batch {rows[0]['batch']}, {rows[0]['threads']} "
+                 f"threads (median)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, nargs="+",
+                        default=sorted({1, os.cpu_count() or 1}),
+                        help="thread counts of the first tables (default: 1 and all)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024],
+                        help="batch sizes of the batch table (all threads)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20, help="steps per repetition")
     parser.add_argument("--nets", nargs="*", help=f"subset of {list(NETS)}")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--plot", type=Path, help="draw seconds per epoch vs parameters here")
     args = parser.parse_args(argv)
-    _set_threads(args.threads)
+    # Before NumPy's first import (the rest switch at run time): the most threads asked.
+    _set_threads(max(args.threads))
 
     nets = QUICK_NETS if args.quick else {k: NETS[k] for k in args.nets or NETS}
     steps, reps = (2, 2) if args.quick else (args.steps, args.reps)
-    batch = 16 if args.quick else args.batch
-    results: dict = {"nets": [], "machine": _machine(args.threads)}
-    print(f"float32, batch {batch}, {args.threads} thread(s), median of {reps} x {steps} steps,"
-          f" seconds per {EPOCH_IMAGES:,}-image epoch")
-    print(f"{'net':<20}{'floor':>8}{'mlp-lab':>9}{'pytorch':>9}{'lab/floor':>11}{'lab/torch':>11}")
-    for name, dims in nets.items():
-        row = bench_net(name, dims, batch, args.threads, steps, reps)
-        results["nets"].append(row)
-        torch_s = row.get("pytorch_s_per_epoch")
-        print(f"{name:<20}{row['floor_s_per_epoch']:>8.2f}{row['mlp-lab_s_per_epoch']:>9.2f}"
-              f"{torch_s if torch_s is not None else float('nan'):>9.2f}"
-              f"{row['mlp_lab_over_floor']:>11.3f}"
-              f"{row.get('mlp_lab_over_pytorch', float('nan')):>11.3f}")
+    batch, batches = (16, [8, 16]) if args.quick else (256, args.batches)
+    most = max(args.threads)
+    bandwidth = copy_bandwidth(8 if args.quick else 64)
+    results: dict = {"nets": [], "machine": _machine(most) | {"copy_gb_s": bandwidth / 1e9}}
+    print(f"float32, median of {reps} x {steps} steps, seconds per {EPOCH_IMAGES:,}-image "
+          f"epoch; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    for threads in args.threads:
+        set_threads(threads)
+        rows = [bench_net(name, dims, batch, threads, steps, reps, bandwidth)
+                for name, dims in nets.items()]
+        results["nets"] += rows
+        _print_table(f"batch {batch}, {threads} thread(s)", rows)
+    set_threads(most)
+    rows = [bench_net(name, dims, b, most, steps, reps, bandwidth)
+            for b in batches if b != batch for name, dims in nets.items()]
+    results["nets"] += rows
+    by_batch = sorted((r for r in results["nets"] if r["threads"] == most),
+                      key=lambda r: (list(nets).index(r["net"]), r["batch"]))
+    _print_table(f"batch sizes, {most} thread(s)", by_batch)
     if "pytorch_s_per_epoch" not in results["nets"][0]:
         print("(PyTorch not installed: `pip install torch` to compare)")
+    if args.plot:
+        main_rows = [r for r in results["nets"] if r["batch"] == batch and r["threads"] == most]
+        print(f"plot: {plot(main_rows, args.plot)}")
 
     n_data, dim = (512, 3072) if args.quick else (EPOCH_IMAGES, 3072)
     results["data"] = bench_data(n_data, dim, batch, 1 if args.quick else 3)

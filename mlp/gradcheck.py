@@ -274,8 +274,10 @@ def check_training_step(
     that to the update rule. The numeric side differentiates the loss the run minimizes,
     data loss + reg * sum W^2 (numerics in `NUMERIC_DTYPE`). Rows per parameter: "data"
     (the backward pass alone) and "total" (the gradient the update rule receives); one
-    row "l2" part "loss" compares the L2 term `step` returns with reg * sum W^2. The
-    caller's model is not touched; dropout and BatchNorm as in `check_model`.
+    row "l2" part "loss" compares the L2 term `step` returns with reg * sum W^2, and one
+    row "fused" part "step" the training step as it runs with that reference path
+    (`_fused_row`). The caller's model is not touched; dropout and BatchNorm as in
+    `check_model`.
     """
     analytic_net = _float64_copy(model)
     make = functools.partial(optim.make_optimizer, optimizer) if isinstance(
@@ -291,7 +293,32 @@ def check_training_step(
     report.rows.append(ParamCheck(name="l2", part="loss", shape=(), checked=1, kinks=0,
                                   max_rel_error=float(rel_error(l2_term, reg_loss)),
                                   mean_rel_error=float(rel_error(l2_term, reg_loss))))
+    report.rows.append(_fused_row(model, make, X, y))
     return report
+
+
+def _fused_row(model: MLP, make: Callable[[dict[str, Array]], optim.Optimizer], X: Array,
+               y: Array, steps: int = 2, lr: float = 0.1) -> ParamCheck:
+    """The row "step" part "fused": the training step as it runs (`train.step`, the
+    weights' gradients accumulated by the GEMMs into the optimizer's state where its rule
+    allows) against the reference path checked above (`fused=False`), `steps` steps from
+    a fresh optimizer (the first from zero state) on float64 copies: the relative error
+    of every parameter's displacement."""
+    from mlp import train  # the training step; train does not import this module
+
+    moved = []
+    for fused in (True, False):
+        net = _float64_copy(model)
+        start = {k: p.copy() for k, p in net.params.items()}
+        optimizer = make(net.params)
+        for _ in range(steps):
+            train.step(net, optimizer, X, y, lr, fused=fused)
+        moved.append(np.concatenate([(net.params[k] - start[k]).ravel() for k in start]))
+    # A move below 1e-6 of the largest one is rounding, not an update: the bias before a
+    # batch norm has a zero gradient, up to 1e-18 that the two paths round differently.
+    err = rel_error(*moved, floor=max(1e-6 * float(np.max(np.abs(moved[1]))), TINY))
+    return ParamCheck(name="fused", part="step", shape=(moved[0].size,), checked=err.size,
+                      kinks=0, max_rel_error=float(err.max()), mean_rel_error=float(err.mean()))
 
 
 def _float64_copy(model: MLP) -> MLP:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlp import gates
+from mlp import blas, gates
 
 Array = np.ndarray
 
@@ -76,6 +76,11 @@ class Linear(Layer):
     grads["b"] = sum of dout over the batch (H,).
     With `input_grad = False` (the first layer of a net: nothing upstream needs dx)
     backward skips dout W^T, a third of the layer's backward work, and returns None.
+
+    `backward(dout, into=(C, alpha, beta))` is the training step's fused form: the weight
+    gradient is not stored but accumulated by the GEMM that computes it into an
+    optimizer's array, C = alpha * x^T dout + beta * C (`Optimizer.sinks`), and
+    grads["W"] is left as it was. The reference form above is what it must equal.
     """
 
     weight_keys = ("W",)
@@ -94,12 +99,19 @@ class Linear(Layer):
         out += self.params["b"]  # in place: no second (N, H) array
         return out
 
-    def backward(self, dout: Array) -> Array | None:
+    def backward(self, dout: Array, into: tuple[Array, float, float] | None = None
+                 ) -> Array | None:
         x, W = self.x, self.params["W"]
         np.sum(dout, axis=0, out=self.grads["b"])  # the add gate, summed over the batch
         dx = self._out("dx", x.shape, np.result_type(dout, W)) if self.input_grad else None
-        return gates.matmul_backward(x, W, dout, da=dx, db=self.grads["W"],
-                                     need_da=self.input_grad)[0]
+        if into is None:
+            return gates.matmul_backward(x, W, dout, da=dx, db=self.grads["W"],
+                                         need_da=self.input_grad)[0]
+        # dx first: C may be W itself (plain SGD), which must not change before dout W^T.
+        if self.input_grad:
+            dx = np.matmul(dout, W.T, out=dx)
+        blas.gemm_tn(x, dout, *into)
+        return dx
 
 
 class Activation(Layer):
@@ -180,8 +192,8 @@ class Maxout(Linear):
     def forward(self, x: Array) -> Array:
         return self.max.forward(super().forward(x))
 
-    def backward(self, dout: Array) -> Array:
-        return super().backward(self.max.backward(dout))
+    def backward(self, dout: Array, into: tuple[Array, float, float] | None = None) -> Array:
+        return super().backward(self.max.backward(dout), into)
 
     def kink_state(self) -> Array | None:
         return self.max.kink_state()

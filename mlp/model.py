@@ -186,6 +186,7 @@ class MLP:
         self.params: dict[str, Array] = {}
         self.buffers: dict[str, Array] = {}
         self._param_layers: dict[str, tuple[Layer, str]] = {}
+        self._weight_of: dict[Layer, str] = {}  # a Linear layer -> the name of its W
         self.dropout_rng = np.random.default_rng(None if seed is None else [seed, 4])
         self._build(np.random.default_rng(seed), init, weight_scale)
         self._last_scores: Array | None = None
@@ -227,6 +228,8 @@ class MLP:
         for key, value in layer.params.items():
             self.params[key + suffix] = value
             self._param_layers[key + suffix] = (layer, key)
+            if key in layer.weight_keys:
+                self._weight_of[layer] = key + suffix
         for key, value in layer.buffers.items():
             self.buffers[key + suffix] = value
 
@@ -287,15 +290,22 @@ class MLP:
         loss, grads = self._backprop(X, y)
         return loss, {name: g.copy() for name, g in grads.items()}
 
-    def _backprop(self, X: Array, y: Array) -> tuple[float, dict[str, Array]]:
+    def _backprop(self, X: Array, y: Array,
+                  into: dict[str, tuple[Array, float, float]] | None = None
+                  ) -> tuple[float, dict[str, Array]]:
         """`data_loss_and_grads` without the copies, for the trainer's step (and the checks
         and benchmark of that step): the gradient arrays are the layers' own, overwritten
-        by the next pass. Nothing outside the training step may keep them."""
+        by the next pass. Nothing outside the training step may keep them.
+
+        `into` maps some weight names to (C, alpha, beta): the gradient of those weights
+        is accumulated into C by the GEMM that computes it (`Linear.backward`), and their
+        entries of the returned grads are stale (the optimizer's `sinks`)."""
         scores = self.scores(X, training=True)
         y = self._check_y(y, len(scores))
         loss, dout = self.loss_fn(scores, y)
         for layer in reversed(self.layers):
-            dout = layer.backward(dout)
+            sink = into.get(self._weight_of.get(layer, "")) if into else None
+            dout = layer.backward(dout) if sink is None else layer.backward(dout, sink)
         return loss, {name: layer.grads[key] for name, (layer, key) in self._param_layers.items()}
 
     def reg_loss_and_grads(self) -> tuple[float, dict[str, Array]]:

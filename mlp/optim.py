@@ -10,6 +10,15 @@ cache (`mlp.elementwise`), with a small scratch array, and the L2 gradient of
 `step(..., l2=...)` is added in that same pass. `applied_gradients` runs the pass without
 updating, to show the gradient check what the rules receive.
 
+The fused step: SGD and momentum are linear in the gradient, so the GEMM that computes a
+weight's gradient x^T dout can add it straight into the array the rule updates
+(`sinks`: momentum's velocity v = mu * v - lr * x^T dout, plain SGD's weights), and
+`step(..., fused=...)` then finishes those weights in one pass (momentum: the L2 term and
+p += v; SGD: nothing). The gradient array is never written nor read: per step, each
+weight is read and written once and its velocity once, the memory traffic the update
+cannot avoid. Nesterov needs the old velocity beside the new one, RMSProp and Adam the
+gradient's square: they take the gradient arrays (`sinks` returns nothing).
+
 A `Schedule` maps the global step (0 for the first update) to the learning rate.
 """
 
@@ -17,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +34,7 @@ import numpy as np
 from mlp import elementwise
 
 Array = np.ndarray
+Sink = tuple[Array, float, float]  # (C, alpha, beta): C = alpha * x^T dout + beta * C
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam")
 SCHEDULES = ("constant", "step", "exponential", "cosine")
@@ -65,7 +75,7 @@ class Optimizer:
             self._slots[key] = tuple(state.values())
 
     def step(self, params: dict[str, Array], grads: dict[str, Array], lr: float,
-             l2: Mapping[str, float] | None = None) -> float:
+             l2: Mapping[str, float] | None = None, fused: Collection[str] = ()) -> float:
         """One update of every parameter in place: params[k] (any shape) from grads[k] (same).
 
         `params` must have the keys the optimizer was built for; `lr` is the learning rate
@@ -76,11 +86,44 @@ class Optimizer:
 
         Returns the L2 term, the sum of c/2 * |p|^2 at the parameters before this update,
         summed in the same pass (0.0 without `l2`).
+
+        `fused`: the names whose data gradient went into `sinks(...)` arrays in this step
+        (grads[k] is not read for them); their update is finished here.
         """
         self._check_keys(params)
         self.t += 1
         # A Python float keeps float32 arithmetic in float32 (a NumPy float64 would not).
-        return self._pass(params, grads, l2, functools.partial(self._update, lr=float(lr)))
+        lr, l2 = float(lr), l2 or {}
+        rest = {key: p for key, p in params.items() if key not in fused}
+        l2_term = self._pass(rest, grads, l2, functools.partial(self._update, lr=lr))
+        for key in fused:
+            l2_term += self._finish_pass(key, params[key], lr, l2.get(key, 0.0))
+        return l2_term
+
+    def _finish_pass(self, key: str, p: Array, lr: float, c: float) -> float:
+        """The pass that finishes a fused update of p (see `sinks`); returns c/2 |p|^2 of
+        p before it (0.0 when c is 0)."""
+        squares: list[Array] = []
+
+        def kernel(p: Array, *state: Array, scratch: Array) -> None:
+            if c:
+                squares.append(np.vdot(p, p))
+            self._finish(p, *state, lr=lr, c=c, scratch=scratch)
+
+        elementwise.chunked(kernel, p, *self._slots[key])
+        return c / 2 * float(np.sum(squares)) if c else 0.0
+
+    def _finish(self, p: Array, *state: Array, lr: float, c: float, scratch: Array) -> None:
+        raise NotImplementedError(f"{self.name} has no fused update")
+
+    def sinks(self, params: dict[str, Array], weights: Collection[str], lr: float,
+              l2: Mapping[str, float] | None = None) -> dict[str, Sink]:
+        """Where this step's update takes the data gradient of each weight in `weights`
+        straight from the GEMM that computes it: {name: (C, alpha, beta)}, to be computed
+        as C = alpha * x^T dout + beta * C (`Linear.backward(dout, into=...)`), then
+        finished by `step(..., fused=<these names>)` with the same lr and l2. Empty for the
+        rules that need the gradient itself (the default)."""
+        return {}
 
     def applied_gradients(self, params: dict[str, Array], grads: dict[str, Array],
                           l2: Mapping[str, float] | None = None
@@ -108,8 +151,8 @@ class Optimizer:
     def _pass(self, params: dict[str, Array], grads: dict[str, Array],
               l2: Mapping[str, float] | None, rule: Callable[..., None],
               extra: dict[str, Array] | None = None) -> float:
-        """rule(p, g, *state, [extra[k]], scratch=...) on the chunks of every parameter, g
-        with the L2 gradient added for the keys of l2; returns the L2 term."""
+        """rule(p, g, *state, [extra[k]], scratch=...) on the chunks of every parameter
+        of `params`, g with the L2 gradient added for the keys of l2; returns the L2 term."""
         l2 = l2 or {}
         l2_term = 0.0
         for key, p in params.items():
@@ -174,9 +217,26 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Vanilla gradient descent: p -= lr * g."""
+    """Vanilla gradient descent: p -= lr * g.
+
+    Fused: the GEMM writes p = (1 - lr * c) * p - lr * x^T dout, the whole update; the L2
+    term is summed from p before it (in `sinks`, a read-only pass)."""
 
     name = "sgd"
+
+    def __init__(self, params: dict[str, Array]) -> None:
+        super().__init__(params)
+        self._l2_before: dict[str, float] = {}
+
+    def sinks(self, params: dict[str, Array], weights: Collection[str], lr: float,
+              l2: Mapping[str, float] | None = None) -> dict[str, Sink]:
+        l2 = l2 or {}
+        self._l2_before = {k: l2[k] / 2 * float(np.vdot(params[k], params[k]))
+                           for k in weights if l2.get(k)}
+        return {k: (params[k], -float(lr), 1.0 - float(lr) * l2.get(k, 0.0)) for k in weights}
+
+    def _finish_pass(self, key: str, p: Array, lr: float, c: float) -> float:
+        return self._l2_before.pop(key, 0.0)  # the GEMM did the update
 
     def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         np.multiply(g, lr, out=scratch)
@@ -194,9 +254,21 @@ class Momentum(Optimizer):
         super().__init__(params)
         self.momentum = momentum
 
+    def sinks(self, params: dict[str, Array], weights: Collection[str], lr: float,
+              l2: Mapping[str, float] | None = None) -> dict[str, Sink]:
+        v = self._slots
+        return {k: (v[k][0], -float(lr), self.momentum) for k in weights}
+
     def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         (v,) = state
         self._advance(v, g, lr, scratch)
+        p += v
+
+    def _finish(self, p: Array, *state: Array, lr: float, c: float, scratch: Array) -> None:
+        (v,) = state  # mu * v - lr * x^T dout, from the GEMM
+        if c:
+            np.multiply(p, lr * c, out=scratch)
+            v -= scratch
         p += v
 
     def _advance(self, v: Array, g: Array, lr: float, scratch: Array) -> None:
@@ -212,6 +284,10 @@ class Nesterov(Momentum):
     """
 
     name = "nesterov"
+
+    def sinks(self, params: dict[str, Array], weights: Collection[str], lr: float,
+              l2: Mapping[str, float] | None = None) -> dict[str, Sink]:
+        return {}  # the update needs v before and after: see the module docstring
 
     def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         (v,) = state

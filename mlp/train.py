@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +183,8 @@ class Trainer:
                 raise Interrupted(self._signal, self.save_checkpoint())
             lr = self.schedule(st.step)
             before = self._snapshot() if s.health and b == count - 1 else None
-            loss, grads = self._step(Xb, yb, lr)
+            # The health numbers read this step's gradients: the reference path keeps them.
+            loss, grads = self._step(Xb, yb, lr, fused=before is None)
             st.step, st.batch, seen = st.step + 1, b + 1, seen + len(yb)
             for observer in self.observers:
                 observer.on_step(st.step, loss, lr)
@@ -198,20 +199,9 @@ class Trainer:
             metrics.update(self._health(grads, before))
         return metrics
 
-    def _step(self, Xb: Array, yb: Array, lr: float) -> tuple[float, dict[str, Array]]:
-        """One update; returns the batch's loss (data + L2) and the data gradients.
-
-        The model's backward pass hands over its own gradient arrays (no copy: they are
-        read once, by the optimizer's pass below, before the next pass overwrites them).
-        The L2 term is left to the optimizer: it adds the gradient and sums the loss term
-        in the one pass it makes over the weights. `gradcheck.check_training_step` checks
-        exactly these two calls.
-        """
-        loss, grads = self.model._backprop(Xb, yb)
-        self._guard(float(loss))
-        loss += self.optimizer.step(self.model.params, grads, lr,
-                                    l2=self.model.l2_coefficients())
-        return float(loss), grads
+    def _step(self, Xb: Array, yb: Array, lr: float, fused: bool = True
+              ) -> tuple[float, dict[str, Array]]:
+        return step(self.model, self.optimizer, Xb, yb, lr, fused=fused, guard=self._guard)
 
     def _keep_if_best(self, val_acc: float) -> None:
         """Copy params and buffers aside when val_acc is the best so far; else count a bad
@@ -399,6 +389,30 @@ class Trainer:
                   "buffer": self.model.buffers, "bestbuffer": self.best_buffers,
                   "optim": self.optimizer.state_dict(), "norm": self.normalizer.state_dict()}
         return checkpoint.Checkpoint(meta, groups, st.order)
+
+
+def step(model: MLP, optimizer: Optimizer, X: Array, y: Array, lr: float, fused: bool = True,
+         guard: Callable[[float], None] | None = None) -> tuple[float, dict[str, Array]]:
+    """One training step of `model` by `optimizer` on a batch X (N, D), y (N,), at `lr`;
+    returns the batch's loss (data + L2) and the data gradients. `guard` sees the data
+    loss before the update ends (the trainer's divergence guard).
+
+    Where the optimizer's rule allows it (`Optimizer.sinks`: SGD, momentum), the GEMM
+    that computes a weight's gradient adds it straight into the array the rule updates,
+    and `step` finishes those weights in one pass; their entries of the returned grads
+    are then stale. The other gradients are the model's own arrays (no copy: read once,
+    by the optimizer's pass, before the next pass overwrites them). The L2 term is left
+    to the optimizer, in the one pass it makes over the weights. `fused=False` is the
+    reference path, every gradient materialized: `gradcheck.check_training_step` checks
+    its gradients and that the fused step lands on the same parameters.
+    """
+    l2 = model.l2_coefficients()
+    sinks = optimizer.sinks(model.params, model.weight_names(), lr, l2) if fused else {}
+    loss, grads = model._backprop(X, y, into=sinks)
+    if guard is not None:
+        guard(float(loss))
+    loss += optimizer.step(model.params, grads, lr, l2=l2, fused=sinks.keys())
+    return float(loss), grads
 
 
 def _arch_dict(model: MLP) -> dict:

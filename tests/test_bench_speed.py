@@ -25,29 +25,39 @@ def bench():
 
 
 def test_quick_mode_reports_every_part(bench, tmp_path: Path, capsys: pytest.CaptureFixture):
-    out = tmp_path / "speed.json"
-    results = bench.main(["--quick", "--json", str(out)])
+    out, figure = tmp_path / "speed.json", tmp_path / "speed.png"
+    results = bench.main(["--quick", "--threads", "1", "2", "--json", str(out),
+                          "--plot", str(figure)])
     assert json.loads(out.read_text()) == results
-    assert [row["net"] for row in results["nets"]] == list(bench.QUICK_NETS)
+    # batch 16 at 1 and 2 threads, then batch 8 at 2 threads: every net each time
+    assert [(r["net"], r["batch"], r["threads"]) for r in results["nets"]] == [
+        (net, b, t) for b, t in ((16, 1), (16, 2), (8, 2)) for net in bench.QUICK_NETS]
     for row in results["nets"]:
-        for key in ("floor_s_per_epoch", "mlp-lab_s_per_epoch", "mlp_lab_over_floor"):
+        for key in ("floor_s_per_epoch", "floor+memory_s_per_epoch", "mlp-lab_s_per_epoch",
+                    "mlp_lab_over_floor", "mlp_lab_over_floor_memory"):
             assert math.isfinite(row[key]) and row[key] > 0
+        assert row["floor+memory_s_per_epoch"] > row["floor_s_per_epoch"]
+        assert row["params"] == bench.n_params(bench.QUICK_NETS[row["net"]])
+    assert bench.n_params((48, (32, 32), 10)) == 48 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    assert results["machine"]["copy_gb_s"] > 0
     assert set(results["data"]) == {"gather+normalize_s_per_epoch",
                                     "gather+crop+flip+normalize_s_per_epoch"}
     assert results["memory"]["peak_rss_mib"] > results["memory"]["data_mib"] >= 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "lab/floor" in printed and "peak memory" in printed
+    assert "lab/floor" in printed and "lab/+mem" in printed and "peak memory" in printed
+    assert "batch sizes, 2 thread(s)" in printed
 
 
-def test_the_measured_step_trains(bench):
-    # the closure times the real step: it must change the parameters like training does
+def test_the_measured_step_is_the_trainers(bench):
+    # the timed step is `mlp.train.step` on the benchmark's model: it trains
     import numpy as np
 
-    step = bench.mlp_lab_step((12, (8,), 3), batch=4)
-    model = step.__closure__  # the model is held by the closure; find it by its type
-    from mlp.model import MLP
+    from mlp import train
 
-    (model,) = [c.cell_contents for c in model if isinstance(c.cell_contents, MLP)]
+    step = bench.mlp_lab_step((12, (8,), 3), batch=4)
+    assert step.func is train.step
+    model = step.args[0]
     before = model.params["W1"].copy()
     step()
     assert not np.array_equal(before, model.params["W1"])

@@ -336,7 +336,7 @@ def test_training_step_check_passes_for_every_optimizer(name, kwargs):
     assert report.passed, str(report)
     parts = {(r.name, r.part) for r in report.rows}
     assert parts == {(n, p) for n in _model(**kwargs).params for p in ("data", "total")} | {
-        ("l2", "loss")}
+        ("l2", "loss"), ("fused", "step")}
 
 
 def test_training_step_check_takes_an_optimizer_factory_and_leaves_the_model_alone():
@@ -399,14 +399,15 @@ def test_wrong_activation_backward_in_the_fast_path_fails_the_training_step_chec
 
 
 def test_training_step_check_uses_the_trainers_pass(monkeypatch):
-    # Both halves of the step the trainer takes are the ones checked: the zero-copy
-    # backward pass and the optimizer's fused pass.
+    # The gradients checked are the reference path's: the zero-copy backward pass and the
+    # optimizer's pass; then the step as it trains (`train.step`, fused: the weights'
+    # gradients accumulated by the GEMMs) is compared with that path, two steps each.
     calls = []
     real_backprop, real_pass = MLP._backprop, optim.Optimizer._pass
 
-    def backprop(self, X, y):
-        calls.append("backprop")
-        return real_backprop(self, X, y)
+    def backprop(self, X, y, into=None):
+        calls.append("backprop" + (" into the optimizer" if into else ""))
+        return real_backprop(self, X, y, into)
 
     def fused(self, *args, **kwargs):
         calls.append("optimizer pass")
@@ -414,8 +415,23 @@ def test_training_step_check_uses_the_trainers_pass(monkeypatch):
 
     monkeypatch.setattr(MLP, "_backprop", backprop)
     monkeypatch.setattr(optim.Optimizer, "_pass", fused)
-    check_training_step(_model(), "sgd", *_data(), num_checks=2)
-    assert calls == ["backprop", "optimizer pass"]
+    report = check_training_step(_model(), "momentum", *_data(), num_checks=2)
+    step = ["backprop into the optimizer", "optimizer pass"] * 2
+    assert calls == ["backprop", "optimizer pass", *step, *["backprop", "optimizer pass"] * 2]
+    assert [r.part for r in report.rows].count("step") == 1
+
+
+def test_a_fused_step_that_differs_from_the_reference_fails_the_check(monkeypatch):
+    real = optim.Momentum.sinks
+
+    def off_by_a_little(self, params, weights, lr, l2=None):
+        return {k: (c, alpha * (1 + 1e-6), beta)
+                for k, (c, alpha, beta) in real(self, params, weights, lr, l2).items()}
+
+    monkeypatch.setattr(optim.Momentum, "sinks", off_by_a_little)
+    report = check_training_step(_model(), "momentum", *_data(), num_checks=2)
+    assert not report.passed
+    assert {r.name for r in report.rows if r.max_rel_error >= report.tol} == {"fused"}
 
 
 # -- the public API, checked the cs231n way ----------------------------------------------

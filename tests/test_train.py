@@ -313,10 +313,10 @@ def test_divergence_after_an_epoch_names_its_checkpoint(splits: datalib.Splits,
     trainer = make_trainer(splits, tmp_path, epochs=3)
     real_step = trainer._step
 
-    def step(Xb, yb, lr):
+    def step(Xb, yb, lr, **kwargs):
         if trainer.state.epoch == 1:
             trainer.model.params["W2"] *= 1e6
-        return real_step(Xb, yb, lr)
+        return real_step(Xb, yb, lr, **kwargs)
 
     trainer._step = step
     with pytest.raises(DivergenceError) as diverged:
