@@ -11,7 +11,12 @@ what a run holds at its peak, in the training dtype unless said otherwise:
 - the best parameters kept for the end, and the health snapshot of the epoch's last step;
 - the activations of one minibatch and their gradients (each hidden layer's outputs,
   norm caches, dropout masks, the scores), and the forward pass of one evaluation batch;
-- the two prefetched input batches (training dtype) and the gathered uint8 batch;
+- the two prefetched input batches (training dtype) and the gathered uint8 batch, and
+  with whitening their pixels before the projection;
+- whitening's projection (float64 and the training dtype) and its fit: the float64
+  covariance and what `eigh` adds to it (a copy, work arrays, the eigenvectors: about 5
+  x 3072^2 doubles, 0.35 GiB), counted as if held throughout although the fit ends
+  before the model exists;
 - the data as uint8 rows: train, validation and test splits and the fixed train subset;
 - what the interpreter and its libraries (NumPy, MLflow, Hydra) take before any of it.
 
@@ -32,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from mlp import optim
+from mlp.data.normalize import output_dim
 from mlp.errors import ConfigError
 
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000  # images in the official archive
@@ -68,14 +74,19 @@ def estimate(hidden_sizes: Sequence[int], *, batch_size: int, n_train: int, n_va
              eval_batch_size: int = 1000, train_eval_size: int = 5000,
              activation: str = "relu", maxout_pieces: int = 2, norm: str | None = None,
              dropout: float = 0.0, health: bool = True, input_dim: int = INPUT_DIM,
-             num_classes: int = NUM_CLASSES) -> Estimate:
+             num_classes: int = NUM_CLASSES, whiten: str = "none",
+             components: int | None = None) -> Estimate:
     """The memory a run of that shape needs at its peak, part by part (see the module
     docstring). hidden_sizes: widths H1..HL; n_*: images per split (the train split
-    excludes validation); dtype: the training dtype; optimizer: one of optim.OPTIMIZERS."""
+    excludes validation); dtype: the training dtype; optimizer: one of optim.OPTIMIZERS;
+    input_dim: pixels per image; whiten, components: the Normalizer's whitening, which
+    sets the model's input width."""
     item = np.dtype(dtype).itemsize
     k = maxout_pieces if activation == "maxout" else 1
     with_norm = norm not in (None, "none")
-    dims = [input_dim, *hidden_sizes]
+    features = output_dim(whiten, components, input_dim)
+    whitening = whiten != "none"
+    dims = [features, *hidden_sizes]
     params = stats = acts = 0  # elements
     for fan_in, width in itertools.pairwise(dims):
         # weights and biases; a norm's scale and shift (and BatchNorm's running mean/var)
@@ -95,7 +106,9 @@ def estimate(hidden_sizes: Sequence[int], *, batch_size: int, n_train: int, n_va
         "best parameters and health snapshot": ((1 + int(health)) * params + stats) * item,
         "activations and gradients": (2 * acts * batch_size
                                       + acts * eval_batch_size) * item,
-        "input batches": 2 * batch_size * input_dim * item + 2 * batch_size * input_dim,
+        "input batches": 2 * batch_size * (features + whitening * input_dim) * item
+                         + 2 * batch_size * input_dim,
+        "whitening": whitening * (5 * input_dim**2 * 8 + input_dim * features * (8 + item)),
         "data (uint8)": pixel_rows * input_dim,
         "runtime": RUNTIME_BYTES,
     }
@@ -134,7 +147,8 @@ def estimate_config(flat: Mapping[str, Any]) -> Estimate:
                     train_eval_size=flat["trainer.train_eval_size"],
                     activation=flat["model.activation"],
                     maxout_pieces=flat["model.maxout_pieces"], norm=flat["model.norm"],
-                    dropout=flat["model.dropout"], health=flat["tracking.health"])
+                    dropout=flat["model.dropout"], health=flat["tracking.health"],
+                    whiten=flat["data.whiten.name"], components=flat["data.whiten.components"])
 
 
 # The key a user changes to shrink each part.
@@ -143,6 +157,7 @@ _KEY_OF_PART = {"parameters and gradients": "model.hidden_sizes",
                 "best parameters and health snapshot": "model.hidden_sizes",
                 "activations and gradients": "trainer.batch_size",
                 "input batches": "trainer.batch_size",
+                "whitening": "data.whiten.name",
                 "data (uint8)": "data.limit"}
 
 

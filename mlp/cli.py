@@ -60,11 +60,11 @@ def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
     """The gradient check of what the run trains: its architecture, activation, loss and
     reg (same depth, hidden widths capped at gradcheck.max_width, float64), through the
     training step's own path (the zero-copy backward pass and the run's optimizer's fused
-    L2 pass), on gradcheck.samples standard normal inputs (what normalized pixels look
-    like) with random labels."""
-    g = cfg.gradcheck
-    model = build_model(cfg, datalib.DIM, len(datalib.CLASSES), max_width=g.max_width,
-                        dtype="float64")
+    L2 pass), on gradcheck.samples standard normal inputs (what normalized or whitened
+    pixels look like) of the run's input width, with random labels."""
+    g, w = cfg.gradcheck, cfg.data.whiten
+    model = build_model(cfg, datalib.output_dim(w.name, w.components), len(datalib.CLASSES),
+                        max_width=g.max_width, dtype="float64")
     rng = np.random.default_rng([cfg.seed, 3])
     X = rng.standard_normal((g.samples, model.arch.input_dim))
     y = rng.integers(0, model.arch.num_classes, g.samples)
@@ -357,9 +357,12 @@ def _summary(result: TrainResult, run_id: str, view: str, reproduce: str) -> Non
 
 
 def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> Trainer:
-    """Model, optimizer, schedule, normalizer and loop settings from the config."""
-    t, o = cfg.trainer, cfg.optim
-    model = build_model(cfg, splits.X_train.shape[1], len(splits.classes))
+    """Normalizer (fitted on the training split), model, optimizer, schedule and loop
+    settings from the config."""
+    t, o, w = cfg.trainer, cfg.optim, cfg.data.whiten
+    normalizer = datalib.Normalizer(cfg.data.normalize, whiten=w.name, components=w.components,
+                                    eps=w.eps).fit(splits.X_train)
+    model = build_model(cfg, normalizer.out_dim, len(splits.classes))
     flat = configlib.flatten(OmegaConf.to_container(cfg, resolve=True))
     optimizer = optim.make_optimizer(o.name, model.params, **configlib.optimizer_kwargs(flat))
     steps_per_epoch = math.ceil(len(splits.y_train) / t.batch_size)
@@ -367,7 +370,6 @@ def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> 
         name=o.schedule.name, lr=o.lr, steps_per_epoch=steps_per_epoch, epochs=t.epochs,
         warmup_epochs=o.schedule.warmup_epochs, step_size=o.schedule.step_size,
         gamma=o.schedule.gamma, decay=o.schedule.decay, min_lr=o.schedule.min_lr)
-    normalizer = datalib.Normalizer(cfg.data.normalize).fit(splits.X_train)
     settings = TrainSettings(
         epochs=t.epochs, batch_size=t.batch_size, dtype=t.dtype,
         train_eval_size=t.train_eval_size, eval_batch_size=t.eval_batch_size,
@@ -394,8 +396,9 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                                                        classes), "confusion_matrix")
             recorder.log_figure(plots.per_class_figure(splits.y_test, result.test_pred,
                                                        classes), "per_class_accuracy")
-            recorder.log_figure(plots.weights_figure(trainer.model.params["W1"]),
-                                "first_layer_weights")
+            recorder.log_figure(plots.weights_figure(
+                trainer.normalizer.image_weights(trainer.model.params["W1"])),
+                "first_layer_weights")
     model_id = None
     if cfg.tracking.log_model:
         with recorder.unless_offline("the model"):
@@ -403,7 +406,7 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                                           name, example=np.asarray(splits.X_test[:3]))
     recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
                          step=result.best_epoch, model_id=model_id, dataset=datasets["test"])
-    widths = [splits.X_train.shape[1], *cfg.model.hidden_sizes, len(splits.classes)]
+    widths = [trainer.model.arch.input_dim, *cfg.model.hidden_sizes, len(splits.classes)]
     with recorder.unless_offline("the description"):
         recorder.describe(tracking.describe_run(
             OmegaConf.to_container(cfg, resolve=True), result,

@@ -100,6 +100,15 @@ class AugmentConfig:
 
 
 @dataclass
+class WhitenConfig:
+    """`data.Normalizer`'s whitening, fitted on the training split after `normalize`."""
+
+    name: str = _NORMALIZER["whiten"]         # none, pca (k features), zca (3072, least moved)
+    components: int | None = _NORMALIZER["components"]  # leading components kept (null: all)
+    eps: float = _NORMALIZER["eps"]           # added to the covariance's eigenvalues
+
+
+@dataclass
 class SyntheticConfig:
     n_train: int = 600
     n_test: int = 200
@@ -117,6 +126,7 @@ class DataConfig:
     limit: int | None = None                  # only the first N training images
     normalize: str = _NORMALIZER["mode"]      # channel, mean_image (cs231n), none
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    whiten: WhitenConfig = field(default_factory=WhitenConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -210,6 +220,8 @@ APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "optim.schedule.decay": ("optim.schedule.name", ("exponential",)),
     "optim.schedule.min_lr": ("optim.schedule.name", ("cosine",)),
     "data.synthetic": ("data.name", ("synthetic",)),
+    "data.whiten.components": ("data.whiten.name", ("pca", "zca")),
+    "data.whiten.eps": ("data.whiten.name", ("pca", "zca")),
     "gradcheck.samples": ("gradcheck.enabled", (True,)),
     "gradcheck.max_width": ("gradcheck.enabled", (True,)),
     "gradcheck.num_checks": ("gradcheck.enabled", (True,)),
@@ -292,6 +304,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.limit": ((lambda v: v is None or v > 1), "null or an integer > 1"),
     "data.normalize": _one_of(datalib.Normalizer.MODES),
     "data.augment.pad": ((lambda v: 0 <= v <= 16), "an integer in [0, 16]"),
+    "data.whiten.name": _one_of(datalib.Normalizer.WHITENINGS),
+    "data.whiten.components": ((lambda v: v is None or 1 <= v <= datalib.DIM),
+                               f"null (all {datalib.DIM}) or an integer in [1, {datalib.DIM}]"),
+    "data.whiten.eps": _POSITIVE,
     "data.synthetic.n_train": ((lambda v: v > 1), "an integer > 1"),
     "data.synthetic.n_test": _POSITIVE_INT,
     "data.md5": ((lambda v: v is None or (len(v) == 32 and all(c in "0123456789abcdef"

@@ -4,8 +4,8 @@ A model logged by mlp-lab is an MLflow pyfunc model whose `loader_module` is thi
 and which carries the `mlp` package as its code (`code_paths`), so it loads, predicts
 and serves (`mlflow models serve -m models:/<name>@champion --env-manager local`) where
 mlp-lab is not installed: it needs NumPy only. Its data directory holds the trained
-parameters (`model.npz`), the training split's normalizer (`normalizer.npz`) and the
-class names (`classes.json`).
+parameters (`model.npz`), the training split's normalizer (`normalizer.npz`, with its
+whitening projection when the run whitened) and the class names (`classes.json`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class PixelClassifier:
         list of rows or a DataFrame); returns (N, 10) class probabilities (float64, each
         row sums to 1), columns in the order of `classes`."""
         X = np.asarray(getattr(model_input, "values", model_input))
-        if X.ndim != 2 or X.shape[1] != self.model.arch.input_dim:
+        if X.ndim != 2 or X.shape[1] != self.normalizer.in_dim:
             raise ValueError(f"input has shape {X.shape}: expected (N, "
-                             f"{self.model.arch.input_dim}) pixel values")
+                             f"{self.normalizer.in_dim}) pixel values")
         return softmax(self.model.scores(self.normalizer(X, np.float64)))
 
 

@@ -114,8 +114,9 @@ class Trainer:
     """Trains `model` on `splits` with `optimizer` and `schedule`.
 
     splits: uint8 images (N, 3072) and labels; `normalizer` (fitted on the training split)
-    turns a uint8 batch into the training dtype. `meta` is stored in checkpoints (e.g. the
-    tracking run id, so a resumed run continues the same record).
+    turns a uint8 batch into the model's input, (B, normalizer.out_dim) floats of the
+    training dtype. `meta` is stored in checkpoints (e.g. the tracking run id, so a
+    resumed run continues the same record).
     """
 
     def __init__(self, model: MLP, optimizer: Optimizer, schedule: Schedule,
@@ -139,7 +140,7 @@ class Trainer:
         eval_rows = np.random.default_rng([settings.seed, 2]).choice(
             len(splits.y_train), n_eval, replace=False)
         self.train_eval = (splits.X_train[np.sort(eval_rows)], splits.y_train[np.sort(eval_rows)])
-        self._bufs = tuple(np.empty((settings.batch_size, splits.X_train.shape[1]), self.dtype)
+        self._bufs = tuple(np.empty((settings.batch_size, normalizer.out_dim), self.dtype)
                            for _ in range(2))
         self._signal: int | None = None
         self._saved: tuple[Path, str] | None = None  # the last checkpoint, and where it is
@@ -259,7 +260,7 @@ class Trainer:
         for i in range(0, len(y), self.s.eval_batch_size):
             chunk = X[i:i + self.s.eval_batch_size]
             if out is None or len(out) != len(chunk):
-                out = np.empty((len(chunk), chunk.shape[1]), dtype=self.dtype)
+                out = np.empty((len(chunk), self.normalizer.out_dim), dtype=self.dtype)
             scores = self.model.scores(self.normalizer(chunk, self.dtype, out=out))
             total += float(self.model.loss_fn(scores, y[i:i + len(chunk)])[0]) * len(chunk)
             preds[i:i + len(chunk)] = scores.argmax(axis=1)

@@ -4,7 +4,7 @@
     extract    safe extraction of the tar archive
     cache      decoding the pickled batches once into memory-mapped uint8 arrays
     splits     a seeded validation set held out of the training images
-    normalize  preprocessing fitted on the training split (`Normalizer`)
+    normalize  preprocessing fitted on the training split (`Normalizer`), whitening too
     batches    random crop + flip (`augment`) and an epoch's minibatches (`batches`)
 
 `cifar` holds what every stage knows (class names, image layout, `DataError`) and
@@ -25,13 +25,13 @@ from mlp.data.fetch import (
     fetch_archive,
     file_digest,
 )
-from mlp.data.normalize import Normalizer
+from mlp.data.normalize import Normalizer, output_dim
 from mlp.data.splits import Splits, split
 from mlp.data.synthetic import make_synthetic_archive
 
 __all__ = [
     "ARCHIVE_NAME", "CLASSES", "DIM", "IMAGE_SIZE", "OFFICIAL_MD5", "OFFICIAL_URL", "Cifar10",
     "DataError", "Normalizer", "Splits", "augment", "batches", "default_root", "download",
-    "fetch_archive", "file_digest", "load_cifar10", "make_synthetic_archive", "safe_extract",
-    "split",
+    "fetch_archive", "file_digest", "load_cifar10", "make_synthetic_archive", "output_dim",
+    "safe_extract", "split",
 ]

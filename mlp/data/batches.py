@@ -58,17 +58,19 @@ def batches(
     prefetch: bool = False,
     out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """One epoch's minibatches: (b, normalized X (B, 3072), y (B,)) for b = first, first+1,
-    ... over X uint8 (N, 3072), y (N,) in the epoch's `order` (a permutation of N rows).
+    """One epoch's minibatches: (b, normalized X (B, F), y (B,)) for b = first, first+1,
+    ... over X uint8 (N, 3072), y (N,) in the epoch's `order` (a permutation of N rows);
+    F = normalizer.out_dim (3072 unless PCA whitening keeps fewer components).
 
     Batch b holds rows order[b*batch_size:(b+1)*batch_size] (the last one may be smaller),
     augmented (`augment_pad`, `augment_flip`) with its own generator seeded by
     (seed, 3, epoch, b), so it is the same batch whenever and on whichever thread it is
     prepared, and after a resume at batch `first`. With `prefetch`, batch b+1 is prepared
     on a helper thread while the caller works on batch b (NumPy releases the GIL in the
-    copies and ufuncs). With `out`, two float (batch_size, 3072) arrays, the batches are
+    copies and ufuncs). With `out`, two float (batch_size, F) arrays, the batches are
     normalized into them in turn: a batch stays valid until the caller asks for the next
-    one, and an epoch allocates nothing; without, every batch is a new array.
+    one, and an epoch allocates nothing but whitening's scratch (`Normalizer.__call__`);
+    without, every batch is a new array.
     """
     if len(X) != len(y) or sorted(np.shape(order)) != [len(X)]:
         raise ValueError(f"batches: {len(X)} images, {len(y)} labels, an order of shape "
