@@ -5,8 +5,9 @@ pickles): "meta", a 0-d string array holding a JSON object (the loop counters, t
 epoch so far, the history, the states of both random generators, the architecture,
 optimizer name and dtype it was written for, and the caller's `extra`), then one array
 per entry of each group, "<group>/<name>" for the groups in `GROUPS` (parameters, best
-parameters, buffers, best buffers, optimizer state, normalizer state), and "order", the
-epoch's shuffle order, when the run stopped inside an epoch.
+parameters, buffers, best buffers, optimizer state, normalizer state, and the moving
+average of the weights, parameters and buffers, empty when the run keeps none), and
+"order", the epoch's shuffle order, when the run stopped inside an epoch.
 
 `save` writes atomically (a crash leaves the previous file); `load` reads and validates
 the whole file against a template, the `Checkpoint` of the run that resumes, before the
@@ -29,7 +30,7 @@ import numpy as np
 
 Array = np.ndarray
 
-GROUPS = ("param", "best", "buffer", "bestbuffer", "optim", "norm")
+GROUPS = ("param", "best", "buffer", "bestbuffer", "optim", "norm", "ema")
 COUNTERS = ("epoch", "step", "batch", "best_epoch", "bad_epochs")
 MATCHING = ("arch", "optimizer", "dtype")  # must equal the resuming run's
 META_KEYS = (*COUNTERS, "first_loss", "best_val_acc", "history", "rng", "dropout_rng",
@@ -144,6 +145,10 @@ def _validate(ck: Checkpoint, like: Checkpoint, n_train: int, batches_per_epoch:
         if meta[key] != like.meta[key]:
             raise CheckpointError(f"written for {key} {meta[key]!r}, this run has "
                                   f"{like.meta[key]!r}")
+    written, this = ("with" if c.groups["ema"] else "without" for c in (ck, like))
+    if written != this:
+        raise CheckpointError(f"written by a run {written} a moving average of the weights "
+                              f"(trainer.ema), this run is {this} one")
     for group in GROUPS:
         _check_arrays(group, ck.groups[group], like.groups[group])
         if group in checks:

@@ -369,14 +369,16 @@ def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> 
     schedule = optim.Schedule(
         name=o.schedule.name, lr=o.lr, steps_per_epoch=steps_per_epoch, epochs=t.epochs,
         warmup_epochs=o.schedule.warmup_epochs, step_size=o.schedule.step_size,
-        gamma=o.schedule.gamma, decay=o.schedule.decay, min_lr=o.schedule.min_lr)
+        gamma=o.schedule.gamma, decay=o.schedule.decay, min_lr=o.schedule.min_lr,
+        div_factor=o.schedule.div_factor)
     settings = TrainSettings(
         epochs=t.epochs, batch_size=t.batch_size, dtype=t.dtype,
         train_eval_size=t.train_eval_size, eval_batch_size=t.eval_batch_size,
         patience=t.patience, diverge_factor=t.diverge_factor,
         augment_pad=cfg.data.augment.pad, augment_flip=cfg.data.augment.flip,
         checkpoint_dir=Path(t.checkpoint_dir) if t.checkpoint_dir else output_dir / "checkpoints",
-        progress=t.progress, prefetch=t.prefetch, health=cfg.tracking.health, seed=cfg.seed)
+        progress=t.progress, prefetch=t.prefetch, health=cfg.tracking.health, seed=cfg.seed,
+        ema=t.ema, ema_every=t.ema_every)
     return Trainer(model, optimizer, schedule, splits, normalizer, settings)
 
 

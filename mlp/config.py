@@ -65,18 +65,20 @@ class ModelConfig:
     maxout_pieces: int = _MLP["maxout_pieces"]
     dropout: float = _MLP["dropout"]          # drop probability after each hidden activation
     norm: str | None = _MLP["norm"]           # null, batch or layer
+    label_smoothing: float = _MLP["label_smoothing"]  # softmax targets (1 - s) onehot + s / C
 
 
 @dataclass
 class ScheduleConfig:
     """`optim.Schedule`: the learning rate over the run."""
 
-    name: str = "constant"                    # constant, step, exponential, cosine
-    warmup_epochs: float = _SCHEDULE["warmup_epochs"]
+    name: str = "constant"                    # constant, step, exponential, cosine, onecycle
+    warmup_epochs: float = _SCHEDULE["warmup_epochs"]  # onecycle: the rise to optim.lr
     step_size: int = _SCHEDULE["step_size"]
     gamma: float = _SCHEDULE["gamma"]
     decay: float = _SCHEDULE["decay"]         # exponential: lr * decay**epoch (cs231n)
-    min_lr: float = _SCHEDULE["min_lr"]
+    min_lr: float = _SCHEDULE["min_lr"]       # cosine, onecycle: the lr at the end
+    div_factor: float = _SCHEDULE["div_factor"]  # onecycle starts at optim.lr / div_factor
 
 
 @dataclass
@@ -145,6 +147,8 @@ class TrainerConfig:
     resume: str | None = None                       # a checkpoint .npz to continue from
     progress: bool = _TRAIN.progress                # tqdm bars (on a terminal only)
     prefetch: bool = _TRAIN.prefetch                # next batch on a helper thread
+    ema: float = _TRAIN.ema                         # decay of the weights' average (0: off)
+    ema_every: int = _TRAIN.ema_every               # average every N steps (decay**N)
 
 
 @dataclass
@@ -203,30 +207,38 @@ EXTENSIONS: dict[str, type] = {"trial": TrialConfig}
 BOOKKEEPING = ("tracking", "trial", "trainer.progress", "trainer.checkpoint_dir",
                "trainer.resume", "trainer.prefetch", "data.root", "data.archive", "data.md5")
 
-# Keys that act only when another key has one of some values: {key: (key it depends on,
-# the values under which it acts)}.
-APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "model.weight_scale": ("model.init", ("normal",)),
-    "model.leaky_slope": ("model.activation", ("leaky_relu",)),
-    "model.elu_alpha": ("model.activation", ("elu",)),
-    "model.maxout_pieces": ("model.activation", ("maxout",)),
-    "optim.momentum": ("optim.name", ("momentum", "nesterov")),
-    "optim.decay_rate": ("optim.name", ("rmsprop",)),
-    "optim.beta1": ("optim.name", ("adam",)),
-    "optim.beta2": ("optim.name", ("adam",)),
-    "optim.eps": ("optim.name", ("rmsprop", "adam")),
-    "optim.schedule.step_size": ("optim.schedule.name", ("step",)),
-    "optim.schedule.gamma": ("optim.schedule.name", ("step",)),
-    "optim.schedule.decay": ("optim.schedule.name", ("exponential",)),
-    "optim.schedule.min_lr": ("optim.schedule.name", ("cosine",)),
-    "data.synthetic": ("data.name", ("synthetic",)),
-    "data.whiten.components": ("data.whiten.name", ("pca", "zca")),
-    "data.whiten.eps": ("data.whiten.name", ("pca", "zca")),
-    "gradcheck.samples": ("gradcheck.enabled", (True,)),
-    "gradcheck.max_width": ("gradcheck.enabled", (True,)),
-    "gradcheck.num_checks": ("gradcheck.enabled", (True,)),
-    "gradcheck.tol": ("gradcheck.enabled", (True,)),
-    "gradcheck.stop_on_fail": ("gradcheck.enabled", (True,)),
+def _one_of(choices: Any) -> tuple[Callable[[Any], bool], str]:
+    choices = list(choices)
+    return (lambda v: v in choices), f"one of {choices}"
+
+
+# Keys that act only when another key has some values: {key: (key it depends on, (test of
+# its value, the values under which the key acts, in words))}.
+APPLIES_WHEN: dict[str, tuple[str, tuple[Callable[[Any], bool], str]]] = {
+    "model.weight_scale": ("model.init", _one_of(["normal"])),
+    "model.leaky_slope": ("model.activation", _one_of(["leaky_relu"])),
+    "model.elu_alpha": ("model.activation", _one_of(["elu"])),
+    "model.maxout_pieces": ("model.activation", _one_of(["maxout"])),
+    "model.label_smoothing": ("model.loss", _one_of(["softmax"])),
+    "optim.momentum": ("optim.name", _one_of(["momentum", "nesterov"])),
+    "optim.decay_rate": ("optim.name", _one_of(["rmsprop"])),
+    "optim.beta1": ("optim.name", _one_of(["adam"])),
+    "optim.beta2": ("optim.name", _one_of(["adam"])),
+    "optim.eps": ("optim.name", _one_of(["rmsprop", "adam"])),
+    "optim.schedule.step_size": ("optim.schedule.name", _one_of(["step"])),
+    "optim.schedule.gamma": ("optim.schedule.name", _one_of(["step"])),
+    "optim.schedule.decay": ("optim.schedule.name", _one_of(["exponential"])),
+    "optim.schedule.min_lr": ("optim.schedule.name", _one_of(["cosine", "onecycle"])),
+    "optim.schedule.div_factor": ("optim.schedule.name", _one_of(["onecycle"])),
+    "data.synthetic": ("data.name", _one_of(["synthetic"])),
+    "data.whiten.components": ("data.whiten.name", _one_of(["pca", "zca"])),
+    "data.whiten.eps": ("data.whiten.name", _one_of(["pca", "zca"])),
+    "trainer.ema_every": ("trainer.ema", ((lambda v: v > 0), "a decay > 0")),
+    "gradcheck.samples": ("gradcheck.enabled", _one_of([True])),
+    "gradcheck.max_width": ("gradcheck.enabled", _one_of([True])),
+    "gradcheck.num_checks": ("gradcheck.enabled", _one_of([True])),
+    "gradcheck.tol": ("gradcheck.enabled", _one_of([True])),
+    "gradcheck.stop_on_fail": ("gradcheck.enabled", _one_of([True])),
 }
 
 SCHEMA_NAME = "mlp_lab_schema"
@@ -263,18 +275,13 @@ def applies(key: str, flat: Mapping[str, Any]) -> bool:
     rule = _under(key, list(APPLIES_WHEN))
     if rule is None:
         return True
-    depends_on, values = APPLIES_WHEN[rule]
-    return flat.get(depends_on) in values and applies(depends_on, flat)
+    depends_on, (ok, _) = APPLIES_WHEN[rule]
+    return ok(flat.get(depends_on)) and applies(depends_on, flat)
 
 
 def schema_keys() -> dict[str, Any]:
     """Every dotted leaf key of the schema with its default."""
     return flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
-
-
-def _one_of(choices: Any) -> tuple[Callable[[Any], bool], str]:
-    choices = list(choices)
-    return (lambda v: v in choices), f"one of {choices}"
 
 
 _POSITIVE_INT = (lambda v: v > 0), "an integer > 0"
@@ -296,6 +303,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.maxout_pieces": ((lambda v: v >= 2), "an integer >= 2"),
     "model.dropout": ((lambda v: 0 <= v < 1), "a drop probability in [0, 1)"),
     "model.norm": _one_of(NORMS),
+    "model.label_smoothing": ((lambda v: 0 <= v < 1), "a number in [0, 1) (0: one-hot targets)"),
     "optim.name": _one_of(optim.OPTIMIZERS),
     "optim.lr": _POSITIVE,
     "optim.schedule.name": _one_of(optim.SCHEDULES),
@@ -321,6 +329,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.patience": ((lambda v: v is None or v > 0),
                          "null (no early stopping) or an integer > 0"),
     "trainer.diverge_factor": ((lambda v: v > 1), "a number > 1"),
+    "trainer.ema": ((lambda v: 0 <= v < 1), "a decay in [0, 1) (0: no average)"),
+    "trainer.ema_every": _POSITIVE_INT,
     "gradcheck.samples": _POSITIVE_INT,
     "gradcheck.max_width": _POSITIVE_INT,
     "gradcheck.num_checks": _POSITIVE_INT,
@@ -345,6 +355,10 @@ def validate(cfg: DictConfig | Config | Mapping[str, Any]) -> None:
     for key, (ok, allowed) in RULES.items():
         if not ok(flat[key]):
             raise ConfigError(key, flat[key], allowed)
+    if flat["model.label_smoothing"] and flat["model.loss"] != "softmax":
+        raise ConfigError("model.label_smoothing", flat["model.label_smoothing"],
+                          f"0 with model.loss={flat['model.loss']!r}: smoothing softens the "
+                          "one-hot targets of the softmax loss")
     sizes = {"data.limit": flat["data.limit"]}
     if flat["data.name"] == "synthetic":
         sizes["data.synthetic.n_train"] = flat["data.synthetic.n_train"]
@@ -376,7 +390,7 @@ def inactive_overrides(flat: Mapping[str, Any], keys: list[str]) -> list[str]:
     for key in keys:
         rule = _under(key, list(APPLIES_WHEN))
         if rule is not None and not applies(key, flat):
-            depends_on, values = APPLIES_WHEN[rule]
+            depends_on, (_, acts_when) = APPLIES_WHEN[rule]
             out.append(f"{key}={flat.get(key)!r} has no effect: it applies when {depends_on} "
-                       f"is one of {list(values)} (this run: {flat.get(depends_on)!r})")
+                       f"is {acts_when} (this run: {flat.get(depends_on)!r})")
     return out

@@ -14,21 +14,31 @@ import numpy as np
 Array = np.ndarray
 
 
-def softmax_loss(scores: Array, y: Array) -> tuple[float, Array]:
-    """Softmax cross-entropy: L = mean_i -log softmax(scores_i)[y_i].
+def softmax_loss(scores: Array, y: Array, label_smoothing: float = 0.0) -> tuple[float, Array]:
+    """Softmax cross-entropy against targets q: L = mean_i -sum_j q_ij log softmax(scores_i)_j.
 
-    Stable by log-sum-exp (scores shifted by their row max). The backward is fused with
-    the forward: dscores = (softmax - onehot(y)) / N.
+    q is onehot(y) without label smoothing (L = mean_i -log softmax(scores_i)[y_i]); with
+    label_smoothing s in [0, 1) (Szegedy et al. 2016) q = (1 - s) onehot(y) + s / C, so
+    the loss keeps pulling the correct score up only until its probability is about
+    1 - s + s / C. Stable by log-sum-exp (scores shifted by their row max). The backward
+    is fused with the forward: dscores = (softmax - q) / N. With s = 0 both are, bit for
+    bit, those of the plain loss.
     """
-    n = scores.shape[0]
+    n, num_classes = scores.shape
     shifted = scores - scores.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     sums = exp.sum(axis=1, keepdims=True)
     rows = np.arange(n)
-    loss = np.mean(np.log(sums[:, 0]) - shifted[rows, y])
+    # L_i = log sum_j exp(shifted_ij) - sum_j q_ij shifted_ij, as q_i sums to 1
+    target = shifted[rows, y]
+    if label_smoothing:
+        target = (1 - label_smoothing) * target + label_smoothing * shifted.mean(axis=1)
+    loss = np.mean(np.log(sums[:, 0]) - target)
     dscores = exp
     dscores /= sums
-    dscores[rows, y] -= 1
+    if label_smoothing:
+        dscores -= label_smoothing / num_classes
+    dscores[rows, y] -= 1 - label_smoothing
     dscores /= n
     return loss, dscores
 

@@ -26,7 +26,8 @@ gradient check, `freeze_dropout()` makes each Dropout layer reuse one mask, so e
 training-mode pass computes the same function (BatchNorm then depends on the batch only).
 
 The loss is data loss + reg * sum of squared weights (biases, gamma and beta not
-regularized).
+regularized). With label_smoothing > 0 (softmax only) the training data loss is the
+cross-entropy against smoothed targets; `eval_loss_fn` stays the plain loss (see `MLP`).
 
 Every public method returns arrays the caller owns (scores, gradients): keep them, and
 later passes leave them alone. The layers reuse their work arrays between passes so that
@@ -36,6 +37,7 @@ directly (`_backprop`), and it is done with them before the next pass.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import zipfile
@@ -83,6 +85,7 @@ class Architecture:
     maxout_pieces: int = 2
     dropout: float = 0.0
     norm: str | None = None
+    label_smoothing: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError naming the argument, its value and what is allowed."""
@@ -108,6 +111,11 @@ class Architecture:
                  "a drop probability in [0, 1) (0: no dropout)")
         _require(self.norm is None or (isinstance(self.norm, str) and self.norm in NORMS),
                  "norm", self.norm, f"one of {[None, 'none', *NORMS]}")
+        _require(_is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+                 "label_smoothing", self.label_smoothing, "a number in [0, 1) (0: one-hot targets)")
+        _require(self.label_smoothing == 0 or self.loss == "softmax", "label_smoothing",
+                 self.label_smoothing, f"0 with loss={self.loss!r}: smoothing softens the "
+                 "one-hot targets of the softmax loss")
 
 
 def _is_int(v: object) -> bool:
@@ -152,6 +160,14 @@ class MLP:
     Dropout layers), `norm` None/"none", "batch" or "layer" (stored as None, "batch" or
     "layer"). The Dropout masks come from `dropout_rng`, seeded with [seed, 4], so runs
     of one seed drop the same units.
+
+    `label_smoothing` s (softmax loss only) trains against the targets
+    (1 - s) onehot + s / C: `loss_fn` is that smoothed loss, the one every loss and
+    gradient method computes (and the gradient check differentiates). `eval_loss_fn` is
+    the plain loss of `loss`, cross-entropy against the true labels, which the trainer
+    reports for the train, validation and test sets, so that runs with and without
+    smoothing (or another s) compare on one scale; the smoothed loss of a perfect
+    classifier is not 0 and grows with s.
     """
 
     def __init__(
@@ -171,16 +187,21 @@ class MLP:
         maxout_pieces: int = 2,
         dropout: float = 0.0,
         norm: str | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.arch = _architecture(
             input_dim=input_dim, hidden_sizes=hidden_sizes, num_classes=num_classes,
             activation=activation, loss=loss, reg=reg, dtype=dtype, leaky_slope=leaky_slope,
-            elu_alpha=elu_alpha, maxout_pieces=maxout_pieces, dropout=dropout, norm=norm)
+            elu_alpha=elu_alpha, maxout_pieces=maxout_pieces, dropout=dropout, norm=norm,
+            label_smoothing=label_smoothing)
         _require(init in INITS, "init", init, f"one of {list(INITS)}")
         _require(_is_number(weight_scale) and weight_scale > 0, "weight_scale", weight_scale,
                  "a number > 0")
         self.dtype = np.dtype(self.arch.dtype)
-        self.loss_fn = losses.LOSSES[loss]
+        self.eval_loss_fn = losses.LOSSES[loss]
+        # A Python float keeps float32 arithmetic in float32 (a NumPy float64 would not).
+        self.loss_fn = functools.partial(self.eval_loss_fn, label_smoothing=float(
+            label_smoothing)) if label_smoothing else self.eval_loss_fn
         self.loss_kink_fn = losses.KINK_STATES[loss]
         self.layers: list[Layer] = []
         self.params: dict[str, Array] = {}

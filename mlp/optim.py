@@ -37,7 +37,7 @@ Array = np.ndarray
 Sink = tuple[Array, float, float]  # (C, alpha, beta): C = alpha * x^T dout + beta * C
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam")
-SCHEDULES = ("constant", "step", "exponential", "cosine")
+SCHEDULES = ("constant", "step", "exponential", "cosine", "onecycle")
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -406,6 +406,11 @@ class Schedule:
     keeps lr; "step" multiplies by gamma every step_size epochs; "exponential" is
     lr * decay**epoch, per epoch as in cs231n; "cosine" anneals per step from lr to min_lr,
     which it reaches at step epochs * steps_per_epoch (after the last update) and keeps.
+
+    "onecycle" (Smith & Topin 2018) is "cosine" whose warmup (warmup_epochs > 0, the
+    rising part of the cycle, e.g. 0.3 * epochs) starts from lr / div_factor and rises
+    along a half cosine, not a line, to lr at step warmup_steps: from there it anneals to
+    min_lr as "cosine" does.
     """
 
     name: str
@@ -417,6 +422,7 @@ class Schedule:
     gamma: float = 0.1
     decay: float = 0.95
     min_lr: float = 0.0
+    div_factor: float = 25.0
 
     def __post_init__(self) -> None:
         _require(self.name in SCHEDULES, "optim.schedule.name", self.name,
@@ -436,6 +442,12 @@ class Schedule:
         _require(0 < self.decay <= 1, "optim.schedule.decay", self.decay, "a number in (0, 1]")
         _require(0 <= self.min_lr < self.lr, "optim.schedule.min_lr", self.min_lr,
                  f"a number >= 0 and < optim.lr={self.lr}")
+        _require(1 <= self.div_factor < math.inf, "optim.schedule.div_factor", self.div_factor,
+                 "a finite number >= 1 (the cycle starts at optim.lr / div_factor)")
+        _require(self.name != "onecycle" or self.warmup_epochs > 0,
+                 "optim.schedule.warmup_epochs", self.warmup_epochs,
+                 "a number > 0 with optim.schedule.name=onecycle: the epochs of the rise to "
+                 "optim.lr (e.g. 0.3 * epochs)")
 
     @property
     def warmup_steps(self) -> int:
@@ -452,6 +464,8 @@ class Schedule:
         if step < 0:
             raise ValueError(f"step={step!r} is not allowed: expected an integer >= 0")
         warmup = self.warmup_steps
+        if step < warmup and self.name == "onecycle":
+            return _cosine(self.lr / self.div_factor, self.lr, step / warmup)
         if step < warmup:
             return self.lr * (step + 1) / warmup
         step -= warmup
@@ -460,10 +474,14 @@ class Schedule:
             return self.lr * self.gamma ** (epoch // self.step_size)
         if self.name == "exponential":
             return self.lr * self.decay**epoch
-        if self.name == "cosine":
-            progress = min(step / (self.total_steps - warmup), 1.0)
-            return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+        if self.name in ("cosine", "onecycle"):
+            return _cosine(self.lr, self.min_lr, min(step / (self.total_steps - warmup), 1.0))
         return self.lr
+
+
+def _cosine(start: float, end: float, progress: float) -> float:
+    """Half a cosine from start (progress 0) to end (progress 1)."""
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
 
 
 def _is_int(value: object) -> bool:

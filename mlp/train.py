@@ -6,6 +6,11 @@ ahead on a helper thread, the step: backward pass, divergence guard, update), ke
 best parameters, checkpoint, report, maybe stop early. After the last epoch the best
 parameters are restored (as cs231n's Solver does) and the test set is evaluated once.
 
+With `ema` > 0 the weights that are evaluated, kept when best and tested are the moving
+average of the trained ones (`mlp.ema`), updated after each step: the model then ends
+with the best epoch's average. Losses reported for evaluation are the model's plain
+`eval_loss_fn` (cross-entropy without label smoothing); the step's loss is the one trained.
+
 Progress goes out through an `Observer` (plain numbers), never through MLflow calls:
 tracking is wired in by the caller. The checkpoint format, and its validation before a
 resume changes anything, is `mlp.checkpoint`'s.
@@ -28,6 +33,7 @@ from tqdm.auto import tqdm
 
 from mlp import checkpoint
 from mlp import data as datalib
+from mlp.ema import EMA
 from mlp.layers import Activation
 from mlp.model import MLP
 from mlp.optim import Optimizer, Schedule
@@ -74,6 +80,8 @@ class TrainSettings:
     progress: bool = True
     health: bool = True
     seed: int = 0
+    ema: float = 0.0      # decay of the weights' moving average (0: none)
+    ema_every: int = 1    # update the average every this many steps (with decay**k)
 
 
 @dataclass
@@ -134,6 +142,9 @@ class Trainer:
         self.dtype = np.dtype(settings.dtype)
         self.rng = np.random.default_rng([settings.seed, 1])
         self.state = _State(history={k: [] for k in HISTORY_KEYS})
+        self.ema = EMA(model, settings.ema, settings.ema_every) if settings.ema else None
+        # the weights evaluated each epoch, kept when best and tested
+        self.evaluated = self.ema.model if self.ema else model
         self.best_params = {n: p.copy() for n, p in model.params.items()}
         self.best_buffers = {n: b.copy() for n, b in model.buffers.items()}
         n_eval = min(settings.train_eval_size, len(splits.y_train))
@@ -164,7 +175,8 @@ class Trainer:
                     stopped_early = True
                     break
         self.model.set_params(self.best_params, self.best_buffers)
-        test_loss, test_acc, test_pred = self.evaluate(self.splits.X_test, self.splits.y_test)
+        test_loss, test_acc, test_pred = self.evaluate(self.splits.X_test, self.splits.y_test,
+                                                       self.model)
         return TrainResult(history=st.history, best_epoch=st.best_epoch,
                            best_val_acc=st.best_val_acc, test_loss=test_loss, test_acc=test_acc,
                            test_pred=test_pred, epochs_run=st.epoch,
@@ -186,6 +198,8 @@ class Trainer:
             before = self._snapshot() if s.health and b == count - 1 else None
             # The health numbers read this step's gradients: the reference path keeps them.
             loss, grads = self._step(Xb, yb, lr, fused=before is None)
+            if self.ema is not None:
+                self.ema.update(self.model, b, last=b == count - 1)
             st.step, st.batch, seen = st.step + 1, b + 1, seen + len(yb)
             for observer in self.observers:
                 observer.on_step(st.step, loss, lr)
@@ -205,16 +219,16 @@ class Trainer:
         return step(self.model, self.optimizer, Xb, yb, lr, fused=fused, guard=self._guard)
 
     def _keep_if_best(self, val_acc: float) -> None:
-        """Copy params and buffers aside when val_acc is the best so far; else count a bad
-        epoch (for early stopping)."""
+        """Copy the evaluated params and buffers aside when val_acc is the best so far; else
+        count a bad epoch (for early stopping)."""
         st = self.state
         if val_acc <= st.best_val_acc:
             st.bad_epochs += 1
             return
         st.best_val_acc, st.best_epoch, st.bad_epochs = val_acc, st.epoch, 0
-        for name, p in self.model.params.items():
+        for name, p in self.evaluated.params.items():
             self.best_params[name][...] = p
-        for name, b in self.model.buffers.items():
+        for name, b in self.evaluated.buffers.items():
             self.best_buffers[name][...] = b
 
     def _batches_per_epoch(self) -> int:
@@ -253,16 +267,19 @@ class Trainer:
 
     # -- evaluation and health ------------------------------------------------------------
 
-    def evaluate(self, X: Array, y: Array) -> tuple[float, float, Array]:
-        """Mean data loss, accuracy and predictions (N,) of the current params on uint8 X."""
+    def evaluate(self, X: Array, y: Array, model: MLP | None = None
+                 ) -> tuple[float, float, Array]:
+        """Mean data loss (`eval_loss_fn`), accuracy and predictions (N,) on uint8 X (N, D),
+        y (N,) of `model`'s current params (default: `evaluated`)."""
+        model = self.evaluated if model is None else model
         total, preds = 0.0, np.empty(len(y), dtype=np.int64)
         out = None
         for i in range(0, len(y), self.s.eval_batch_size):
             chunk = X[i:i + self.s.eval_batch_size]
             if out is None or len(out) != len(chunk):
                 out = np.empty((len(chunk), self.normalizer.out_dim), dtype=self.dtype)
-            scores = self.model.scores(self.normalizer(chunk, self.dtype, out=out))
-            total += float(self.model.loss_fn(scores, y[i:i + len(chunk)])[0]) * len(chunk)
+            scores = model.scores(self.normalizer(chunk, self.dtype, out=out))
+            total += float(model.eval_loss_fn(scores, y[i:i + len(chunk)])[0]) * len(chunk)
             preds[i:i + len(chunk)] = scores.argmax(axis=1)
         n = max(len(y), 1)
         return total / n, float(np.mean(preds == y)) if len(y) else 0.0, preds
@@ -360,6 +377,8 @@ class Trainer:
             self.best_buffers[name][...] = value
         self.model.dropout_rng.bit_generator.state = meta["dropout_rng"]
         self.optimizer.load_state_dict(groups["optim"])
+        if self.ema is not None:
+            self.ema.load_state_dict(groups["ema"])
         self.normalizer.load_state_dict(groups["norm"])
         self.rng.bit_generator.state = meta["rng"]
         st = self.state
@@ -388,7 +407,8 @@ class Trainer:
                 "dtype": self.s.dtype, "extra": self.meta}
         groups = {"param": self.model.params, "best": self.best_params,
                   "buffer": self.model.buffers, "bestbuffer": self.best_buffers,
-                  "optim": self.optimizer.state_dict(), "norm": self.normalizer.state_dict()}
+                  "optim": self.optimizer.state_dict(), "norm": self.normalizer.state_dict(),
+                  "ema": self.ema.state_dict() if self.ema else {}}
         return checkpoint.Checkpoint(meta, groups, st.order)
 
 

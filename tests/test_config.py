@@ -112,6 +112,10 @@ BAD = [
     ("data.md5=xyz", "data.md5"),
     ("model.dropout=1.0", "model.dropout"),
     ("model.norm=group", "model.norm"),
+    ("model.label_smoothing=1.5", "model.label_smoothing"),
+    ("trainer.ema=1.0", "trainer.ema"),
+    ("trainer.ema_every=0", "trainer.ema_every"),
+    ("optim.schedule.div_factor=0.5", "optim.schedule.div_factor"),
 ]
 
 
@@ -143,6 +147,8 @@ MISTAKES = [  # (command line, what the message must say)
     (["-m", "model.activation=relu,tanhh"], ["model.activation='tanhh'", "one of"]),
     (["hparams_search=lr_reg"], ["hparams_search=lr_reg is a sweep: add -m"]),
     (["+trial.idd=3"], ["trial.idd", "trial.<storage|study|id>"]),
+    (["model.label_smoothing=1.5"], ["model.label_smoothing=1.5", "expected a number in [0, 1)"]),
+    (["trainer.ema=-0.5"], ["trainer.ema=-0.5", "expected a decay in [0, 1)"]),
 ]
 
 
