@@ -68,6 +68,23 @@ def _find_gemms() -> dict[np.dtype, Callable[..., None]]:
 _GEMMS = _find_gemms()
 
 
+def _find_axpys() -> dict[np.dtype, Callable[..., None]]:
+    lib = _numpy_blas()
+    found: dict[np.dtype, Callable[..., None]] = {}
+    for dtype, (letter, real) in _PREFIX.items():
+        for pattern, integer in _SYMBOLS:
+            fn = getattr(lib, pattern.format(letter).replace("gemm", "axpy"), None) if lib else None
+            if fn is not None:
+                fn.restype = None
+                fn.argtypes = [integer, real, ctypes.c_void_p, integer, ctypes.c_void_p, integer]
+                found[dtype] = fn
+                break
+    return found
+
+
+_AXPYS = _find_axpys()
+
+
 def available(dtype: np.dtype | type) -> bool:
     """Whether `gemm_tn` runs as one BLAS call for this dtype (else with NumPy)."""
     return np.dtype(dtype) in _GEMMS
@@ -107,6 +124,23 @@ def gemm_tn(a: Array, b: Array, c: Array, alpha: float, beta: float) -> Array:
     gemm(_ROW_MAJOR, _TRANS, _NO_TRANS, d, h, n, alpha, a.ctypes.data, lda, b.ctypes.data,
          ldb, beta, c.ctypes.data, max(h, 1))
     return c
+
+
+def axpy(alpha: float, x: Array, y: Array) -> Array:
+    """y += alpha * x in place, for C-contiguous x and y of one shape and dtype; returns y.
+
+    One BLAS call over the whole arrays: NumPy's BLAS splits a long one between its
+    threads, which a memory-bound pass over weight-sized arrays needs (measured here on
+    the 4.2 M weights of the 1024-1024 net: the two passes of the momentum update took
+    1.9 ms with a dot product as BLAS calls, 2.9 ms as NumPy operations on cached chunks)."""
+    if x.shape != y.shape or not (x.flags.c_contiguous and y.flags.c_contiguous):
+        raise ValueError(f"axpy: x {x.shape} and y {y.shape} must be C-contiguous, one shape")
+    fn = _AXPYS.get(y.dtype)
+    if fn is None or x.dtype != y.dtype:
+        y += alpha * x
+        return y
+    fn(y.size, alpha, x.ctypes.data, 1, y.ctypes.data, 1)
+    return y
 
 
 def set_threads(n: int) -> bool:

@@ -13,11 +13,14 @@ updating, to show the gradient check what the rules receive.
 The fused step: SGD and momentum are linear in the gradient, so the GEMM that computes a
 weight's gradient x^T dout can add it straight into the array the rule updates
 (`sinks`: momentum's velocity v = mu * v - lr * x^T dout, plain SGD's weights), and
-`step(..., fused=...)` then finishes those weights in one pass (momentum: the L2 term and
-p += v; SGD: nothing). The gradient array is never written nor read: per step, each
-weight is read and written once and its velocity once, the memory traffic the update
-cannot avoid. Nesterov needs the old velocity beside the new one, RMSProp and Adam the
-gradient's square: they take the gradient arrays (`sinks` returns nothing).
+`step(..., fused=...)` then finishes those weights (momentum: v -= lr * c * p for the L2
+term, then p += v; SGD: nothing). The gradient array is never written nor read. The
+finish is two whole-array BLAS calls and a dot product, which NumPy's BLAS spreads over
+its threads (`blas.axpy`): on the 1024-1024 net 2.1 ms per step against 3.1 ms for the
+same arithmetic on cached chunks in one thread, and 2.5 ms for one single-threaded copy
+of the weights and velocities. Nesterov needs the old velocity beside the new one,
+RMSProp and Adam the gradient's square: they take the gradient arrays (`sinks` returns
+nothing).
 
 A `Schedule` maps the global step (0 for the first update) to the learning rate.
 """
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlp import elementwise
+from mlp import blas, elementwise
 
 Array = np.ndarray
 Sink = tuple[Array, float, float]  # (C, alpha, beta): C = alpha * x^T dout + beta * C
@@ -101,19 +104,7 @@ class Optimizer:
         return l2_term
 
     def _finish_pass(self, key: str, p: Array, lr: float, c: float) -> float:
-        """The pass that finishes a fused update of p (see `sinks`); returns c/2 |p|^2 of
-        p before it (0.0 when c is 0)."""
-        squares: list[Array] = []
-
-        def kernel(p: Array, *state: Array, scratch: Array) -> None:
-            if c:
-                squares.append(np.vdot(p, p))
-            self._finish(p, *state, lr=lr, c=c, scratch=scratch)
-
-        elementwise.chunked(kernel, p, *self._slots[key])
-        return c / 2 * float(np.sum(squares)) if c else 0.0
-
-    def _finish(self, p: Array, *state: Array, lr: float, c: float, scratch: Array) -> None:
+        """Finish the fused update of p (see `sinks`); returns c/2 |p|^2 of p before it."""
         raise NotImplementedError(f"{self.name} has no fused update")
 
     def sinks(self, params: dict[str, Array], weights: Collection[str], lr: float,
@@ -264,12 +255,15 @@ class Momentum(Optimizer):
         self._advance(v, g, lr, scratch)
         p += v
 
-    def _finish(self, p: Array, *state: Array, lr: float, c: float, scratch: Array) -> None:
-        (v,) = state  # mu * v - lr * x^T dout, from the GEMM
+    def _finish_pass(self, key: str, p: Array, lr: float, c: float) -> float:
+        # v holds mu * v - lr * x^T dout, from the GEMM. Whole-array BLAS calls, not
+        # cached chunks: BLAS spreads them over its threads (`blas.axpy`).
+        (v,) = self._slots[key]
+        l2_term = c / 2 * float(np.vdot(p, p)) if c else 0.0
         if c:
-            np.multiply(p, lr * c, out=scratch)
-            v -= scratch
-        p += v
+            blas.axpy(-lr * c, p, v)
+        blas.axpy(1.0, v, p)
+        return l2_term
 
     def _advance(self, v: Array, g: Array, lr: float, scratch: Array) -> None:
         v *= self.momentum
