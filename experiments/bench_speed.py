@@ -9,8 +9,8 @@ For each net, in one process, with the same shapes, dtype, batch and thread coun
   layer, without the data's gradient), into preallocated arrays: no framework can beat it;
 * **floor + memory**: the floor plus the memory traffic no update can avoid, reading and
   writing every weight and its velocity once (4 x parameters x 4 bytes per step) at the
-  copy bandwidth measured in the same run (`np.copyto` of 64 MiB: bytes read + written
-  per second);
+  bandwidth measured in the same run (the faster of a 64 MiB `np.copyto` and a 64 MiB
+  `y += x` through NumPy's threaded BLAS: bytes read + written per second);
 * **PyTorch** (when `torch` is importable; never a dependency of mlp-lab): the same net,
   loss, momentum and weight decay, `zero_grad / backward / step`.
 
@@ -185,18 +185,25 @@ def n_params(dims: tuple) -> int:
 
 
 def copy_bandwidth(mib: int = 64, reps: int = 9) -> float:
-    """Bytes read + written per second by `np.copyto` of a `mib` MiB float32 array
-    (median): the rate of a memory-bound pass on this machine."""
+    """Bytes read + written per second by the faster of two memory-bound passes over `mib`
+    MiB float32 arrays (medians): `np.copyto` (one thread) and `y += x` as one call of
+    NumPy's BLAS (`blas.axpy`, all its threads): the rate the update can hope for."""
     import numpy as np
 
+    from mlp import blas
+
     src = np.ones(mib * 2**18, dtype=np.float32)
-    dst = np.empty_like(src)
-    times = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.nbytes / statistics.median(times[1:])
+    dst = np.zeros_like(src)
+    rates = []
+    for moved, pass_ in ((2, lambda: np.copyto(dst, src)),
+                         (3, lambda: blas.axpy(1e-9, src, dst))):
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            pass_()
+            times.append(time.perf_counter() - t0)
+        rates.append(moved * src.nbytes / statistics.median(times[1:]))
+    return max(rates)
 
 
 def set_threads(threads: int) -> None:
@@ -362,18 +369,21 @@ def main(argv: list[str] | None = None) -> dict:
     steps, reps = (2, 2) if args.quick else (args.steps, args.reps)
     batch, batches = (16, [8, 16]) if args.quick else (256, args.batches)
     most = max(args.threads)
-    bandwidth = copy_bandwidth(8 if args.quick else 64)
-    results: dict = {"nets": [], "machine": _machine(most) | {"copy_gb_s": bandwidth / 1e9}}
+    results: dict = {"nets": [], "machine": _machine(most) | {"bandwidth_gb_s": {}}}
     print(f"float32, median of {reps} x {steps} steps, seconds per {EPOCH_IMAGES:,}-image "
-          f"epoch; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+          f"epoch")
+    bandwidth = {}
     for threads in args.threads:
         set_threads(threads)
-        rows = [bench_net(name, dims, batch, threads, steps, reps, bandwidth)
+        bandwidth[threads] = copy_bandwidth(8 if args.quick else 64)
+        results["machine"]["bandwidth_gb_s"][str(threads)] = bandwidth[threads] / 1e9
+        rows = [bench_net(name, dims, batch, threads, steps, reps, bandwidth[threads])
                 for name, dims in nets.items()]
         results["nets"] += rows
-        _print_table(f"batch {batch}, {threads} thread(s)", rows)
+        _print_table(f"batch {batch}, {threads} thread(s); memory bandwidth "
+                     f"{bandwidth[threads] / 1e9:.1f} GB/s (read + write)", rows)
     set_threads(most)
-    rows = [bench_net(name, dims, b, most, steps, reps, bandwidth)
+    rows = [bench_net(name, dims, b, most, steps, reps, bandwidth[most])
             for b in batches if b != batch for name, dims in nets.items()]
     results["nets"] += rows
     by_batch = sorted((r for r in results["nets"] if r["threads"] == most),

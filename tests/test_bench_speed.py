@@ -39,7 +39,8 @@ def test_quick_mode_reports_every_part(bench, tmp_path: Path, capsys: pytest.Cap
         assert row["floor+memory_s_per_epoch"] > row["floor_s_per_epoch"]
         assert row["params"] == bench.n_params(bench.QUICK_NETS[row["net"]])
     assert bench.n_params((48, (32, 32), 10)) == 48 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
-    assert results["machine"]["copy_gb_s"] > 0
+    assert set(results["machine"]["bandwidth_gb_s"]) == {"1", "2"}  # thread counts
+    assert all(v > 0 for v in results["machine"]["bandwidth_gb_s"].values())
     assert set(results["data"]) == {"gather+normalize_s_per_epoch",
                                     "gather+crop+flip+normalize_s_per_epoch"}
     assert results["memory"]["peak_rss_mib"] > results["memory"]["data_mib"] >= 0
