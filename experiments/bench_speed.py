@@ -54,6 +54,7 @@ NETS = {  # name -> (input_dim, hidden sizes, classes)
 }
 QUICK_NETS = {"48-32-32-10": (48, (32, 32), 10), "48-16-10": (48, (16,), 10)}
 REG, LR, MOMENTUM = 5e-4, 1e-2, 0.9
+SETTLE = 0.3  # seconds between timed blocks (see time_steps)
 
 
 def _set_threads(threads: int) -> None:
@@ -149,6 +150,9 @@ def time_steps(impls: dict[str, Callable[[], None]], steps: int, reps: int,
     samples: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(reps):
         for name, step in impls.items():
+            # The thread pools of the one timed before (OpenBLAS's, PyTorch's OpenMP) spin
+            # for a while after their last call, on the cores this one needs: let them stop.
+            time.sleep(SETTLE)
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
