@@ -338,7 +338,17 @@ def plot(rows: list[dict], path: Path) -> Path:
     for r in rows:
         ax.annotate(r["net"], (r["params"], r["mlp-lab_s_per_epoch"]),
                     textcoords="offset points", xytext=(6, -12), fontsize=8)
-    ax.set(xscale="log", yscale="log", xlabel="parameters",
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} M"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(  # 0.3 M and 3 M between the decades
+        lambda v, _: f"{v / 1e6:g} M" if f"{v:.0e}".startswith("3") else ""))
+    ax.margins(x=0.25)
+    ax.set(xlabel="parameters",
            ylabel="seconds per 50,000-image epoch",
            title=f"float32 training step, batch {rows[0]['batch']}, {rows[0]['threads']} "
                  f"threads (median)")
