@@ -26,9 +26,10 @@ import numpy as np
 Array = np.ndarray
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-# CBLAS names of NumPy's bundled OpenBLAS, 64-bit integer (ILP64) builds first.
-_SYMBOLS = (("scipy_cblas_{}gemm64_", ctypes.c_int64), ("cblas_{}gemm64_", ctypes.c_int64),
-            ("scipy_cblas_{}gemm", ctypes.c_int), ("cblas_{}gemm", ctypes.c_int))
+# Names of NumPy's bundled OpenBLAS ({} the routine, e.g. "sgemm"), 64-bit integer
+# (ILP64) builds first, with the C type of their integer arguments.
+_SYMBOLS = (("scipy_cblas_{}64_", ctypes.c_int64), ("cblas_{}64_", ctypes.c_int64),
+            ("scipy_cblas_{}", ctypes.c_int), ("cblas_{}", ctypes.c_int))
 _PREFIX = {np.dtype(np.float32): ("s", ctypes.c_float),
            np.dtype(np.float64): ("d", ctypes.c_double)}
 
@@ -47,42 +48,28 @@ def _numpy_blas() -> ctypes.CDLL | None:
     return None
 
 
-def _find_gemms() -> dict[np.dtype, Callable[..., None]]:
-    lib = _numpy_blas()
+_LIB = _numpy_blas()
+
+
+def _routines(name: str, argtypes: Callable[[type, type], list[type]]
+              ) -> dict[np.dtype, Callable[..., None]]:
+    """{dtype: the CBLAS routine `name` of that dtype (s/d prefix)} found in NumPy's BLAS;
+    argtypes(integer type, real type) gives its argument types."""
     found: dict[np.dtype, Callable[..., None]] = {}
-    if lib is None:
-        return found
     for dtype, (letter, real) in _PREFIX.items():
         for pattern, integer in _SYMBOLS:
-            fn = getattr(lib, pattern.format(letter), None)
+            fn = getattr(_LIB, pattern.format(letter + name), None) if _LIB else None
             if fn is not None:
-                fn.restype = None
-                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer,
-                               integer, real, ctypes.c_void_p, integer, ctypes.c_void_p,
-                               integer, real, ctypes.c_void_p, integer]
+                fn.restype, fn.argtypes = None, argtypes(integer, real)
                 found[dtype] = fn
                 break
     return found
 
 
-_GEMMS = _find_gemms()
-
-
-def _find_axpys() -> dict[np.dtype, Callable[..., None]]:
-    lib = _numpy_blas()
-    found: dict[np.dtype, Callable[..., None]] = {}
-    for dtype, (letter, real) in _PREFIX.items():
-        for pattern, integer in _SYMBOLS:
-            fn = getattr(lib, pattern.format(letter).replace("gemm", "axpy"), None) if lib else None
-            if fn is not None:
-                fn.restype = None
-                fn.argtypes = [integer, real, ctypes.c_void_p, integer, ctypes.c_void_p, integer]
-                found[dtype] = fn
-                break
-    return found
-
-
-_AXPYS = _find_axpys()
+_GEMMS = _routines("gemm", lambda i, r: [ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, i, r,
+                                         ctypes.c_void_p, i, ctypes.c_void_p, i, r,
+                                         ctypes.c_void_p, i])
+_AXPYS = _routines("axpy", lambda i, r: [i, r, ctypes.c_void_p, i, ctypes.c_void_p, i])
 
 
 def available(dtype: np.dtype | type) -> bool:
@@ -146,10 +133,9 @@ def axpy(alpha: float, x: Array, y: Array) -> Array:
 def set_threads(n: int) -> bool:
     """Set the number of threads of NumPy's BLAS for this process (what
     OPENBLAS_NUM_THREADS sets at start); False when its library was not found."""
-    lib = _numpy_blas()
     for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
                  "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
-        fn = getattr(lib, name, None) if lib is not None else None
+        fn = getattr(_LIB, name, None) if _LIB is not None else None
         if fn is not None:
             fn.argtypes, fn.restype = [ctypes.c_int], None
             fn(int(n))

@@ -207,7 +207,6 @@ class MLP:
         self.params: dict[str, Array] = {}
         self.buffers: dict[str, Array] = {}
         self._param_layers: dict[str, tuple[Layer, str]] = {}
-        self._weight_of: dict[Layer, str] = {}  # a Linear layer -> the name of its W
         self.dropout_rng = np.random.default_rng(None if seed is None else [seed, 4])
         self._build(np.random.default_rng(seed), init, weight_scale)
         self._last_scores: Array | None = None
@@ -249,8 +248,6 @@ class MLP:
         for key, value in layer.params.items():
             self.params[key + suffix] = value
             self._param_layers[key + suffix] = (layer, key)
-            if key in layer.weight_keys:
-                self._weight_of[layer] = key + suffix
         for key, value in layer.buffers.items():
             self.buffers[key + suffix] = value
 
@@ -324,8 +321,9 @@ class MLP:
         scores = self.scores(X, training=True)
         y = self._check_y(y, len(scores))
         loss, dout = self.loss_fn(scores, y)
+        sinks = {self._param_layers[name][0]: sink for name, sink in (into or {}).items()}
         for layer in reversed(self.layers):
-            sink = into.get(self._weight_of.get(layer, "")) if into else None
+            sink = sinks.get(layer)
             dout = layer.backward(dout) if sink is None else layer.backward(dout, sink)
         return loss, {name: layer.grads[key] for name, (layer, key) in self._param_layers.items()}
 
