@@ -184,6 +184,24 @@ def test_synthetic_archive_has_the_official_layout_and_is_deterministic(
     assert other.read_bytes() != archive.read_bytes()
 
 
+def test_the_synthetic_archive_appears_whole_or_not_at_all(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    # Parallel sweep jobs that find no archive each write one: none may see a half-written
+    # file at the final path, so it is written beside it and renamed into place.
+    target = tmp_path / "synthetic.tar.gz"
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append((Path(src).parent, target.exists(), Path(src).stat().st_size))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    data.make_synthetic_archive(target, n_train=50, n_test=10)
+    assert seen == [(tmp_path, False, target.stat().st_size)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic.tar.gz"]
+
+
 def test_synthetic_classes_are_learnable(raw: data.Cifar10):
     """A nearest-class-mean classifier, fitted on the training images, is far above chance."""
     means = np.stack([raw.X_train[raw.y_train == k].mean(axis=0) for k in range(10)])

@@ -127,3 +127,19 @@ def test_the_gemm_runs_in_numpys_own_blas_here():
     # The fused step is only fast when the call reaches NumPy's BLAS (one thread pool);
     # on this platform (NumPy's wheels bundle OpenBLAS) it must find it.
     assert blas.available(np.float32) and blas.available(np.float64)
+
+
+def test_axpy_adds_in_place_and_checks_its_arrays():
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        x, y = rng.standard_normal(1000).astype(dtype), rng.standard_normal(1000).astype(dtype)
+        want = y.astype(np.float64) - 0.5 * x
+        assert blas.axpy(-0.5, x, y) is y
+        np.testing.assert_allclose(y, want, rtol=1e-6)
+    y = np.zeros(4)
+    blas.axpy(2.0, np.ones(4, dtype=np.float32), y)  # mixed dtypes: the NumPy way
+    np.testing.assert_array_equal(y, 2.0)
+    with pytest.raises(ValueError, match="one shape"):
+        blas.axpy(1.0, np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        blas.axpy(1.0, np.ones((4, 2)).T, np.ones((2, 4)))
