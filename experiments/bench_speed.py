@@ -70,9 +70,9 @@ def mlp_lab_step(dims: tuple, batch: int, seed: int = 0) -> Callable[[], None]:
     """The training step as `mlp.train.Trainer.fit` runs it."""
     import numpy as np
 
-    from mlp import train
-    from mlp.model import MLP
-    from mlp.optim import Momentum
+    from mlp.core.model import MLP
+    from mlp.core.optim import Momentum
+    from mlp.training import trainer as train
 
     input_dim, hidden, classes = dims
     model = MLP(input_dim, hidden, classes, reg=REG, dtype="float32", seed=seed)
@@ -194,7 +194,7 @@ def copy_bandwidth(mib: int = 64, reps: int = 9) -> float:
     NumPy's BLAS (`blas.axpy`, all its threads): the rate the update can hope for."""
     import numpy as np
 
-    from mlp import blas
+    from mlp.core import blas
 
     src = np.ones(mib * 2**18, dtype=np.float32)
     dst = np.zeros_like(src)
@@ -212,7 +212,7 @@ def copy_bandwidth(mib: int = 64, reps: int = 9) -> float:
 
 def set_threads(threads: int) -> None:
     """Switch NumPy's BLAS (and PyTorch's pool, when imported) to `threads` threads."""
-    from mlp import blas
+    from mlp.core import blas
 
     blas.set_threads(threads)
     if "torch" in sys.modules:
@@ -260,9 +260,9 @@ def _memory_child(dims: tuple, n: int, batch: int) -> None:
     import numpy as np
 
     from mlp import data as datalib
-    from mlp.model import MLP
-    from mlp.optim import Momentum, Schedule
-    from mlp.train import Trainer, TrainSettings
+    from mlp.core.model import MLP
+    from mlp.core.optim import Momentum, Schedule
+    from mlp.training.trainer import Trainer, TrainSettings
 
     input_dim, hidden, classes = dims
     base = _peak_rss_mib()

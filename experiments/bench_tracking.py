@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from mlp import data as datalib
-from mlp import optim, tracking
-from mlp.model import MLP
-from mlp.train import Trainer, TrainSettings
+from mlp.core import optim
+from mlp.core.model import MLP
+from mlp.tracking import recorder as tracking
+from mlp.training.trainer import Trainer, TrainSettings
 
 
 def load(args: argparse.Namespace, root: Path) -> datalib.Splits:

@@ -54,7 +54,7 @@ def test_the_measured_step_is_the_trainers(bench):
     # the timed step is `mlp.train.step` on the benchmark's model: it trains
     import numpy as np
 
-    from mlp import train
+    from mlp.training import trainer as train
 
     step = bench.mlp_lab_step((12, (8,), 3), batch=4)
     assert step.func is train.step

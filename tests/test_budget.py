@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from mlp import budget, optim
-from mlp.config import Config, ConfigError, flatten
-from mlp.model import MLP
+from mlp.config.schema import Config, ConfigError, flatten
+from mlp.core import optim
+from mlp.core.model import MLP
+from mlp.training import budget
 
 SPLITS = {"n_train": 540, "n_val": 60, "n_test": 200}
 

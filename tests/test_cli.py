@@ -17,7 +17,7 @@ from conftest import tool
 from mlflow import MlflowClient
 
 from mlp import data as datalib
-from mlp import metrics
+from mlp.tracking import keys as metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -253,7 +253,7 @@ def test_sigterm_kills_the_run_and_resume_finishes_it(tmp_path: Path, run_env: d
 def test_environment_and_docker_tags(tmp_path: Path, monkeypatch):
     """Where a run came from: git commit and dirty flag, versions, and the image's tags
     when it runs in the Docker image (its entrypoint sets MLP_LAB_IMAGE* variables)."""
-    from mlp import tracking
+    from mlp.tracking import recorder as tracking
 
     for var, value in (("MLP_LAB_IMAGE", "mlp-lab:0.1.0"), ("MLP_LAB_IMAGE_DIGEST", "sha256:ab"),
                        ("MLP_LAB_LOCK_HASH", "cd" * 32)):
@@ -288,7 +288,7 @@ def test_gradcheck_command_logs_its_own_run(tmp_path: Path, run_env: dict):
 
 LOGGER = """
 import sys
-from mlp import tracking
+from mlp.tracking import recorder as tracking
 uri, n = sys.argv[1], int(sys.argv[2])
 exp = tracking.connect(uri, "parallel")
 rec = tracking.start_run(exp, f"writer-{n}", {"writer": str(n)}, log_every_steps=1)
@@ -301,7 +301,7 @@ rec.finish("FINISHED")
 
 
 def test_four_processes_share_one_sqlite_store(tmp_path: Path, run_env: dict):
-    from mlp import tracking
+    from mlp.tracking import recorder as tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.connect(uri, "parallel")  # the store and experiment exist before the writers

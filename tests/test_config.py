@@ -11,9 +11,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from mlp import cli
-from mlp import config as configlib
-from mlp.overrides import groups
+from mlp.cli import train as cli
+from mlp.config import schema as configlib
+from mlp.config.command_line import groups
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 configlib.register()
@@ -50,10 +50,10 @@ def test_the_schema_defaults_are_what_a_run_without_overrides_uses():
 
 
 def test_schema_defaults_come_from_the_code_they_configure():
-    from mlp import optim
+    from mlp.core import optim
+    from mlp.core.model import MLP
     from mlp.data import Normalizer
-    from mlp.model import MLP
-    from mlp.train import TrainSettings
+    from mlp.training.trainer import TrainSettings
 
     m = configlib.ModelConfig()
     net = MLP(input_dim=12, num_classes=3)
@@ -167,7 +167,7 @@ def test_command_line_mistakes_exit_2_naming_the_key(argv, says, monkeypatch, ca
 
 
 def test_valid_command_lines_pass_the_check():
-    from mlp.overrides import check_command_line
+    from mlp.config.command_line import check_command_line
 
     for argv in (["model.hidden_sizes=[512,256]", "optim=adam", "data=synthetic"],
                  ["-m", "optim.lr=1e-3,1e-2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],

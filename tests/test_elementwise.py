@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlp import elementwise
+from mlp.core import elementwise
 
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 200])

@@ -15,14 +15,15 @@ import test_train
 from mlflow import MlflowClient
 from test_train import Recorder, make_trainer
 
-from mlp import cli, metrics
-from mlp import config as configlib
 from mlp import data as datalib
-from mlp.checkpoint import CheckpointError
-from mlp.ema import EMA
-from mlp.model import MLP
-from mlp.optim import Schedule
-from mlp.train import Interrupted, Trainer
+from mlp.cli import train as cli
+from mlp.config import schema as configlib
+from mlp.core.model import MLP
+from mlp.core.optim import Schedule
+from mlp.tracking import keys as metrics
+from mlp.training.checkpoint import CheckpointError
+from mlp.training.ema import EMA
+from mlp.training.trainer import Interrupted, Trainer
 
 splits = test_train.splits  # the fixture: its synthetic splits, made once for this module
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from mlp import elementwise
-from mlp.layers import Dropout
-from mlp.model import MLP
-from mlp.optim import SGD, Adam, Momentum, Nesterov, RMSProp
+from mlp.core import elementwise
+from mlp.core.layers import Dropout
+from mlp.core.model import MLP
+from mlp.core.optim import SGD, Adam, Momentum, Nesterov, RMSProp
 
 TOL = 1e-10
 D, C, N = 20, 5, 16
@@ -366,7 +366,7 @@ def run_steps(net: Net, name: str, path: str, seed: int = 1) -> None:
             loss, grads = model.loss_and_grads(X, y)
             optimizer.step(model.params, grads, lr)
         else:  # Trainer.fit's lines: the L2 term folded into the optimizer's pass
-            loss, grads = model._backprop(X, y)
+            loss, grads = model.backprop(X, y)
             loss += optimizer.step(model.params, grads, lr, l2=model.l2_coefficients())
         masks = dropout_masks(model) if net.dropout else None
 

@@ -37,7 +37,11 @@ from mlflow.exceptions import MlflowException
 from test_cli import QUICK, mlp_train, runs_of
 from test_data import listing, member, write_tar
 
-from mlp import data, liveness, metrics, reproduce, spool, tracking
+from mlp import data
+from mlp.cli import sync
+from mlp.tracking import keys as metrics
+from mlp.tracking import liveness, reproduce, spool
+from mlp.tracking import recorder as tracking
 
 LEAN = ["gradcheck.enabled=false", "tracking.plots=false", "tracking.log_model=false"]
 
@@ -58,7 +62,7 @@ def steps(client: MlflowClient, run, key: str) -> list[int]:
 OPENER = """
 import sys, time
 from pathlib import Path
-from mlp import tracking
+from mlp.tracking import recorder as tracking
 uri, gate = sys.argv[1], Path(sys.argv[2])
 (gate.parent / f"ready-{sys.argv[3]}").touch()
 while not gate.exists():  # MLflow is imported: wait for the others, then open together
@@ -179,7 +183,7 @@ def test_a_store_down_to_the_end_leaves_everything_in_the_spool_for_mlp_sync(
     assert [p.step for p in client.get_metric_history(recorder.run_id, "val")] == [1, 2]
 
     outage.end()
-    assert spool.main([str(tmp_path)]) == 0
+    assert sync.main([str(tmp_path)]) == 0
     assert "sent 6 metric points, 4 tags and 1 final statuses of 1 run(s)" in (
         capsys.readouterr().out)
     run = client.get_run(recorder.run_id)
@@ -228,11 +232,11 @@ def test_mlp_sync_keeps_what_it_cannot_send_and_says_so(
     path = tmp_path / spool.SPOOL_NAME
     points = [Metric("val", 0.5, 1000, 1), Metric("val", 0.6, 2000, 2)]
     spool.Spool(path).append(spool.metric_records("sqlite:////x.db", "r1", points))
-    assert spool.main([str(path), "--tracking-uri",
+    assert sync.main([str(path), "--tracking-uri",
                        f"sqlite:///{tmp_path / 'missing' / 'x.db'}"]) == 1
     assert "2 records left in the file" in capsys.readouterr().err
     assert [r["value"] for r in spool.Spool(path).read()] == [0.5, 0.6]
-    assert spool.main([str(tmp_path / "empty-dir-without-spools")]) == 2
+    assert sync.main([str(tmp_path / "empty-dir-without-spools")]) == 2
 
 
 def _free_port() -> int:

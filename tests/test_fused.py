@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlp import blas, optim, train
-from mlp.layers import ACTIVATIONS
-from mlp.model import MLP
+from mlp.core import blas, optim
+from mlp.core.layers import ACTIVATIONS
+from mlp.core.model import MLP
+from mlp.training import trainer as train
 
 D, C, N = 14, 5, 12
 
@@ -81,7 +82,7 @@ def test_sgd_and_momentum_take_the_weight_gradients_from_the_gemm(name: str, fus
         stale = {k: layer.grads[key].copy()
                  for k, (layer, key) in model._param_layers.items() if k in sinks}
         rng = np.random.default_rng(1)
-        model._backprop(rng.standard_normal((N, D)), rng.integers(0, C, N), into=sinks)
+        model.backprop(rng.standard_normal((N, D)), rng.integers(0, C, N), into=sinks)
         for k, (layer, key) in model._param_layers.items():
             if k in sinks:
                 np.testing.assert_array_equal(layer.grads[key], stale[k])

@@ -6,9 +6,9 @@ import warnings
 import numpy as np
 import pytest
 
-from mlp import gates
-from mlp.gates import Node
-from mlp.gradcheck import numeric_gradient
+from mlp.core import gates
+from mlp.core.gates import Node
+from mlp.core.gradcheck import numeric_gradient
 
 
 def _example(start: str) -> dict:

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from mlp import gates, gradcheck, layers, optim
-from mlp.gradcheck import (
+from mlp.core import gates, gradcheck, layers, optim
+from mlp.core.gradcheck import (
     GradcheckReport,
     ParamCheck,
     check_model,
@@ -16,7 +16,7 @@ from mlp.gradcheck import (
     rel_error,
     verdict,
 )
-from mlp.model import MLP
+from mlp.core.model import MLP
 
 D, C, N = 12, 4, 6
 
@@ -314,7 +314,7 @@ def test_hinge_kinks_are_counted_and_excluded():
 
 
 def test_a_part_with_only_kinks_does_not_pass():
-    from mlp.gradcheck import GradcheckReport, ParamCheck
+    from mlp.core.gradcheck import GradcheckReport, ParamCheck
 
     rows = [ParamCheck("W1", "data", (2,), 2, 2, 0.0, 0.0),
             ParamCheck("W1", "reg", (2,), 2, 0, 1e-12, 1e-12)]
@@ -403,7 +403,7 @@ def test_training_step_check_uses_the_trainers_pass(monkeypatch):
     # optimizer's pass; then the step as it trains (`train.step`, fused: the weights'
     # gradients accumulated by the GEMMs) is compared with that path, two steps each.
     calls = []
-    real_backprop, real_pass = MLP._backprop, optim.Optimizer._pass
+    real_backprop, real_pass = MLP.backprop, optim.Optimizer._pass
 
     def backprop(self, X, y, into=None):
         calls.append("backprop" + (" into the optimizer" if into else ""))
@@ -413,7 +413,7 @@ def test_training_step_check_uses_the_trainers_pass(monkeypatch):
         calls.append("optimizer pass")
         return real_pass(self, *args, **kwargs)
 
-    monkeypatch.setattr(MLP, "_backprop", backprop)
+    monkeypatch.setattr(MLP, "backprop", backprop)
     monkeypatch.setattr(optim.Optimizer, "_pass", fused)
     report = check_training_step(_model(), "momentum", *_data(), num_checks=2)
     step = ["backprop into the optimizer", "optimizer pass"] * 2

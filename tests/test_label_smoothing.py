@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from mlp import cli, losses
-from mlp import config as configlib
-from mlp.gradcheck import check_training_step, numeric_gradient, rel_error
-from mlp.model import MLP
+from mlp.cli import train as cli
+from mlp.config import schema as configlib
+from mlp.core import losses
+from mlp.core.gradcheck import check_training_step, numeric_gradient, rel_error
+from mlp.core.model import MLP
 
 
 def _softmax_loss_before_smoothing(scores, y):

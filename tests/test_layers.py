@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mlp import layers
-from mlp.gradcheck import DEFAULT_H, check_layer, numeric_gradient
+from mlp.core import layers
+from mlp.core.gradcheck import DEFAULT_H, check_layer, numeric_gradient
 
 N, D, H = 5, 6, 4
 GATE_NAMES = ("relu", "leaky_relu", "elu", "sigmoid", "tanh")

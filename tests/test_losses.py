@@ -5,8 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from mlp import losses
-from mlp.gradcheck import numeric_gradient, rel_error
+from mlp.core import losses
+from mlp.core.gradcheck import numeric_gradient, rel_error
 
 
 @pytest.mark.parametrize("value", [0.0, 3.7, -250.0])

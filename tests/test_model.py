@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from mlp.gradcheck import check_model
-from mlp.layers import ACTIVATIONS
-from mlp.model import MLP
+from mlp.core.gradcheck import check_model
+from mlp.core.layers import ACTIVATIONS
+from mlp.core.model import MLP
 
 D, C, N = 50, 7, 8
 

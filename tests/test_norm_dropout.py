@@ -7,9 +7,9 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from mlp import layers
-from mlp.gradcheck import check_layer, check_model
-from mlp.model import MLP
+from mlp.core import layers
+from mlp.core.gradcheck import check_layer, check_model
+from mlp.core.model import MLP
 
 N, D, H = 6, 7, 5
 C = 4

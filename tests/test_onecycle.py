@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from mlp import config as configlib
-from mlp.optim import Schedule
+from mlp.config import schema as configlib
+from mlp.core.optim import Schedule
 
 
 def _onecycle(**kwargs) -> Schedule:

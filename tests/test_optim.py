@@ -10,8 +10,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from mlp import elementwise
-from mlp.optim import (
+from mlp.core import elementwise
+from mlp.core.optim import (
     OPTIMIZERS,
     SCHEDULES,
     Adam,

@@ -36,7 +36,7 @@ from hydra_plugins.mlp_optuna_sweeper._search_space import (  # noqa: E402
     parse_search_space,
     trial_overrides,
 )
-from mlp import pruning  # noqa: E402
+from mlp.sweeps import pruning  # noqa: E402
 
 QUICK = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=100",
          "data.val_size=60", "model.hidden_sizes=[16]", "trainer.epochs=3",
@@ -48,7 +48,7 @@ QUICK = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow store with the experiment, made once: each sweep starts from a copy
     (creating a store costs seconds, and parallel workers must not race to create it)."""
-    from mlp import tracking
+    from mlp.tracking import recorder as tracking
 
     db = tmp_path_factory.mktemp("store") / "mlflow.db"
     tracking.connect(f"sqlite:///{db}", "mlp-lab")
@@ -244,7 +244,7 @@ def test_storage_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_mlp_and_the_plugin_scan_do_not_import_optuna():
-    code = ("import sys; from hydra.core.plugins import Plugins; import mlp.pruning; "
+    code = ("import sys; from hydra.core.plugins import Plugins; import mlp.sweeps.pruning; "
             "from hydra.plugins.sweeper import Sweeper; "
             "names = [c.__name__ for c in Plugins.instance().discover(Sweeper)]; "
             "assert 'MlpOptunaSweeper' in names, names; "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from mlp import plots
+from mlp.tracking import plots
 
 CLASSES = ("plane", "car", "bird", "cat")
 

@@ -9,9 +9,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from mlp import compare_plots
-from mlp import metrics as keys
-from mlp import report as rp
+from mlp.cli import report as report_cli
+from mlp.sweeps import figures as compare_plots
+from mlp.sweeps import report as rp
+from mlp.tracking import keys
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -309,7 +310,7 @@ def test_a_sweep_whose_jobs_all_ran_elsewhere_gets_an_empty_report(client, store
 
 def test_cli_writes_the_report_and_prints_the_best_configuration(store, tmp_path, capsys):
     out = tmp_path / "out"
-    assert rp.main(["--uri", store["uri"], "--sweep", "sweep_act", "--out", str(out),
+    assert report_cli.main(["--uri", store["uri"], "--sweep", "sweep_act", "--out", str(out),
                     "--log"]) == 0
     printed = capsys.readouterr().out
     assert "relu-[100]" in printed.splitlines()[3]
@@ -325,7 +326,7 @@ def test_cli_writes_the_report_and_prints_the_best_configuration(store, tmp_path
 def test_cli_finds_the_default_store_in_the_working_directory(store, tmp_path, monkeypatch,
                                                                capsys):
     monkeypatch.chdir(Path(store["uri"].removeprefix("sqlite:///")).parent)
-    assert rp.main(["--sweep", store["parent"], "--out", str(tmp_path / "r")]) == 0
+    assert report_cli.main(["--sweep", store["parent"], "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr().out
     assert "best configuration: run relu-h100-lr0.01-reg0.0001" in printed
     assert "reproduce: mlp-train optim.lr=0.01 model.reg=0.0001\n" in printed  # no trial.*
@@ -333,14 +334,14 @@ def test_cli_finds_the_default_store_in_the_working_directory(store, tmp_path, m
 
 def test_cli_exit_2_for_an_unknown_sweep_or_a_missing_store(store, tmp_path, monkeypatch,
                                                              capsys):
-    assert rp.main(["--uri", store["uri"], "--sweep", "nope", "--out", str(tmp_path)]) == 2
+    assert report_cli.main(["--uri", store["uri"], "--sweep", "nope", "--out", str(tmp_path)]) == 2
     assert "no sweep 'nope'" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
-    assert rp.main([]) == 2
+    assert report_cli.main([]) == 2
     assert "no MLflow store at" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "report").exists()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
-    assert rp.main(["--experiment", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert report_cli.main(["--experiment", "nope", "--out", str(tmp_path / "r")]) == 2
     assert "no experiment named 'nope'" in capsys.readouterr().err
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlp.secrets import MASK, env_secrets, mask_text, mask_uri, uri_secrets
+from mlp.tracking.secrets import MASK, env_secrets, mask_text, mask_uri, uri_secrets
 
 
 @pytest.mark.parametrize(("uri", "masked"), [

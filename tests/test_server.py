@@ -25,7 +25,7 @@ from engine_fixtures import (  # noqa: F401  (fixtures)
 from mlflow import MlflowClient
 from test_sweep import FAST, GRID
 
-from mlp import tracking
+from mlp.tracking import recorder as tracking
 
 pytestmark = pytest.mark.server
 

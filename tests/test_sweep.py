@@ -12,7 +12,7 @@ import pytest
 from conftest import tool
 from mlflow import MlflowClient
 
-from mlp import metrics
+from mlp.tracking import keys as metrics
 
 FAST = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=100",
         "data.val_size=60", "model.hidden_sizes=[16]", "trainer.epochs=2",
@@ -62,7 +62,7 @@ def check_grid(db: Path, models: bool = False) -> None:
     assert params == {k: v for k, v in children[0].data.params.items()
                       if k not in ("optim.lr", "model.reg")}
 
-    from mlp import report
+    from mlp.sweeps import report
 
     table = report.build_report(client, "mlp-lab", parent.info.run_id)
     assert len(table.rows) == 4
@@ -173,6 +173,6 @@ def test_killed_sweep_resumes_the_killed_job(tmp_path: Path, run_env: dict):
                          [(1, 2, 2), (2, 2, 1), (4, 2, 1), (-1, 2, 1), (-1, 8, 1),
                           (-2, 8, 1), (2, 8, 4), (-5, 8, 2)])
 def test_blas_threads_share_the_cores(n_jobs: int, cores: int, threads: int):
-    from mlp.sweep import blas_threads
+    from mlp.sweeps.callback import blas_threads
 
     assert blas_threads(n_jobs, cores) == threads

@@ -12,11 +12,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from mlp import config as configlib
-from mlp import metrics as keys
-from mlp import tracking
-from mlp.gradcheck import check_model
-from mlp.model import MLP
+from mlp.config import schema as configlib
+from mlp.core.gradcheck import check_model
+from mlp.core.model import MLP
+from mlp.tracking import keys
+from mlp.tracking import recorder as tracking
 
 
 def test_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -151,21 +151,22 @@ def test_the_view_hint_opens_the_model_training_view():
 
 def test_a_wrong_fused_l2_fails_the_runs_logged_gradient_check(tmp_path: Path, monkeypatch):
     """The mutation the per-run check exists for: the optimizer's fused pass adds c/2 W for
-    the L2 gradient. The check a run logs (cli.run_gradcheck) then says failed."""
+    the L2 gradient. The check a run logs (build.run_gradcheck) then says failed."""
     from hydra import compose, initialize_config_module
 
-    from mlp import cli, optim
+    from mlp.cli import build
+    from mlp.core import optim
 
     configlib.register()
     with initialize_config_module(config_module="mlp.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["model.reg=0.1", "gradcheck.max_width=6",
                                                         "model.hidden_sizes=[8]"])
-    assert cli.run_gradcheck(cfg).passed
+    assert build.run_gradcheck(cfg).passed
     real = optim.Optimizer._with_l2
     monkeypatch.setattr(optim.Optimizer, "_with_l2", staticmethod(
         lambda c, squares, rule, *arrays, scratch: real(c / 2, squares, rule, *arrays,
                                                           scratch=scratch)))
-    report = cli.run_gradcheck(cfg)
+    report = build.run_gradcheck(cfg)
     experiment = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "mutant")
     recorder = tracking.start_run(experiment, "mutant", {})
     recorder.log_gradcheck(report)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from mlp import data as datalib
-from mlp import optim
-from mlp.checkpoint import CheckpointError
-from mlp.model import MLP
-from mlp.train import DivergenceError, Interrupted, Trainer, TrainSettings
+from mlp.core import optim
+from mlp.core.model import MLP
+from mlp.training.checkpoint import CheckpointError
+from mlp.training.trainer import DivergenceError, Interrupted, Trainer, TrainSettings
 
 
 @pytest.fixture(scope="module")

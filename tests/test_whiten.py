@@ -17,11 +17,14 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from mlp import budget, cli, plots, serving
-from mlp import config as configlib
 from mlp import data as datalib
-from mlp.checkpoint import CheckpointError
+from mlp.cli import build
+from mlp.cli import train as cli
+from mlp.config import schema as configlib
 from mlp.data import DataError, Normalizer
+from mlp.tracking import plots, serving
+from mlp.training import budget
+from mlp.training.checkpoint import CheckpointError
 
 configlib.register()
 
@@ -254,7 +257,7 @@ def test_the_memory_estimate_follows_the_whitening():
 
 
 def small_splits(val_seed: int = 2) -> datalib.Splits:
-    """Splits of D-pixel images (what `cli.build_trainer` takes); val and test from
+    """Splits of D-pixel images (what `build.build_trainer` takes); val and test from
     `val_seed`."""
     labels = np.random.default_rng(4).integers(0, 10, 2000)
     return datalib.Splits(correlated_pixels(1000, 1), labels[:1000],
@@ -269,16 +272,16 @@ SMALL = ["data=synthetic", "model.hidden_sizes=[8]", "trainer.epochs=1",
 
 def test_the_run_fits_the_whitening_on_the_training_split_only(tmp_path):
     cfg = _compose([*SMALL, "data.whiten.name=zca"])
-    one = cli.build_trainer(cfg, small_splits(val_seed=2), tmp_path)
-    other = cli.build_trainer(cfg, small_splits(val_seed=7), tmp_path)
+    one = build.build_trainer(cfg, small_splits(val_seed=2), tmp_path)
+    other = build.build_trainer(cfg, small_splits(val_seed=7), tmp_path)
     np.testing.assert_array_equal(one.normalizer.projection, other.normalizer.projection)
     np.testing.assert_array_equal(one.normalizer.mean, other.normalizer.mean)
     train = small_splits()
     reordered = replace(train, X_train=train.X_train[::-1].copy())  # same rows: same fit
-    again = cli.build_trainer(cfg, reordered, tmp_path).normalizer.projection
+    again = build.build_trainer(cfg, reordered, tmp_path).normalizer.projection
     np.testing.assert_allclose(again, one.normalizer.projection, atol=1e-10)
     other = replace(train, X_train=np.roll(train.X_train, 1, axis=1))  # other rows: not
-    moved = cli.build_trainer(cfg, other, tmp_path).normalizer.projection
+    moved = build.build_trainer(cfg, other, tmp_path).normalizer.projection
     assert not np.allclose(moved, one.normalizer.projection, atol=1e-3)
 
 
@@ -286,10 +289,10 @@ def test_a_checkpoint_carries_the_whitening_and_is_checked_on_resume(tmp_path):
     splits = small_splits()
     pca = [*SMALL, "data.whiten.name=pca", "data.whiten.components=16",
            f"trainer.checkpoint_dir={tmp_path}"]
-    first = cli.build_trainer(_compose(pca), splits, tmp_path)
+    first = build.build_trainer(_compose(pca), splits, tmp_path)
     assert first.model.arch.input_dim == 16
     path = first.fit().checkpoint
-    resumed = cli.build_trainer(_compose(pca), splits, tmp_path)
+    resumed = build.build_trainer(_compose(pca), splits, tmp_path)
     resumed.normalizer.projection = resumed.normalizer.projection * 2  # the file's must win
     resumed.load_checkpoint(path)
     np.testing.assert_array_equal(resumed.normalizer.projection, first.normalizer.projection)
@@ -299,7 +302,7 @@ def test_a_checkpoint_carries_the_whitening_and_is_checked_on_resume(tmp_path):
     np.savez(tmp_path / "bad.npz", **bad)
     with pytest.raises(CheckpointError, match="norm/projection holds NaN or infinite"):
         resumed.load_checkpoint(tmp_path / "bad.npz")
-    wider = cli.build_trainer(_compose([*pca, "model.hidden_sizes=[8]",
+    wider = build.build_trainer(_compose([*pca, "model.hidden_sizes=[8]",
                                         "data.whiten.components=20"]), splits, tmp_path)
     with pytest.raises(CheckpointError, match="arch"):
         wider.load_checkpoint(path)
@@ -309,11 +312,11 @@ def test_a_zca_checkpoint_resumes_neither_a_pca_nor_an_unwhitened_run(tmp_path):
     """All components: the same architecture, the whitening alone differs."""
     splits = small_splits()
     zca = [*SMALL, "data.whiten.name=zca", f"trainer.checkpoint_dir={tmp_path}"]
-    path = cli.build_trainer(_compose(zca), splits, tmp_path).fit().checkpoint
-    pca = cli.build_trainer(_compose([*zca, "data.whiten.name=pca"]), splits, tmp_path)
+    path = build.build_trainer(_compose(zca), splits, tmp_path).fit().checkpoint
+    pca = build.build_trainer(_compose([*zca, "data.whiten.name=pca"]), splits, tmp_path)
     with pytest.raises(CheckpointError, match=r"norm/whiten is .*'zca'.*this run has 'pca'"):
         pca.load_checkpoint(path)
-    unwhitened = cli.build_trainer(_compose(SMALL), splits, tmp_path)
+    unwhitened = build.build_trainer(_compose(SMALL), splits, tmp_path)
     with pytest.raises(CheckpointError, match=r"norm entries .*unexpected \['projection', "
                                               r"'whiten'\]"):
         unwhitened.load_checkpoint(path)
@@ -328,13 +331,13 @@ def test_a_pca_run_trains_checks_its_gradients_and_serves_what_it_evaluated(tmp_
                     "trainer.train_eval_size=100", "trainer.progress=false", "optim.lr=0.02",
                     "gradcheck.max_width=8", "gradcheck.num_checks=10"])
     configlib.validate(cfg)
-    splits = cli.load_data(cfg)
-    trainer = cli.build_trainer(cfg, splits, tmp_path)
+    splits = build.load_data(cfg)
+    trainer = build.build_trainer(cfg, splits, tmp_path)
     assert trainer.normalizer.out_dim == trainer.model.arch.input_dim == 32
     assert trainer._bufs[0].shape == (50, 32)
     result = trainer.fit()
     assert result.test_acc > 0.3  # 10 classes: chance is 0.1
-    report = cli.run_gradcheck(cfg)
+    report = build.run_gradcheck(cfg)
     assert report.passed
     assert {r.shape for r in report.rows if r.name == "W1"} == {(32, 8)}
     plots.weights_figure(trainer.normalizer.image_weights(trainer.model.params["W1"]))

@@ -142,8 +142,8 @@ class MlpOptunaSweeper(Sweeper):
         _import_optuna()
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
-        from mlp import pruning
-        from mlp.secrets import mask_uri
+        from mlp.sweeps import pruning
+        from mlp.tracking.secrets import mask_uri
 
         from ._search_space import parse_search_space
 
@@ -197,7 +197,7 @@ class MlpOptunaSweeper(Sweeper):
         import optuna
         from optuna.distributions import check_distribution_compatibility
 
-        from mlp import pruning
+        from mlp.sweeps import pruning
 
         with _study_lock(self.storage):
             study = optuna.create_study(

@@ -29,7 +29,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import RunTag, ViewType
 
-from mlp import store
+from mlp.tracking import store
 
 log = logging.getLogger("mlp")
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlp import blas, gates
+from mlp.core import blas, gates
 
 Array = np.ndarray
 

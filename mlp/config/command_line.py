@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import nodes as onodes
 from omegaconf.errors import OmegaConfBaseException
 
-from mlp import config as configlib
+from mlp.config import schema as configlib
 
 CONF_PACKAGE = "mlp.conf"
 SWEEP_GROUP = "hparams_search"

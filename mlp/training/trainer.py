@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +31,13 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from mlp import checkpoint
 from mlp import data as datalib
-from mlp.ema import EMA
-from mlp.layers import Activation
-from mlp.model import MLP
-from mlp.optim import Optimizer, Schedule
+from mlp.core.layers import Activation
+from mlp.core.model import MLP
+from mlp.core.optim import Optimizer, Schedule
+from mlp.core.step import step
+from mlp.training import checkpoint
+from mlp.training.ema import EMA
 
 Array = np.ndarray
 
@@ -410,30 +411,6 @@ class Trainer:
                   "optim": self.optimizer.state_dict(), "norm": self.normalizer.state_dict(),
                   "ema": self.ema.state_dict() if self.ema else {}}
         return checkpoint.Checkpoint(meta, groups, st.order)
-
-
-def step(model: MLP, optimizer: Optimizer, X: Array, y: Array, lr: float, fused: bool = True,
-         guard: Callable[[float], None] | None = None) -> tuple[float, dict[str, Array]]:
-    """One training step of `model` by `optimizer` on a batch X (N, D), y (N,), at `lr`;
-    returns the batch's loss (data + L2) and the data gradients. `guard` sees the data
-    loss before the update ends (the trainer's divergence guard).
-
-    Where the optimizer's rule allows it (`Optimizer.sinks`: SGD, momentum), the GEMM
-    that computes a weight's gradient adds it straight into the array the rule updates,
-    and `optimizer.step` finishes those weights; their entries of the returned grads are
-    then stale. The other gradients are the model's own arrays (no copy: read once,
-    by the optimizer's pass, before the next pass overwrites them). The L2 term is left
-    to the optimizer, in the one pass it makes over the weights. `fused=False` is the
-    reference path, every gradient materialized: `gradcheck.check_training_step` checks
-    its gradients and that the fused step lands on the same parameters.
-    """
-    l2 = model.l2_coefficients()
-    sinks = optimizer.sinks(model.params, model.weight_names(), lr, l2) if fused else {}
-    loss, grads = model._backprop(X, y, into=sinks)
-    if guard is not None:
-        guard(float(loss))
-    loss += optimizer.step(model.params, grads, lr, l2=l2, fused=sinks.keys())
-    return float(loss), grads
 
 
 def _arch_dict(model: MLP) -> dict:

@@ -18,12 +18,10 @@ import os
 # Before mlflow is imported: no usage telemetry unless the user asks for it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import argparse
 import base64
 import html
 import re
 import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,10 +34,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
-from mlp import compare_plots as plots
-from mlp import metrics as keys
-from mlp.config import is_bookkeeping
-from mlp.metrics import CONFIG_HASH_TAG, PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_TAG
+from mlp.config.schema import is_bookkeeping
+from mlp.sweeps import figures as plots
+from mlp.tracking import keys
+from mlp.tracking.keys import CONFIG_HASH_TAG, PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_TAG
 
 METRIC_COLUMNS = ("val_acc", "test_acc", "gap_acc", "gradcheck", "duration_s")
 NUMBER_COLUMNS = {"val_acc", "test_acc", "gap_acc", "duration_s"}  # right-aligned
@@ -68,7 +66,7 @@ class Report:
         b = self.best
         values = ", ".join(f"{k}={b[k]}" for k in self.swept)
         return (f"best: {b['run']}{f' ({values})' if values else ''}: val_acc "
-                f"{_cell('val_acc', b['val_acc'])}, test_acc {_cell('test_acc', b['test_acc'])}")
+                f"{cell('val_acc', b['val_acc'])}, test_acc {cell('test_acc', b['test_acc'])}")
 
     def _unfinished(self) -> list[str]:
         return [f"{r['run']}: {r['status']}" + (f": {r['error']}" if r.get("error") else "")
@@ -76,7 +74,7 @@ class Report:
 
     def __str__(self) -> str:
         """The terminal table: aligned text, numbers right-aligned."""
-        cells = [self.columns] + [[_cell(c, r[c]) for c in self.columns] for r in self.rows]
+        cells = [self.columns] + [[cell(c, r[c]) for c in self.columns] for r in self.rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
         right = [c in NUMBER_COLUMNS for c in self.columns]
 
@@ -100,7 +98,7 @@ class Report:
         out.append("| " + " | ".join(self.columns) + " |")
         out.append("| " + " | ".join("---:" if c in NUMBER_COLUMNS else "---"
                                      for c in self.columns) + " |")
-        out += ["| " + " | ".join(md(_cell(c, r[c])) for c in self.columns) + " |"
+        out += ["| " + " | ".join(md(cell(c, r[c])) for c in self.columns) + " |"
                 for r in self.rows]
         unfinished = self._unfinished()
         if unfinished:
@@ -119,7 +117,7 @@ class Report:
         for r in self.rows:
             cls = "best" if r is self.best else ("bad" if r["status"] != "FINISHED" else "")
             tds = "".join(f'<td class="{"num" if c in NUMBER_COLUMNS else ""}">'
-                          f"{esc(_cell(c, r[c]))}</td>" for c in self.columns)
+                          f"{esc(cell(c, r[c]))}</td>" for c in self.columns)
             body.append(f'<tr class="{cls}" title="run {esc(r["run_id"])}">{tds}</tr>')
         unfinished = "".join(f"<li>{esc(u)}</li>" for u in self._unfinished())
         figs = "".join(
@@ -151,7 +149,7 @@ figure {{ margin: 2em 0; }} img {{ max-width: 100%; }}
 """
 
 
-def _cell(column: str, value: object) -> str:
+def cell(column: str, value: object) -> str:
     """The text of one table cell."""
     if value is None:
         return "-"
@@ -322,7 +320,7 @@ def _sort_key(row: dict) -> tuple:
     return (row["status"] != "FINISHED", val is None, -(val or 0.0), row["run"] or "")
 
 
-def _make_report(client: MlflowClient, experiment: str, sweep: str | None
+def make_report(client: MlflowClient, experiment: str, sweep: str | None
                  ) -> tuple[Report, list[Run]]:
     runs, parent = _collect(client, experiment, sweep)
     swept = _swept(runs)
@@ -342,7 +340,7 @@ def _make_report(client: MlflowClient, experiment: str, sweep: str | None
 
 def build_report(client: MlflowClient, experiment: str, sweep: str | None = None) -> Report:
     """The comparison table of a sweep or of a whole experiment (see `collect_runs`)."""
-    return _make_report(client, experiment, sweep)[0]
+    return make_report(client, experiment, sweep)[0]
 
 
 def figures(client: MlflowClient, runs: list[Run], report: Report, top: int = 5
@@ -434,7 +432,7 @@ def _register_best(client: MlflowClient, report: Report, name: str) -> str | Non
     return f"{name}@{CHAMPION} (version {version.version})"
 
 
-def _log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Sequence[Run],
+def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Sequence[Run],
                    figs: Mapping[str, Figure]) -> None:
     """The parent summarizes its sweep: the shared config as params, the best child's
     metrics under the children's keys, the figures as top-level artifacts beside
@@ -468,18 +466,18 @@ def _log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Sequ
 
 def log_sweep_report(client: MlflowClient, parent_run_id: str) -> Report:
     """Build the report of the sweep under `parent_run_id` and log it on that run (see
-    `_log_on_parent`). Returns the report."""
+    `log_on_parent`). Returns the report."""
     parent = client.get_run(parent_run_id)
     experiment = client.get_experiment(parent.info.experiment_id).name
-    report, runs = _make_report(client, experiment, parent_run_id)
-    _log_on_parent(client, parent, report, runs, figures(client, runs, report))
+    report, runs = make_report(client, experiment, parent_run_id)
+    log_on_parent(client, parent, report, runs, figures(client, runs, report))
     return report
 
 
 # -- mlp-report ------------------------------------------------------------------------------
 
 
-def _store_uri(uri: str | None) -> str:
+def store_uri(uri: str | None) -> str:
     """--uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db; a SQLite file must exist (so
     that a typo does not create an empty store)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
@@ -491,54 +489,3 @@ def _store_uri(uri: str | None) -> str:
     return uri
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`mlp-report`: print the comparison table of a sweep (or of every training run of an
-    experiment), write it as Markdown, HTML and PNGs to --out, print the best
-    configuration; with --log also log it on the sweep's parent run. Exit 0, or 2 when
-    the store, experiment or sweep is not found."""
-    parser = argparse.ArgumentParser(
-        prog="mlp-report", description="Compare the runs of a sweep or an experiment "
-        "from MLflow: a table, a val_acc heatmap over lr x reg, learning curves, the gap.")
-    parser.add_argument("--uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                        "else sqlite:///<cwd>/mlflow.db)")
-    parser.add_argument("--experiment", default="mlp-lab", help="experiment name (mlp-lab)")
-    parser.add_argument("--sweep", help="the sweep: its parent run id, parent run name or "
-                        "mlp.sweep.name (default: every training run of the experiment)")
-    parser.add_argument("--out", type=Path, help="directory for report.md, report.html and "
-                        "the PNGs (default: outputs/reports/<sweep or experiment>, beside "
-                        "Hydra's outputs/, which git ignores)")
-    parser.add_argument("--top", type=int, default=5,
-                        help="learning curves of the N best runs (5)")
-    parser.add_argument("--log", action="store_true",
-                        help="also log the report on the sweep's parent run (needs --sweep)")
-    args = parser.parse_args(argv)
-    if args.log and args.sweep is None:
-        parser.error("--log needs --sweep: the report is logged on the sweep's parent run")
-    if args.top < 1:
-        parser.error(f"--top {args.top}: expected N >= 1")
-    try:
-        client = MlflowClient(_store_uri(args.uri))
-        report, runs = _make_report(client, args.experiment, args.sweep)
-    except (ValueError, MlflowException) as e:
-        print(f"mlp-report: {e}", file=sys.stderr)
-        return 2
-    figs = figures(client, runs, report, top=args.top)
-    print(report)
-    print()
-    out = args.out or Path("outputs", "reports", re.sub(r"[^\w.-]+", "_",
-                                                         args.sweep or args.experiment))
-    for path in write_report(report, figs, out):
-        print(f"wrote {path}")
-    if report.best is not None:
-        b = report.best
-        print(f"\nbest configuration: run {b['run']} ({b['run_id']})")
-        for key in report.swept:
-            print(f"  {key} = {b[key]}")
-        print(f"  val_acc {_cell('val_acc', b['val_acc'])}, "
-              f"test_acc {_cell('test_acc', b['test_acc'])}")
-        if b["overrides"]:
-            print(f"  reproduce: {reproduce_command(b['overrides'])}")
-    if args.log:
-        _log_on_parent(client, client.get_run(report.parent_run_id), report, runs, figs)
-        print(f"\nlogged on parent run {report.parent_run_id}")
-    return 0

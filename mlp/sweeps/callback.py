@@ -20,6 +20,7 @@ import atexit
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mlp.metrics import (
+from mlp.tracking.keys import (
+    ACC_BEST_VAL,
     CONFIG_HASH_TAG,
     SWEEP_HASH_TAG,
     SWEEP_NAME_TAG,
@@ -45,7 +47,7 @@ def config_hash(resolved: dict[str, Any]) -> str:
     """sha256 (16 hex digits) of the resolved config without its bookkeeping keys
     (`config.BOOKKEEPING`: tracking, output locations, progress bars), which do not change
     the computation."""
-    from mlp import config as configlib
+    from mlp.config import schema as configlib
 
     flat = configlib.flatten({k: v for k, v in resolved.items() if k != "hydra"})
     return _digest({k: v for k, v in flat.items() if not configlib.is_bookkeeping(k)})
@@ -66,7 +68,7 @@ def swept_keys(overrides: list[str], sweeper_params: dict[str, Any]) -> dict[str
 
 def child_name(swept: list[str], overrides: list[str]) -> str:
     """A sweep job's run name from its values of the swept keys: `lr=3e-3 reg=1e-4`."""
-    from mlp.tracking import short_number
+    from mlp.tracking.recorder import short_number
 
     given = {k.lstrip("+~"): v for k, _, v in (o.partition("=") for o in overrides)}
     parts = []
@@ -134,7 +136,8 @@ class SweepCallback(Callback):
         self.parent: dict | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlp import masking, tracking  # mlflow loads only when a sweep starts
+        from mlp.tracking import masking  # mlflow loads only when a sweep starts
+        from mlp.tracking import recorder as tracking
 
         masking.install()
 
@@ -179,7 +182,7 @@ class SweepCallback(Callback):
 
         client = MlflowClient(self.parent["uri"])
         try:
-            from mlp import report
+            from mlp.sweeps import report
 
             summary = report.log_sweep_report(client, self.parent["run_id"])
             log.info("sweep report:\n%s", summary)
@@ -210,3 +213,20 @@ def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
     swept = swept_keys(overrides, OmegaConf.to_container(params) if params else {})
     keys = "-".join(key.rsplit(".", 1)[-1] for key in swept) or "multirun"
     return f"{keys}-" + "_".join(Path(config.hydra.sweep.dir).parts[-2:])
+
+
+def earlier_attempts(experiment_id: str, config_hash: str, resume: str | None
+                      ) -> tuple[float | None, str | None]:
+    """For a sweep job: (its best val accuracy, None) when this config already finished in
+    the experiment, else (None, the checkpoint to resume: a killed attempt's, or `resume`)."""
+    earlier = runs_with_config(experiment_id, config_hash)
+    finished = [r for r in earlier if r.info.status == "FINISHED"]
+    if finished:
+        log.info("skipping: this config already finished as run %s", finished[0].info.run_id)
+        return finished[0].data.metrics.get(ACC_BEST_VAL, math.nan), None
+    killed = [r for r in earlier if r.info.status == "KILLED"
+              and Path(r.data.tags.get("checkpoint", "")).is_file()]
+    if killed and not resume:
+        resume = killed[0].data.tags["checkpoint"]
+        log.info("resuming killed run %s from %s", killed[0].info.run_id, resume)
+    return None, resume

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlp import blas, elementwise
+from mlp.core import blas, elementwise
 
 Array = np.ndarray
 Sink = tuple[Array, float, float]  # (C, alpha, beta): C = alpha * x^T dout + beta * C

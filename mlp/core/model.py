@@ -32,7 +32,7 @@ cross-entropy against smoothed targets; `eval_loss_fn` stays the plain loss (see
 Every public method returns arrays the caller owns (scores, gradients): keep them, and
 later passes leave them alone. The layers reuse their work arrays between passes so that
 training allocates nothing; only the trainer's step reads the layers' gradient arrays
-directly (`_backprop`), and it is done with them before the next pass.
+directly (`backprop`), and it is done with them before the next pass.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlp import losses
-from mlp.layers import (
+from mlp.core import losses
+from mlp.core.layers import (
     ACTIVATIONS,
     Activation,
     BatchNorm,
@@ -305,12 +305,12 @@ class MLP:
     def data_loss_and_grads(self, X: Array, y: Array) -> tuple[float, dict[str, Array]]:
         """Data loss and its gradients (new arrays keyed like `params`) for a batch X (N, D),
         y (N,): forward in training mode, loss, then backward through the layers."""
-        loss, grads = self._backprop(X, y)
+        loss, grads = self.backprop(X, y)
         return loss, {name: g.copy() for name, g in grads.items()}
 
-    def _backprop(self, X: Array, y: Array,
-                  into: dict[str, tuple[Array, float, float]] | None = None
-                  ) -> tuple[float, dict[str, Array]]:
+    def backprop(self, X: Array, y: Array,
+                 into: dict[str, tuple[Array, float, float]] | None = None
+                 ) -> tuple[float, dict[str, Array]]:
         """`data_loss_and_grads` without the copies, for the trainer's step (and the checks
         and benchmark of that step): the gradient arrays are the layers' own, overwritten
         by the next pass. Nothing outside the training step may keep them.
@@ -339,7 +339,7 @@ class MLP:
         batch X (N, D), y (N,), in training mode.
 
         The trainer computes the same thing in two parts, without copies: the data part
-        (`_backprop`) and the L2 part, `l2_coefficients()`, inside the optimizer's pass;
+        (`backprop`) and the L2 part, `l2_coefficients()`, inside the optimizer's pass;
         `gradcheck.check_training_step` checks that path.
         """
         loss, grads = self.data_loss_and_grads(X, y)

@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from mlp import optim
-from mlp.layers import Layer
-from mlp.model import MLP
+from mlp.core import optim
+from mlp.core.layers import Layer
+from mlp.core.model import MLP
+from mlp.core.step import step
 
 Array = np.ndarray
 
@@ -284,7 +285,7 @@ def check_training_step(
         optimizer, str) else optimizer
     # The layers' own gradient arrays, read by the optimizer's pass before any other pass
     # runs on this net: as in the trainer, no copy.
-    _, data_grads = analytic_net._backprop(X, y)
+    _, data_grads = analytic_net.backprop(X, y)
     l2_term, applied = make(analytic_net.params).applied_gradients(
         analytic_net.params, data_grads, l2=analytic_net.l2_coefficients())
     report = _compare(model, X, y, {"data": data_grads, "total": applied}, num_checks, h,
@@ -299,12 +300,11 @@ def check_training_step(
 
 def _fused_row(model: MLP, make: Callable[[dict[str, Array]], optim.Optimizer], X: Array,
                y: Array, steps: int = 2, lr: float = 0.1) -> ParamCheck:
-    """The row "step" part "fused": the training step as it runs (`train.step`, the
+    """The row "step" part "fused": the training step as it runs (`step.step`, the
     weights' gradients accumulated by the GEMMs into the optimizer's state where its rule
     allows) against the reference path checked above (`fused=False`), `steps` steps from
     a fresh optimizer (the first from zero state) on float64 copies: the relative error
     of every parameter's displacement."""
-    from mlp import train  # the training step; train does not import this module
 
     moved = []
     for fused in (True, False):
@@ -312,7 +312,7 @@ def _fused_row(model: MLP, make: Callable[[dict[str, Array]], optim.Optimizer], 
         start = {k: p.copy() for k, p in net.params.items()}
         optimizer = make(net.params)
         for _ in range(steps):
-            train.step(net, optimizer, X, y, lr, fused=fused)
+            step(net, optimizer, X, y, lr, fused=fused)
         moved.append(np.concatenate([(net.params[k] - start[k]).ravel() for k in start]))
     # A move below 1e-6 of the largest one is rounding, not an update: the bias before a
     # batch norm has a zero gradient, up to 1e-18 that the two paths round differently.

@@ -21,7 +21,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mlp import secrets
+from mlp.tracking import secrets
 
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from mlp.core.model import MLP
 from mlp.data import Normalizer
-from mlp.model import MLP
 
 Array = np.ndarray
 

@@ -15,7 +15,7 @@ it here (`register_study`) and jobs run by the basic launcher, in that same proc
 it up by name.
 
 optuna is an optional dependency (`pip install 'mlp-lab[optuna]'`): it is imported only
-when a pruner, a storage or a reporter is made, never by `import mlp.pruning`.
+when a pruner, a storage or a reporter is made, never by `import mlp.sweeps.pruning`.
 """
 
 from __future__ import annotations

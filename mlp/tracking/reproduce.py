@@ -19,7 +19,6 @@ reproduced (no such run, no recorded config, the training failed).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,8 +35,10 @@ from typing import Any
 import yaml
 from mlflow import MlflowClient
 
-from mlp import config as configlib
-from mlp import metrics, store, tracking
+from mlp.config import schema as configlib
+from mlp.tracking import keys as metrics
+from mlp.tracking import recorder as tracking
+from mlp.tracking import store
 
 REPRODUCES_TAG = "mlp.reproduces"
 CONFIG_ARTIFACT = "config/resolved.yaml"
@@ -222,34 +223,3 @@ def reproduce(run_id: str, uri: str, workdir: Path, code_dir: Path) -> tuple[str
     return new.info.run_id, checks + provenance_checks(run.data.tags, new.data.tags)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`mlp-reproduce RUN_ID [--tracking-uri URI] [--workdir DIR]`."""
-    parser = argparse.ArgumentParser(
-        prog="mlp-reproduce", description="Train a recorded run again from its "
-        "config/resolved.yaml and compare every metric point with the original's.")
-    parser.add_argument("run_id")
-    parser.add_argument("--tracking-uri", help="the store of the run (default: "
-                        "$MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    parser.add_argument("--workdir", type=Path, help="output directory of the reproduction "
-                        "(default: ./outputs/reproduce/<run id>-<time>)")
-    args = parser.parse_args(argv)
-    uri = args.tracking_uri or tracking.resolve_uri(None, Path.cwd())
-    workdir = args.workdir or Path("outputs", "reproduce",
-                                   f"{args.run_id}-{time.strftime('%Y%m%d-%H%M%S')}")
-    workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    store.apply_http_policy()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        new_id, checks = reproduce(args.run_id, uri, workdir, Path.cwd())
-        compared, diffs = compare_runs(store.open_client(uri), args.run_id, new_id)
-    except (ReproduceError, *store.STORE_ERRORS) as e:
-        print(f"mlp-reproduce: {e}", file=sys.stderr)
-        return 2
-    print(f"run {args.run_id} reproduced as run {new_id} (outputs in {workdir})")
-    print("\n".join(checks))
-    if not diffs:
-        print(f"all {compared} metric points are equal")
-        return 0
-    print(f"{len(diffs)} of {compared} metric points differ:\n{difference_table(diffs)}")
-    return 1

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mlp import optim
+from mlp.core import optim
 from mlp.data.normalize import output_dim
 from mlp.errors import ConfigError
 

@@ -25,11 +25,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mlp import budget, gradcheck, losses, model, optim
 from mlp import data as datalib
+from mlp.core import gradcheck, losses, model, optim
+from mlp.core.layers import ACTIVATIONS
 from mlp.errors import ConfigError
-from mlp.layers import ACTIVATIONS
-from mlp.train import TrainSettings
+from mlp.training import budget
+from mlp.training.trainer import TrainSettings
 
 
 def _defaults(fn: Callable) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mlp import metrics as keys
-from mlp.tracking import short_number
+from mlp.tracking import keys
+from mlp.tracking.recorder import short_number
 
 FIGURE_DPI = 110
 

@@ -48,13 +48,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from mlp import config as configlib
-from mlp import liveness, masking, serving, store
-from mlp import metrics as keys
-from mlp import spool as spoollib
+from mlp.config import schema as configlib
+from mlp.core.gradcheck import GradcheckReport
+from mlp.core.model import MLP
 from mlp.data import Normalizer
-from mlp.gradcheck import GradcheckReport
-from mlp.model import MLP
+from mlp.tracking import keys, liveness, masking, serving, store
+from mlp.tracking import spool as spoollib
 
 Array = np.ndarray
 
@@ -507,8 +506,8 @@ class RunRecorder:
             self.client.log_artifact(self.run_id, str(data / "model.npz"), "model_npz")
             probs = serving._load_pyfunc(str(data)).predict(example)
             info = mlflow.pyfunc.log_model(
-                name=name, loader_module="mlp.serving", data_path=str(data),
-                code_paths=[str(Path(serving.__file__).parent)],
+                name=name, loader_module="mlp.tracking.serving", data_path=str(data),
+                code_paths=[str(Path(serving.__file__).parents[1])],
                 signature=infer_signature(example, probs), input_example=example,
                 pip_requirements=[f"numpy=={np.__version__}", f"tqdm=={version('tqdm')}"],
                 # No metric is logged at this step: the model's metrics are the ones

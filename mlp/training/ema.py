@@ -25,8 +25,8 @@ import functools
 
 import numpy as np
 
-from mlp import elementwise
-from mlp.model import MLP
+from mlp.core import elementwise
+from mlp.core.model import MLP
 
 Array = np.ndarray
 

@@ -1,0 +1,120 @@
+"""The composition: the objects of a run (data, model, optimizer, schedule, trainer, the
+per-run gradient check) built from a checked config. The only place where config keys
+meet the constructors of the core, the data and the training loop."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from mlp import data as datalib
+from mlp.config import schema as configlib
+from mlp.core import gradcheck, optim
+from mlp.core.model import MLP
+from mlp.training.trainer import Trainer, TrainSettings
+
+ARCHIVE_VAR = "MLP_LAB_ARCHIVE"  # a local cifar-10-python.tar.gz when data.archive is not set
+
+
+def build_model(cfg: DictConfig, input_dim: int, num_classes: int,
+                max_width: int | None = None, dtype: str | None = None) -> MLP:
+    """The MLP of `cfg.model` for inputs of input_dim features and num_classes classes
+    (hidden widths capped to max_width for a gradient check)."""
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    if max_width:
+        kwargs["hidden_sizes"] = [min(h, max_width) for h in kwargs["hidden_sizes"]]
+    return MLP(input_dim=input_dim, num_classes=num_classes, dtype=dtype or cfg.trainer.dtype,
+               seed=cfg.seed, **kwargs)
+
+
+def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
+    """The gradient check of what the run trains: its architecture, activation, loss and
+    reg (same depth, hidden widths capped at gradcheck.max_width, float64), through the
+    training step's own path (the zero-copy backward pass and the run's optimizer's fused
+    L2 pass), on gradcheck.samples standard normal inputs (what normalized or whitened
+    pixels look like) of the run's input width, with random labels."""
+    g, w = cfg.gradcheck, cfg.data.whiten
+    model = build_model(cfg, datalib.output_dim(w.name, w.components), len(datalib.CLASSES),
+                        max_width=g.max_width, dtype="float64")
+    rng = np.random.default_rng([cfg.seed, 3])
+    X = rng.standard_normal((g.samples, model.arch.input_dim))
+    y = rng.integers(0, model.arch.num_classes, g.samples)
+    kwargs = configlib.optimizer_kwargs(configlib.flatten(OmegaConf.to_container(cfg)))
+    return gradcheck.check_training_step(
+        model, lambda params: optim.make_optimizer(cfg.optim.name, params, **kwargs), X, y,
+        num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
+
+
+def archive_path(cfg: DictConfig) -> Path | None:
+    """The configured data's archive: `data.archive`, else $MLP_LAB_ARCHIVE, else None (a
+    cached or downloaded official archive); for `data=synthetic` the generated archive
+    under the data root (made on first use)."""
+    d = cfg.data
+    if d.name != "synthetic":
+        archive = d.archive or os.environ.get(ARCHIVE_VAR) or None
+        return Path(archive).expanduser() if archive else None
+    root = data_root(cfg)
+    archive = root / f"synthetic-{d.synthetic.n_train}-{d.synthetic.n_test}-{cfg.seed}.tar.gz"
+    if not archive.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        datalib.make_synthetic_archive(archive, d.synthetic.n_train, d.synthetic.n_test,
+                                       seed=cfg.seed)
+    return archive
+
+
+def data_root(cfg: DictConfig) -> Path:
+    return Path(cfg.data.root).expanduser() if cfg.data.root else datalib.default_root()
+
+
+def load_data(cfg: DictConfig) -> datalib.Splits:
+    """CIFAR-10 (a local archive, the cache, or the download) or the synthetic set, split
+    as configured."""
+    archive = archive_path(cfg)
+    # The generated archive is its own reference: its md5 keeps it from reading as unverified.
+    md5 = datalib.file_digest(archive, "md5") if cfg.data.name == "synthetic" else cfg.data.md5
+    raw = datalib.load_cifar10(data_root(cfg), archive, md5, progress=cfg.trainer.progress)
+    return datalib.split(raw, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed)
+
+
+def data_source(cfg: DictConfig) -> str:
+    """Where the images came from: the archive's absolute path, or the official URL."""
+    archive = archive_path(cfg)
+    return str(archive.resolve()) if archive else datalib.OFFICIAL_URL
+
+
+def archive_override(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """`data.archive=<path>` when the archive came from $MLP_LAB_ARCHIVE, so that printed
+    commands are complete on their own."""
+    if cfg.data.name != "cifar10" or cfg.data.archive or not os.environ.get(ARCHIVE_VAR):
+        return []
+    return [f"data.archive={os.environ[ARCHIVE_VAR]}"]
+
+
+def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> Trainer:
+    """Normalizer (fitted on the training split), model, optimizer, schedule and loop
+    settings from the config."""
+    t, o, w = cfg.trainer, cfg.optim, cfg.data.whiten
+    normalizer = datalib.Normalizer(cfg.data.normalize, whiten=w.name, components=w.components,
+                                    eps=w.eps).fit(splits.X_train)
+    model = build_model(cfg, normalizer.out_dim, len(splits.classes))
+    flat = configlib.flatten(OmegaConf.to_container(cfg, resolve=True))
+    optimizer = optim.make_optimizer(o.name, model.params, **configlib.optimizer_kwargs(flat))
+    steps_per_epoch = math.ceil(len(splits.y_train) / t.batch_size)
+    schedule = optim.Schedule(
+        name=o.schedule.name, lr=o.lr, steps_per_epoch=steps_per_epoch, epochs=t.epochs,
+        warmup_epochs=o.schedule.warmup_epochs, step_size=o.schedule.step_size,
+        gamma=o.schedule.gamma, decay=o.schedule.decay, min_lr=o.schedule.min_lr,
+        div_factor=o.schedule.div_factor)
+    settings = TrainSettings(
+        epochs=t.epochs, batch_size=t.batch_size, dtype=t.dtype,
+        train_eval_size=t.train_eval_size, eval_batch_size=t.eval_batch_size,
+        patience=t.patience, diverge_factor=t.diverge_factor,
+        augment_pad=cfg.data.augment.pad, augment_flip=cfg.data.augment.flip,
+        checkpoint_dir=Path(t.checkpoint_dir) if t.checkpoint_dir else output_dir / "checkpoints",
+        progress=t.progress, prefetch=t.prefetch, health=cfg.tracking.health, seed=cfg.seed,
+        ema=t.ema, ema_every=t.ema_every)
+    return Trainer(model, optimizer, schedule, splits, normalizer, settings)

@@ -1,0 +1,53 @@
+"""`mlp-gradcheck [overrides]`: the gradient check of a config's exact training step,
+alone, logged as its own run."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mlp.cli import build, exits
+from mlp.cli.train import Job
+from mlp.config import schema as configlib
+from mlp.tracking import masking
+from mlp.tracking import recorder as tracking
+
+configlib.register()
+
+
+def check(cfg: DictConfig) -> bool:
+    """The gradient check alone for a config, logged as its own run."""
+    try:
+        configlib.validate(cfg)
+    except ValueError as e:
+        exits.config_error(e)
+    job = Job.from_hydra()
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
+    uri, experiment_id = exits.connect(cfg, job.launch_dir)
+    tags = tracking.environment_tags(job.launch_dir, job.overrides, {}) | {
+        "mlp.kind": "gradcheck"}
+    name = "gradcheck-" + (cfg.tracking.run_name or tracking.run_name(resolved))
+    recorder = tracking.start_run(experiment_id, name, tags)
+    with recorder.finishing():
+        recorder.log_config(resolved, job.overrides, job.output_dir / ".hydra")
+        report = build.run_gradcheck(cfg)
+        recorder.log_gradcheck(report)
+    print(report)
+    print(masking.mask(f"MLflow run {recorder.run_id} at {uri}"))
+    return report.passed
+
+
+@hydra.main(version_base="1.3", config_path="pkg://mlp.conf", config_name="gradcheck")
+def _gradcheck_app(cfg: DictConfig) -> None:
+    if not check(cfg):
+        sys.exit(exits.EXIT_GRADCHECK)
+
+
+def gradcheck_main() -> None:
+    """`mlp-gradcheck [overrides]`: exit 0 when the check passes, 3 when it fails."""
+    masking.install()
+    exits.check_command_line_or_exit()
+    _gradcheck_app()
