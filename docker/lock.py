@@ -7,8 +7,8 @@ Run from anywhere, with uv installed (`pip install uv`):
 It resolves pyproject.toml's [project.dependencies], the extras the image ships (EXTRAS) and
 docker/requirements.in for the image's Python (3.11, Linux) with `uv pip compile
 --generate-hashes`, and writes a header line `# dependencies-sha256: ...` with the hash of those
-inputs, which tests/test_docker.py recomputes to tell, offline, whether the lock is older than
-pyproject.toml.
+inputs, which tests/engines/test_docker.py recomputes to tell, offline, whether the lock is
+older than pyproject.toml.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this Debian machine, for `hydra/launcher=submitit_slurm` sweeps
-# and the tests marked `slurm` (tests/test_slurm.py). Needs root. Idempotent: installs what is
+# and the tests marked `slurm` (tests/engines/test_slurm.py). Needs root. Idempotent: installs what is
 # missing (slurm-wlm, munge), writes /etc/slurm/slurm.conf for this host (partition `debug`,
 # every CPU of the machine), starts munged, slurmctld and slurmd unless they run, and waits
 # until the node accepts jobs. engines/slurm-down.sh stops the daemons again.

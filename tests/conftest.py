@@ -1,16 +1,28 @@
-"""Shared fixtures: isolated data/tracking locations and the project's command-line tools."""
+"""Shared fixtures: isolated data/tracking locations, the project's command-line tools, a
+free port; the real engines' fixtures (SLURM, PostgreSQL, MLflow servers) come from
+engine_fixtures.py, a plugin of this suite."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["engine_fixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tool(name: str) -> str:

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import urllib.error
@@ -21,18 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tool
+from conftest import ROOT, free_port, tool
 
 ENGINES = ROOT / "engines"
 START_TIMEOUT = 300  # seconds for a script to install (apt) and start its engine
 STOP_TIMEOUT = 60
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def script(name: str, *args: str, env: dict[str, str] | None = None,

@@ -13,30 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tool
+from conftest import ROOT, free_port, tool
+from helpers import QUICK, mlp_train, runs_of
 from mlflow import MlflowClient
 
 from mlp import data as datalib
 from mlp.tracking import keys as metrics
 
 pytestmark = pytest.mark.e2e
-
-QUICK = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=100",
-         "data.val_size=60", "model.hidden_sizes=[32]", "trainer.epochs=2",
-         "trainer.batch_size=50", "trainer.train_eval_size=100", "trainer.progress=false",
-         "optim.lr=0.02", "gradcheck.max_width=8", "gradcheck.num_checks=10"]
-
-
-def mlp_train(args: list[str], cwd: Path, env: dict, timeout: float = 180,
-              command: str = "mlp-train") -> subprocess.CompletedProcess:
-    return subprocess.run([tool(command), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def runs_of(db: Path, experiment: str = "mlp-lab") -> tuple[MlflowClient, list]:
-    client = MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name(experiment)
-    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
 
 
 def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
@@ -258,7 +242,7 @@ def test_environment_and_docker_tags(tmp_path: Path, monkeypatch):
     for var, value in (("MLP_LAB_IMAGE", "mlp-lab:0.1.0"), ("MLP_LAB_IMAGE_DIGEST", "sha256:ab"),
                        ("MLP_LAB_LOCK_HASH", "cd" * 32)):
         monkeypatch.setenv(var, value)
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     tags = tracking.environment_tags(root, ["optim.lr=0.1"], {"archive_sha256": "ff" * 32,
                                                                "n_train": 10, "seed": 0})
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -317,22 +301,16 @@ def test_four_processes_share_one_sqlite_store(tmp_path: Path, run_env: dict):
         assert len(client.get_metric_history(r.info.run_id, metrics.ACC_VAL)) == 30
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_fails_before_training(tmp_path: Path, run_env: dict):
     start = time.time()
-    out = mlp_train([*QUICK, f"tracking.uri=http://127.0.0.1:{_free_port()}"], tmp_path, run_env)
+    out = mlp_train([*QUICK, f"tracking.uri=http://127.0.0.1:{free_port()}"], tmp_path, run_env)
     assert out.returncode == 2
     assert "tracking" in out.stderr.lower() and "127.0.0.1" in out.stderr
     assert time.time() - start < 60
 
 
 def test_logging_through_a_tracking_server(tmp_path: Path, run_env: dict):
-    port = _free_port()
+    port = free_port()
     env = dict(run_env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     server = subprocess.Popen(
         [tool("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -369,7 +347,7 @@ def test_logging_through_a_tracking_server(tmp_path: Path, run_env: dict):
 def test_a_clean_checkout_stays_clean(tmp_path: Path, run_env: dict):
     """The README's commands (a run, then mlp-report) write nothing git would show."""
     checkout = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(Path(__file__).resolve().parents[1]),
+    subprocess.run(["git", "clone", "-q", str(ROOT),
                     str(checkout)], check=True, timeout=60)
     assert mlp_train(QUICK, checkout, run_env).returncode == 0
     report = subprocess.run([tool("mlp-report")], cwd=checkout, env=run_env,

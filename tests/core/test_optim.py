@@ -276,7 +276,7 @@ def test_schedule_cosine_from_lr_to_min_lr() -> None:
     assert all(a >= b for a, b in itertools.pairwise(values))
 
 
-# onecycle's rise is a half cosine from lr / div_factor: tests/test_onecycle.py
+# onecycle's rise is a half cosine from lr / div_factor: tests/core/test_onecycle.py
 @pytest.mark.parametrize("name", [name for name in SCHEDULES if name != "onecycle"])
 def test_warmup_ramps_linearly_then_hands_over_at_lr(name: str) -> None:
     sched = Schedule(name, lr=0.2, steps_per_epoch=5, epochs=6, warmup_epochs=2, step_size=1,

@@ -5,11 +5,9 @@ HTTP server on 127.0.0.1 or to file:// URLs."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import re
-import socket
 import tarfile
 import threading
 import time
@@ -19,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
+from helpers import listing, member, write_tar
 
 from mlp import data
 
@@ -52,21 +52,6 @@ def row_ids(X: np.ndarray) -> np.ndarray:
     return X[:, 0].astype(np.int64) + 256 * X[:, 1].astype(np.int64)
 
 
-def write_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for info, payload in members:
-            if payload is not None:
-                info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload) if payload is not None else None)
-    return path
-
-
-def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, linkname
-    return info
-
-
 def rewrite(archive: Path, dest: Path, name: str, payload: bytes) -> Path:
     """A copy of `archive` with the batch file `name` replaced by `payload`."""
     with tarfile.open(archive) as tar:
@@ -78,10 +63,6 @@ def rewrite(archive: Path, dest: Path, name: str, payload: bytes) -> Path:
 def batch_dict(archive: Path, name: str) -> dict:
     with tarfile.open(archive) as tar:
         return pickle.load(tar.extractfile(f"cifar-10-batches-py/{name}"), encoding="bytes")
-
-
-def listing(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*")}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -448,9 +429,7 @@ def test_download_gives_up_after_timeouts(server, tmp_path: Path,
 def test_download_unreachable_server_is_a_data_error(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(data.fetch, "_RETRY_WAIT", 0.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(data.DataError, match=r"could not download.*data\.archive"):
         data.download(f"http://127.0.0.1:{port}/f", tmp_path / "f.tar.gz", None, progress=False)
 

@@ -19,7 +19,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from conftest import tool  # noqa: E402
-from engine_fixtures import Postgres, fixture_postgres  # noqa: E402, F401  (a fixture)
+from engine_fixtures import Postgres  # noqa: E402
 from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
 from hydra.core.utils import JobReturn, JobStatus  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402

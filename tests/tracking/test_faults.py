@@ -29,13 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import tool
+from conftest import free_port, tool
+from helpers import QUICK, listing, member, mlp_train, runs_of, write_tar
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from test_cli import QUICK, mlp_train, runs_of
-from test_data import listing, member, write_tar
 
 from mlp import data
 from mlp.cli import sync
@@ -239,10 +238,6 @@ def test_mlp_sync_keeps_what_it_cannot_send_and_says_so(
     assert sync.main([str(tmp_path / "empty-dir-without-spools")]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -286,7 +281,7 @@ def test_a_tracking_server_killed_mid_run(tmp_path: Path, run_env: dict, back: s
     (everything arrives, no spool left) or after it ended (the run ends within a bounded
     time saying where the spool is; mlp-sync sends it). Training is paused (SIGSTOP) while
     the server is killed or restarted, so no timing decides the outcome."""
-    port, db, ckpt = _free_port(), tmp_path / "server" / "mlflow.db", tmp_path / "ckpt"
+    port, db, ckpt = free_port(), tmp_path / "server" / "mlflow.db", tmp_path / "ckpt"
     db.parent.mkdir()
     epochs = 200  # long enough to outlive a failing call (seconds) after the server dies
     args = [*QUICK, *LEAN, f"trainer.epochs={epochs}", f"trainer.checkpoint_dir={ckpt}",

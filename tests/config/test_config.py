@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -15,7 +16,7 @@ from mlp.cli import train as cli
 from mlp.config import schema as configlib
 from mlp.config.command_line import groups
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = ROOT / "conf"
 configlib.register()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIN, tool
+from conftest import BIN, free_port, tool
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.serve]
@@ -25,10 +24,6 @@ SWEEP = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=
          "gradcheck.enabled=false", "tracking.plots=false", "optim.lr=0.01,0.03"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -51,7 +46,7 @@ def test_the_champion_serves_class_probabilities(tmp_path: Path, run_env: dict):
 
     elsewhere = tmp_path / "serving"  # no mlp-lab source here: the model carries its code
     elsewhere.mkdir()
-    port = _free_port()
+    port = free_port()
     # As with an activated virtualenv: the server starts `uvicorn` from PATH.
     env = run_env | {"MLFLOW_TRACKING_URI": uri, "PYTHONSAFEPATH": "1",
                      "PATH": f"{BIN}{os.pathsep}{run_env.get('PATH', '')}"}

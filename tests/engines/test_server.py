@@ -17,13 +17,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import tool
-from engine_fixtures import (  # noqa: F401  (fixtures)
-    MlflowServer,
-    fixture_mlflow_auth_server,
-    fixture_mlflow_server,
-)
+from engine_fixtures import MlflowServer
+from helpers import FAST, GRID
 from mlflow import MlflowClient
-from test_sweep import FAST, GRID
 
 from mlp.tracking import recorder as tracking
 

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-SCRIPT = Path(__file__).parents[1] / "experiments" / "bench_speed.py"
+SCRIPT = ROOT / "experiments" / "bench_speed.py"
 
 
 @pytest.fixture(scope="module")

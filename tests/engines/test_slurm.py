@@ -9,8 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from engine_fixtures import fixture_slurm_cluster  # noqa: F401  (a fixture)
-from test_sweep import FAST, GRID, check_grid, sweep
+from helpers import FAST, GRID, check_grid, sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 

@@ -1,0 +1,122 @@
+"""What tests in several folders share: quick configs, running the installed commands,
+reading runs back from a store, the sweep contract, and tar archives made to measure."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+from conftest import tool
+from mlflow import MlflowClient
+
+from mlp.tracking import keys as metrics
+
+QUICK = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=100",
+         "data.val_size=60", "model.hidden_sizes=[32]", "trainer.epochs=2",
+         "trainer.batch_size=50", "trainer.train_eval_size=100", "trainer.progress=false",
+         "optim.lr=0.02", "gradcheck.max_width=8", "gradcheck.num_checks=10"]
+
+
+def mlp_train(args: list[str], cwd: Path, env: dict, timeout: float = 180,
+              command: str = "mlp-train") -> subprocess.CompletedProcess:
+    return subprocess.run([tool(command), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def runs_of(db: Path, experiment: str = "mlp-lab") -> tuple[MlflowClient, list]:
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+
+
+FAST = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=100",
+        "data.val_size=60", "model.hidden_sizes=[16]", "trainer.epochs=2",
+        "trainer.batch_size=50", "trainer.train_eval_size=100", "trainer.progress=false",
+        "gradcheck.enabled=false", "tracking.plots=false", "tracking.log_model=false"]
+
+
+GRID = ["optim.lr=0.01,0.03", "model.reg=0,0.001"]
+
+
+def sweep(args: list[str], cwd: Path, env: dict, timeout: float = 300
+          ) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("mlp-train"), "-m", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def parent_and_children(db: Path) -> tuple[MlflowClient, list, list]:
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("mlp-lab")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mlp.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def check_grid(db: Path, models: bool = False) -> None:
+    """The sweep contract: the parent summarizes (shared config as params, swept keys as
+    tags, the best child's metrics under the children's keys, a description, the figures
+    at the top level, the best model registered as @champion); children are named by their
+    swept values and tagged with the sweep."""
+    client, parents, children = parent_and_children(db)
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted((c.data.params["optim.lr"], c.data.params["model.reg"]) for c in children) == [
+        ("0.01", "0.0"), ("0.01", "0.001"), ("0.03", "0.0"), ("0.03", "0.001")]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.info.run_name for c in children) == [
+        "reg=0 lr=1e-2", "reg=0 lr=3e-2", "reg=1e-3 lr=1e-2", "reg=1e-3 lr=3e-2"]
+    name = parent.data.tags["mlp.sweep.name"]
+    assert {c.data.tags["mlp.sweep.name"] for c in children} == {name}
+
+    tags, params = parent.data.tags, parent.data.params
+    assert tags["mlp.swept"] == "model.reg optim.lr"
+    assert tags["mlp.swept.optim.lr"] == "0.01,0.03" and tags["mlp.swept.model.reg"] == "0,0.001"
+    assert "optim.lr" not in params and "model.reg" not in params
+    assert params["model.hidden_sizes"] == "[16]" and params["trainer.epochs"] == "2"
+    assert params == {k: v for k, v in children[0].data.params.items()
+                      if k not in ("optim.lr", "model.reg")}
+
+    from mlp.sweeps import report
+
+    table = report.build_report(client, "mlp-lab", parent.info.run_id)
+    assert len(table.rows) == 4
+    accs = [row["val_acc"] for row in table.rows]
+    assert accs == sorted(accs, reverse=True)
+    assert set(table.swept) == {"optim.lr", "model.reg"}
+    best = client.get_run(tags["mlp.sweep.best_run_id"])
+    assert best.info.run_id == table.best["run_id"]
+    for key in (metrics.ACC_BEST_VAL, metrics.ACC_TEST, metrics.ACC_GAP, metrics.LOSS_VAL):
+        assert parent.data.metrics[key] == best.data.metrics[key], key
+    assert f"Best: **{best.info.run_name}**" in tags["mlflow.note.content"]
+    assert "`optim.lr` in 0.01,0.03" in tags["mlflow.note.content"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "report.html", "val_acc_heatmap.png", "top_curves.png"} <= artifacts
+    if models:
+        registered = tags["mlp.sweep.registered_model"]
+        model_name = registered.split("@")[0]
+        version = client.get_model_version_by_alias(model_name, "champion")
+        assert version.run_id == best.info.run_id
+
+
+def write_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, payload in members:
+            if payload is not None:
+                info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return path
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+def listing(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
