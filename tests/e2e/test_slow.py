@@ -33,5 +33,5 @@ def test_cs231n_two_layer_reaches_50_percent(tmp_path: Path, run_env: dict, arch
     run = client.search_runs([client.get_experiment_by_name("mlp-lab").experiment_id])[0]
     assert run.data.params["data.limit"] == "null"
     assert int(run.data.tags["data.n_train"]) == 45000
-    print(f"test_acc={run.data.metrics['test_acc']:.4f} in {elapsed:.0f} s")
-    assert run.data.metrics["test_acc"] >= 0.50
+    print(f"acc/test={run.data.metrics['acc/test']:.4f} in {elapsed:.0f} s")
+    assert run.data.metrics["acc/test"] >= 0.50

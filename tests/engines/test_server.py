@@ -69,8 +69,10 @@ def read_back(uri: str, experiment: str = "mlp-lab") -> dict[str, Recorded]:
         assert name not in store, f"two runs named {name}"
         store[name] = Recorded(
             run.info.status, dict(run.data.params),
+            # system/* points are sampled every 10 s: their count follows the run's wall
+            # time, not what it trained, so a slower (loaded) run has more of them.
             {key: len(client.get_metric_history(run.info.run_id, key))
-             for key in run.data.metrics},
+             for key in run.data.metrics if not key.startswith("system/")},
             _artifacts(client, run.info.run_id),
             " ".join(run.data.tags.get(k, "") for k in ("error.type", "error.message")).strip())
     return store
