@@ -48,7 +48,10 @@ trap 'rm -f "$conf"' EXIT
 cat > "$conf" <<CONF
 # Written by mlp-lab's engines/slurm-up.sh: a one-node cluster for local sweeps and tests.
 ClusterName=local
-SlurmctldHost=$host
+# Loopback only: slurmctld and slurmd bind to 127.0.0.1 (the addresses below), not to every
+# interface of the machine.
+SlurmctldHost=$host(127.0.0.1)
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 AuthType=auth/munge
 CryptoType=crypto/munge
 SlurmUser=root
@@ -66,9 +69,12 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
+# No accounting database (slurmdbd needs MySQL/MariaDB): sacct has nothing to show, and each
+# run records its own job id, array task, node and log paths as tags instead.
+AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SchedulerType=sched/backfill
-$node State=UNKNOWN
+$node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 changed=false
