@@ -122,3 +122,14 @@ def test_cancel_reaches_every_array_seen(tmp_path: Path, caplog):
     watch.stop()
     assert ["scancel", "10", "9"] in cluster.calls
     assert "SLURM job 10 9: 2 running" in caplog.text
+
+
+def test_a_run_knows_its_slurm_job():
+    from mlp.tracking import cluster
+
+    env = {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3",
+           "SLURMD_NODENAME": "node7", "SLURM_JOB_PARTITION": "debug", "HOME": "/root"}
+    assert cluster.slurm_tags(env) == {
+        "slurm.job_id": "15", "slurm.array_job_id": "12", "slurm.array_task_id": "3",
+        "slurm.node": "node7", "slurm.partition": "debug"}
+    assert cluster.slurm_tags({"HOME": "/root"}) == {}
