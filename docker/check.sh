@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the mlp-lab image and prove that it trains reproducibly and records its runs:
 # two one-epoch runs on the synthetic data set in two containers (no network), into a SQLite
-# store on a bind mount; both must be FINISHED in MLflow, with val_acc, the image's tags, and
-# the same metrics. Prints the total time; exits non-zero on any failure.
+# store on a bind mount; both must be FINISHED in MLflow, with acc/val, the image's tags, and
+# the same metric points (mlp-reproduce's comparison). Prints the total time; exits non-zero on any failure.
 #
 #   docker/check.sh        # the image is tagged mlp-lab:<version>; MLP_LAB_CHECK_IMAGE renames it
 #
@@ -42,6 +42,8 @@ $engine "${run[@]}" -i -e "EXPECT_IMAGE=$image" -e "EXPECT_LOCK=$lock_sha" \
 import os
 from mlflow import MlflowClient
 
+from mlp.tracking.reproduce import compare_runs, difference_table
+
 client = MlflowClient("sqlite:////work/mlflow.db")
 exp = client.get_experiment_by_name("docker-check")
 runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
@@ -52,15 +54,15 @@ expected_tags = {"docker.image": os.environ["EXPECT_IMAGE"],
                  "mlflow.source.git.commit": os.environ["EXPECT_COMMIT"] or None}
 for run in runs:
     assert run.info.status == "FINISHED", (run.info.run_id, run.info.status)
-    assert "val_acc" in run.data.metrics, sorted(run.data.metrics)
+    assert "acc/val" in run.data.metrics, sorted(run.data.metrics)
     for tag, value in expected_tags.items():
         assert run.data.tags.get(tag) == value, (tag, run.data.tags.get(tag), value)
-timing = {"epoch_time", "images_per_sec"}
-first, second = ({k: v for k, v in r.data.metrics.items() if k not in timing} for r in runs)
-differ = sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))
-assert not differ, f"same image, config and seed, different metrics: {differ}"
-print(f"2 runs FINISHED, identical {len(first)} metrics (val_acc={first['val_acc']:.4f}, "
-      f"test_acc={first['test_acc']:.4f}); tags docker.image={expected_tags['docker.image']} "
+# mlp-reproduce's rules: every metric point step by step, timing and system metrics aside.
+compared, diffs = compare_runs(client, runs[0].info.run_id, runs[1].info.run_id)
+assert not diffs, f"same image, config and seed, different points:\n{difference_table(diffs)}"
+m = runs[0].data.metrics
+print(f"2 runs FINISHED, {compared} identical metric points (acc/val={m['acc/val']:.4f}, "
+      f"acc/test={m['acc/test']:.4f}); tags docker.image={expected_tags['docker.image']} "
       f"docker.lock_hash={expected_tags['docker.lock_hash'][:12]}... "
       f"mlflow.source.git.commit={(expected_tags['mlflow.source.git.commit'] or '-')[:12]}")
 PY
