@@ -2,7 +2,7 @@
 
 For each net, in one process, with the same shapes, dtype, batch and thread count:
 
-* **mlp-lab**: the step `mlp-train` runs (`mlp.train.step`: the weights' gradients
+* **mlp-lab**: the step `mlp-train` runs (`mlp.core.step.step`: the weights' gradients
   accumulated by the GEMMs into the momentum velocity, then one pass that adds the L2 term
   and moves the weights; SGD momentum, L2 reg, ReLU, softmax), on a normalized batch;
 * **floor**: only the matrix multiplies of that step (forward, and the backward of every
@@ -25,7 +25,7 @@ epoch against parameter count (batch 256, all threads) for mlp-lab, PyTorch and 
 The data pipeline (gathering a shuffled batch from the uint8 images, crop+flip, per-batch
 normalization into float32) is timed apart, per epoch, as the trainer runs it. Peak memory
 is measured in a child process that trains the first net on a full-size (50,000 x 3072)
-uint8 data set with `mlp.train.Trainer`: its peak resident set, as `ps` would show.
+uint8 data set with `mlp.training.trainer.Trainer`: its peak resident set, as `ps` would show.
 
     python experiments/bench_speed.py --plot docs/speed.png --json results.json
     python experiments/bench_speed.py --threads 1 --batches 256 --reps 9
@@ -67,7 +67,7 @@ def _set_threads(threads: int) -> None:
 
 
 def mlp_lab_step(dims: tuple, batch: int, seed: int = 0) -> Callable[[], None]:
-    """The training step as `mlp.train.Trainer.fit` runs it."""
+    """The training step as `mlp.training.trainer.Trainer.fit` runs it (`mlp.core.step.step`)."""
     import numpy as np
 
     from mlp.core.model import MLP
@@ -253,8 +253,9 @@ def peak_memory(dims: tuple, n: int, batch: int) -> dict:
 
 
 def _memory_child(dims: tuple, n: int, batch: int) -> None:
-    """One epoch of `mlp.train.Trainer` (crop+flip, health metrics, checkpoint) on n uint8
-    training images plus validation and test sets; print the peak RSS (MiB) as JSON."""
+    """One epoch of `mlp.training.trainer.Trainer` (crop+flip, health metrics, checkpoint)
+    on n uint8 training images plus validation and test sets; print the peak RSS (MiB) as
+    JSON."""
     import tempfile
 
     import numpy as np
