@@ -118,3 +118,21 @@ def test_a_read_only_command_does_not_create_a_store(tmp_path: Path):
     with pytest.raises(store.StoreError, match="no MLflow store at"):
         store.open_client(f"sqlite:///{tmp_path / 'typo.db'}", create=False)
     assert not (tmp_path / "typo.db").exists()
+
+
+@pytest.mark.e2e
+def test_mlp_train_writes_where_tracking_uri_says_whatever_the_environment(
+        tmp_path: Path, run_env: dict):
+    """The same in a real `mlp-train` (the model logged too), with the store named by a
+    relative path: it is taken from the launch dir, not from Hydra's output dir."""
+    from helpers import FAST, mlp_train, runs_of
+
+    elsewhere = tmp_path / "elsewhere.db"
+    out = mlp_train([*FAST, "tracking.log_model=true", "tracking.uri=sqlite:///a.db"], tmp_path,
+                    run_env | {URI_VAR: f"sqlite:///{elsewhere}"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not elsewhere.exists()
+    client, runs = runs_of(tmp_path / "a.db")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert client.search_logged_models([runs[0].info.experiment_id])[0].source_run_id == (
+        runs[0].info.run_id)
