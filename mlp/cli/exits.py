@@ -7,11 +7,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 from mlp.config.command_line import OverrideError, check_command_line
-from mlp.tracking import masking
-from mlp.tracking import recorder as tracking
+from mlp.tracking import masking, store
 
 EXIT_CONFIG = 2
 
@@ -31,12 +31,14 @@ def config_error(e: ValueError) -> None:
     sys.exit(EXIT_CONFIG)
 
 
-def connect(cfg: DictConfig, launch_dir: Path) -> tuple[str, str]:
-    """(tracking URI, experiment id), or exit with a clear message when unusable."""
-    uri = tracking.resolve_uri(cfg.tracking.uri, launch_dir)
+def connect(cfg: DictConfig, launch_dir: Path) -> tuple[MlflowClient, str]:
+    """(a client for the run's store, the experiment id): the store of `tracking.uri`,
+    $MLFLOW_TRACKING_URI or `<launch_dir>/mlflow.db` (`store.resolve_uri`); or exit 2
+    with a clear message when it is unusable."""
+    uri = store.resolve_uri(cfg.tracking.uri, launch_dir)
     try:
-        return uri, tracking.connect(uri, cfg.tracking.experiment)
-    except tracking.TrackingError as e:
+        return store.connect(uri, cfg.tracking.experiment)
+    except store.StoreError as e:
         print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
         sys.exit(EXIT_CONFIG)
 

@@ -26,17 +26,17 @@ def check(cfg: DictConfig) -> bool:
         exits.config_error(e)
     job = Job.from_hydra()
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
-    uri, experiment_id = exits.connect(cfg, job.launch_dir)
+    client, experiment_id = exits.connect(cfg, job.launch_dir)
     tags = tracking.environment_tags(job.launch_dir, job.overrides, {}) | {
         "mlp.kind": "gradcheck"}
     name = "gradcheck-" + (cfg.tracking.run_name or tracking.run_name(resolved))
-    recorder = tracking.start_run(experiment_id, name, tags)
+    recorder = tracking.start_run(client, experiment_id, name, tags)
     with recorder.finishing():
         recorder.log_config(resolved, job.overrides, job.output_dir / ".hydra")
         report = build.run_gradcheck(cfg)
         recorder.log_gradcheck(report)
     print(report)
-    print(masking.mask(f"MLflow run {recorder.run_id} at {uri}"))
+    print(masking.mask(f"MLflow run {recorder.run_id} at {client.tracking_uri}"))
     return report.passed
 
 

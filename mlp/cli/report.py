@@ -7,10 +7,10 @@ import re
 import sys
 from pathlib import Path
 
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mlp.sweeps import report as rp
+from mlp.tracking import store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="mlp-report", description="Compare the runs of a sweep or an experiment "
         "from MLflow: a table, a val_acc heatmap over lr x reg, learning curves, the gap.")
     parser.add_argument("--uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                        "else sqlite:///<cwd>/mlflow.db)")
+                        "else sqlite:///<cwd>/mlflow.db, which must exist)")
     parser.add_argument("--experiment", default="mlp-lab", help="experiment name (mlp-lab)")
     parser.add_argument("--sweep", help="the sweep: its parent run id, parent run name or "
                         "mlp.sweep.name (default: every training run of the experiment)")
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.top < 1:
         parser.error(f"--top {args.top}: expected N >= 1")
     try:
-        client = MlflowClient(rp.store_uri(args.uri))
+        client = store.open_client(store.resolve_uri(args.uri, Path.cwd()), create=False)
         report, runs = rp.make_report(client, args.experiment, args.sweep)
-    except (ValueError, MlflowException) as e:
+    except (ValueError, MlflowException, store.StoreError) as e:
         print(f"mlp-report: {e}", file=sys.stderr)
         return 2
     figs = rp.figures(client, runs, report, top=args.top)

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-from mlp.tracking import recorder as tracking
 from mlp.tracking import store
 from mlp.tracking.reproduce import ReproduceError, compare_runs, difference_table, reproduce
 
@@ -20,11 +19,11 @@ def main(argv: list[str] | None = None) -> int:
         "config/resolved.yaml and compare every metric point with the original's.")
     parser.add_argument("run_id")
     parser.add_argument("--tracking-uri", help="the store of the run (default: "
-                        "$MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+                        "$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--workdir", type=Path, help="output directory of the reproduction "
                         "(default: ./outputs/reproduce/<run id>-<time>)")
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or tracking.resolve_uri(None, Path.cwd())
+    uri = store.resolve_uri(args.tracking_uri, Path.cwd())
     workdir = args.workdir or Path("outputs", "reproduce",
                                    f"{args.run_id}-{time.strftime('%Y%m%d-%H%M%S')}")
     workdir = workdir.resolve()
@@ -32,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     store.apply_http_policy()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        new_id, checks = reproduce(args.run_id, uri, workdir, Path.cwd())
-        compared, diffs = compare_runs(store.open_client(uri), args.run_id, new_id)
+        client = store.open_client(uri, create=False)
+        new_id, checks = reproduce(client, args.run_id, workdir, Path.cwd())
+        compared, diffs = compare_runs(client, args.run_id, new_id)
     except (ReproduceError, *store.STORE_ERRORS) as e:
         print(f"mlp-reproduce: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from mlp import data as datalib
@@ -62,9 +63,9 @@ class Job:
             print(masking.mask(f"mlp-lab: {what}: {error}"), file=sys.stderr)
             sys.exit(exits.EXIT_CONFIG)
         log.error("job cannot run, the sweep goes on: %s", error)
-        _, experiment_id = exits.connect(cfg, self.launch_dir)
+        client, experiment_id = exits.connect(cfg, self.launch_dir)
         tags = tracking.environment_tags(self.launch_dir, self.overrides, {})
-        tracking.start_failed_run(experiment_id, tracking.run_name(
+        tracking.start_failed_run(client, experiment_id, tracking.run_name(
             OmegaConf.to_container(cfg, resolve=True)), tags, error,
             parent_run_id=self.parent["run_id"])
         return math.nan
@@ -92,12 +93,13 @@ def train(cfg: DictConfig) -> float:
     for warning in configlib.inactive_overrides(configlib.flatten(resolved), [
             o.partition("=")[0].lstrip("+~") for o in job.overrides]):
         log.warning("%s", warning)
-    uri, experiment_id = exits.connect(cfg, job.launch_dir)
-    liveness.reap_dead_runs()
+    client, experiment_id = exits.connect(cfg, job.launch_dir)
+    liveness.reap_dead_runs(client)
     config_hash = sweeplib.config_hash(resolved)
     resume = cfg.trainer.resume
     if job.parent is not None:
-        finished, resume = sweeplib.earlier_attempts(experiment_id, config_hash, resume)
+        finished, resume = sweeplib.earlier_attempts(client, experiment_id, config_hash,
+                                                     resume)
         if finished is not None:
             return finished
     try:
@@ -105,9 +107,9 @@ def train(cfg: DictConfig) -> float:
     except datalib.DataError as e:
         return job.cannot_start(cfg, e, "data problem")
     trainer = build.build_trainer(cfg, splits, job.output_dir)
-    continued = _resume(trainer, resume) if resume else None
+    continued = _resume(client, trainer, resume) if resume else None
 
-    recorder, name = _start_recording(cfg, resolved, job, (uri, experiment_id), splits,
+    recorder, name = _start_recording(cfg, resolved, job, (client, experiment_id), splits,
                                       trainer, config_hash, continued)
     archive = build.archive_override(cfg, job.overrides)
     try:
@@ -127,7 +129,8 @@ def train(cfg: DictConfig) -> float:
             print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
             sys.exit(exits.EXIT_GRADCHECK if isinstance(e, exits.GradcheckFailed) else 1)
         raise
-    _summary(result, recorder.run_id, tracking.how_to_view(uri, experiment_id, recorder.run_id),
+    _summary(result, recorder.run_id,
+             tracking.how_to_view(client.tracking_uri, experiment_id, recorder.run_id),
              job.command(archive))
     return result.best_val_acc
 
@@ -146,7 +149,7 @@ def _resume_command(job: Job, archive: list[str], e: Interrupted) -> str:
     return job.command([*archive, f"trainer.resume={e.checkpoint}"])
 
 
-def _resume(trainer: Trainer, checkpoint: str) -> str | None:
+def _resume(client: MlflowClient, trainer: Trainer, checkpoint: str) -> str | None:
     """Load a checkpoint into the trainer (validated whole first: exit 2 naming the
     problem), send what an earlier attempt could not; returns the run to continue: the
     checkpoint's run unless that one finished (a resume never changes another run's
@@ -156,7 +159,7 @@ def _resume(trainer: Trainer, checkpoint: str) -> str | None:
     except (OSError, ValueError) as e:
         exits.config_error(ValueError(f"trainer.resume: {e}"))
     spoollib.send_pending(spoollib.beside(Path(checkpoint)))
-    if run_id is not None and tracking.run_status(run_id) == "FINISHED":
+    if run_id is not None and client.get_run(run_id).info.status == "FINISHED":
         log.info("run %s finished: this resume is recorded as a new run", run_id)
         trainer.meta["resumed_from"] = run_id
         return None
@@ -164,12 +167,12 @@ def _resume(trainer: Trainer, checkpoint: str) -> str | None:
 
 
 def _start_recording(cfg: DictConfig, resolved: dict[str, Any], job: Job,
-                     store: tuple[str, str], splits: datalib.Splits, trainer: Trainer,
+                     store: tuple[MlflowClient, str], splits: datalib.Splits, trainer: Trainer,
                      config_hash: str, continued: str | None
                      ) -> tuple[tracking.RunRecorder, str]:
     """Start (or reopen) the MLflow run with the run's tags, and attach its recorder and
     the per-epoch printer (and Optuna's pruning reporter in a trial) to the trainer."""
-    uri, experiment_id = store
+    client, experiment_id = store
     tags = tracking.environment_tags(job.launch_dir, job.overrides, splits.fingerprint)
     tags[sweeplib.CONFIG_HASH_TAG] = config_hash
     tags["mlp.blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "default")
@@ -182,7 +185,7 @@ def _start_recording(cfg: DictConfig, resolved: dict[str, Any], job: Job,
         else tracking.run_name(resolved))
     if parent is not None:
         tags[sweeplib.SWEEP_NAME_TAG] = parent.get("name", "")
-    recorder = tracking.start_run(experiment_id, name, tags, run_id=continued,
+    recorder = tracking.start_run(client, experiment_id, name, tags, run_id=continued,
                                   log_every_steps=cfg.tracking.log_every_steps,
                                   parent_run_id=parent and parent["run_id"],
                                   system_metrics=cfg.tracking.system_metrics,
@@ -197,7 +200,7 @@ def _start_recording(cfg: DictConfig, resolved: dict[str, Any], job: Job,
 
         trainer.observers.append(TrialReporter(trial.storage, trial.study, trial.id))
     log.info("MLflow run %s (%s) in experiment %r at %s", recorder.run_id, name,
-             cfg.tracking.experiment, masking.mask(uri))
+             cfg.tracking.experiment, masking.mask(client.tracking_uri))
     return recorder, name
 
 
@@ -248,11 +251,11 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                   name: str) -> None:
     """Figures, the model, the final metrics (linked to the model and the test split) and
     the description of a finished training. With the store gone, the metrics and tags go
-    to the run's spool and the rest is named in a warning (`unless_offline`)."""
+    to the run's spool and the rest is named in a warning (`Sink.unless_offline`)."""
     recorder.set_tags({"checkpoint": str(result.checkpoint),
                        "stopped_early": str(result.stopped_early).lower()})
     if cfg.tracking.plots:
-        with recorder.unless_offline("the figures"):
+        with recorder.sink.unless_offline("the figures"):
             classes = splits.classes
             recorder.log_figure(plots.curves_figure(result.history), "curves")
             recorder.log_figure(plots.confusion_figure(splits.y_test, result.test_pred,
@@ -264,13 +267,13 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                 "first_layer_weights")
     model_id = None
     if cfg.tracking.log_model:
-        with recorder.unless_offline("the model"):
+        with recorder.sink.unless_offline("the model"):
             model_id = recorder.log_model(trainer.model, trainer.normalizer, splits.classes,
                                           name, example=np.asarray(splits.X_test[:3]))
     recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
                          step=result.best_epoch, model_id=model_id, dataset=datasets["test"])
     widths = [trainer.model.arch.input_dim, *cfg.model.hidden_sizes, len(splits.classes)]
-    with recorder.unless_offline("the description"):
+    with recorder.sink.unless_offline("the description"):
         recorder.describe(tracking.describe_run(
             OmegaConf.to_container(cfg, resolve=True), result,
             recorder.client.get_run(recorder.run_id).data.tags, widths))

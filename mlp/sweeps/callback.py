@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +37,9 @@ from mlp.tracking.keys import (
     SWEEP_TAG,
     SWEPT_TAG,
 )
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger("mlp.sweep")
 
@@ -87,13 +90,10 @@ def _digest(tree: Any) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def open_parent_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
-    """The parent run of a sweep: the one with the same `mlp.sweep.hash` tag if the sweep
-    ran before (reopened as RUNNING), else a new one. Not the fluent active run: the
-    jobs' child runs are."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
+def open_parent_run(client: MlflowClient, experiment_id: str, name: str,
+                    tags: Mapping[str, str]) -> str:
+    """The parent run of a sweep in the client's store: the one with the same
+    `mlp.sweep.hash` tag if the sweep ran before (reopened as RUNNING), else a new one."""
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{SWEEP_HASH_TAG}` = '{tags[SWEEP_HASH_TAG]}'",
         max_results=1)
@@ -104,12 +104,10 @@ def open_parent_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> s
     return client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
 
 
-def runs_with_config(experiment_id: str, config_hash: str) -> list:
+def runs_with_config(client: MlflowClient, experiment_id: str, config_hash: str) -> list:
     """Training runs of the experiment whose `mlp.config_hash` tag is config_hash, newest
     first."""
-    from mlflow import MlflowClient
-
-    return MlflowClient().search_runs(
+    return client.search_runs(
         [experiment_id], filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{config_hash}'",
         order_by=["attributes.start_time DESC"])
 
@@ -134,10 +132,10 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.parent: dict | None = None
+        self.client: MlflowClient | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlp.tracking import masking  # mlflow loads only when a sweep starts
-        from mlp.tracking import recorder as tracking
+        from mlp.tracking import masking, store  # mlflow loads only when a sweep starts
 
         masking.install()
 
@@ -150,8 +148,8 @@ class SweepCallback(Callback):
             log.info("joblib launcher: %s BLAS thread(s) per job",
                      os.environ["OPENBLAS_NUM_THREADS"])
 
-        uri = tracking.resolve_uri(config.tracking.uri, hydra.runtime.cwd)
-        experiment_id = tracking.connect(uri, config.tracking.experiment)
+        uri = store.resolve_uri(config.tracking.uri, hydra.runtime.cwd)
+        self.client, experiment_id = store.connect(uri, config.tracking.experiment)
         overrides = list(hydra.overrides.task)
         params = hydra.sweeper.get("params")
         sweeper_params = OmegaConf.to_container(params, resolve=True) if params else {}
@@ -160,7 +158,7 @@ class SweepCallback(Callback):
         sweep_hash = _digest(definition)
         name = _sweep_name(config, overrides)
         swept = swept_keys(overrides, sweeper_params)
-        run_id = open_parent_run(experiment_id, name, {
+        run_id = open_parent_run(self.client, experiment_id, name, {
             SWEEP_TAG: "true", SWEEP_HASH_TAG: sweep_hash, SWEEP_NAME_TAG: name,
             "mlp.sweep.overrides": masking.mask(" ".join(overrides)),
             "mlp.sweep.params": masking.mask(json.dumps(sweeper_params)),
@@ -173,18 +171,15 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(json.dumps(masking.mask_tree(self.parent)))
         atexit.register(self._end_if_running, "KILLED")
-        log.info("MLflow parent run %s (%s) at %s", run_id, name, uri)
+        log.info("MLflow parent run %s (%s) at %s", run_id, name, masking.mask(uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.parent is None:
+        if self.parent is None or self.client is None:
             return
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.parent["uri"])
         try:
             from mlp.sweeps import report
 
-            summary = report.log_sweep_report(client, self.parent["run_id"])
+            summary = report.log_sweep_report(self.client, self.parent["run_id"])
             log.info("sweep report:\n%s", summary)
         except Exception as e:  # a report must never lose the sweep's results
             log.warning("could not build the sweep report: %s", e)
@@ -192,11 +187,9 @@ class SweepCallback(Callback):
 
     def _end_if_running(self, status: str) -> None:
         """End the parent (FINISHED, or KILLED when the process exits mid-sweep)."""
-        if self.parent is None:
+        if self.parent is None or self.client is None:
             return
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.parent["uri"])
+        client = self.client
         if client.get_run(self.parent["run_id"]).info.status == "RUNNING":
             client.set_terminated(self.parent["run_id"], status=status)
 
@@ -215,11 +208,11 @@ def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
     return f"{keys}-" + "_".join(Path(config.hydra.sweep.dir).parts[-2:])
 
 
-def earlier_attempts(experiment_id: str, config_hash: str, resume: str | None
-                      ) -> tuple[float | None, str | None]:
+def earlier_attempts(client: MlflowClient, experiment_id: str, config_hash: str,
+                     resume: str | None) -> tuple[float | None, str | None]:
     """For a sweep job: (its best val accuracy, None) when this config already finished in
     the experiment, else (None, the checkpoint to resume: a killed attempt's, or `resume`)."""
-    earlier = runs_with_config(experiment_id, config_hash)
+    earlier = runs_with_config(client, experiment_id, config_hash)
     finished = [r for r in earlier if r.info.status == "FINISHED"]
     if finished:
         log.info("skipping: this config already finished as run %s", finished[0].info.run_id)

@@ -28,7 +28,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
@@ -422,7 +421,13 @@ def _register_best(client: MlflowClient, report: Report, name: str) -> str | Non
         experiment_ids, filter_string=f"source_run_id = '{report.best['run_id']}'")
     if not models:
         return None
-    version = mlflow.register_model(f"models:/{models[0].model_id}", name)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise  # a registered model that exists gets a new version
+    model_id = models[0].model_id
+    version = client.create_model_version(name, f"models:/{model_id}", model_id=model_id)
     client.update_registered_model(name, description=(
         f"The best models of sweep {name.removeprefix(report.experiment + '-')} (experiment "
         f"{report.experiment}); @{CHAMPION} is the best by validation accuracy."))
@@ -472,20 +477,3 @@ def log_sweep_report(client: MlflowClient, parent_run_id: str) -> Report:
     report, runs = make_report(client, experiment, parent_run_id)
     log_on_parent(client, parent, report, runs, figures(client, runs, report))
     return report
-
-
-# -- mlp-report ------------------------------------------------------------------------------
-
-
-def store_uri(uri: str | None) -> str:
-    """--uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db; a SQLite file must exist (so
-    that a typo does not create an empty store)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise ValueError(f"no MLflow store at {path}: run mlp-train here first, or pass "
-                             "--uri (or set MLFLOW_TRACKING_URI) to point at one")
-    return uri
-
-

@@ -100,12 +100,11 @@ def why_dead(tags: Mapping[str, str], start_time_ms: int, now: float,
     return None
 
 
-def reap_dead_runs(client: MlflowClient | None = None, stale_after: float = STALE_AFTER,
+def reap_dead_runs(client: MlflowClient, stale_after: float = STALE_AFTER,
                    now: float | None = None) -> list[tuple[str, str]]:
-    """End as KILLED every RUNNING run of the store (all experiments; default client: the
-    current tracking URI's) whose process is gone, with the reason as tag
-    `mlp.killed_reason`; returns [(run id, reason)]."""
-    client = MlflowClient() if client is None else client
+    """End as KILLED every RUNNING run of the client's store (all experiments) whose
+    process is gone, with the reason as tag `mlp.killed_reason`; returns [(run id,
+    reason)]."""
     now = time.time() if now is None else now
     reaped: list[tuple[str, str]] = []
     try:

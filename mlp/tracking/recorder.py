@@ -1,18 +1,14 @@
-"""MLflow tracking: the store, the run's lifecycle, and everything a run records.
+"""What a run records in MLflow: its params, config, datasets, metrics per epoch, gradient
+check, figures, model, description, tags and status.
 
 This module records what it is given (configs, histories, gradient-check reports,
 figures, the trained model, the data splits); it trains nothing and checks nothing. The
-metric keys are the contract of `mlp/metrics.py` (learning curves `acc/*`, `loss/*` first,
-then the learning rate, the gradient check `rel_error/*`, speed and health); params are the
-config keys that act in the run (`config.applies`), and the bookkeeping keys are tags.
-
-Metrics are buffered and sent with `log_batch` at the end of every epoch (one call per
-epoch instead of one per point: per-point calls cost ~4 ms each on SQLite), by a
-background thread so that the training loop never waits for the store. A failed send
-keeps its metrics for a later one, so a tracking server that blips or dies does not stop
-training: `mlp-train`'s runs keep them in a spool file beside the checkpoint (`mlp.spool`,
-sent when the store answers again or with `mlp-sync`), and every HTTP call gives up
-within a bounded time (`mlp.store.HTTP_POLICY`).
+metric keys are the contract of `mlp.tracking.keys` (learning curves `acc/*`, `loss/*`
+first, then the learning rate, the gradient check `rel_error/*`, speed and health); params
+are the config keys that act in the run (`config.applies`), and the bookkeeping keys are
+tags. How metric points, tags and the status get to the store (buffer, sender thread,
+spool, back-off) is the `sink`'s business; everything here goes through the client the
+command opened (`store.connect`).
 """
 
 from __future__ import annotations
@@ -31,11 +27,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -43,86 +37,25 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.models import Model, infer_signature
+from mlflow.tracking.context import registry as context_registry
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from mlp.config import schema as configlib
 from mlp.core.gradcheck import GradcheckReport
 from mlp.core.model import MLP
 from mlp.data import Normalizer
 from mlp.tracking import keys, liveness, masking, serving, store
-from mlp.tracking import spool as spoollib
+from mlp.tracking.sink import Sink
 
 Array = np.ndarray
 
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 FINGERPRINT_TAGS = ("archive_sha256", "n_train", "n_val", "n_test")
 MODEL_STEP = -1  # the step a model is logged at: one where the run logs no metric
-TRAINING_KIND = "custom_model_development"  # the MLflow UI's model-training view
 DATASET_TRIES = 3  # log_inputs under parallel jobs: see RunRecorder.log_datasets
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used (unreachable server, bad URI)."""
-
-
-def resolve_uri(configured: str | None, launch_dir: str | Path) -> str:
-    """The tracking URI: $MLFLOW_TRACKING_URI, else `tracking.uri`, else a SQLite file
-    `mlflow.db` in the directory the command was launched from, as an absolute path so
-    that every job of a sweep writes to one store."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if configured:
-        return configured
-    return f"sqlite:///{(Path(launch_dir) / 'mlflow.db').resolve()}"
-
-
-def connect(uri: str, experiment: str) -> str:
-    """Point MLflow at `uri`, make sure the store and the experiment exist, and return
-    the experiment id. A server that does not answer raises TrackingError at once
-    (before any training), instead of MLflow's minutes of retries; so does a store that
-    cannot be opened (a SQLite store is created under a lock: `store.open_client`)."""
-    mlflow.set_tracking_uri(uri)
-    store.apply_http_policy()
-    try:
-        client = store.open_client(uri)
-    except store.StoreError as e:
-        raise TrackingError(str(e)) from e
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {k: os.environ.get(k) for k in quick}
-    os.environ.update(quick)
-    try:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            try:
-                experiment_id = client.create_experiment(
-                    experiment, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
-            except MlflowException:
-                # another job created it between our lookup and our create
-                found = client.get_experiment_by_name(experiment)
-                if found is None:
-                    raise
-                experiment_id = found.experiment_id
-        else:
-            experiment_id = found.experiment_id
-            if found.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
-                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
-    except MlflowException as e:
-        raise TrackingError(f"cannot use the MLflow tracking store at {uri}: {e}. Check "
-                            "tracking.uri / MLFLOW_TRACKING_URI and that the server is up.") from e
-    except OSError as e:
-        raise TrackingError(f"cannot reach the MLflow tracking store at {uri}: {e}") from e
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
+STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 def how_to_view(uri: str, experiment_id: str, run_id: str) -> str:
@@ -275,158 +208,48 @@ def _blas() -> str:
 class RunRecorder:
     """Records one run: an `Observer` for the training loop plus the run's artifacts.
 
-    Per-step `batch_loss` is kept every `log_every_steps` steps; everything is buffered
-    and flushed with `log_batch` once per epoch, from a background thread, with the
-    heartbeat tag (`liveness`). With a `spool_path`, what the store does not take is kept
-    in that file (`mlp.spool`) and the store is left alone for RETRY_AFTER seconds, so a
-    dead server costs each call a bounded time (`store.HTTP_POLICY`) and the run's end
-    one more try; what is still in the spool then is named in a warning.
+    Per-step `batch_loss` is kept every `log_every_steps` steps; each epoch's metrics go to
+    the run's `sink` with the heartbeat tag (`liveness`), which sends them once per epoch
+    (and keeps what the store does not take: `sink.Sink`). Everything else is written
+    through `client`, the store the command opened. With `monitor` (MLflow's system
+    metrics sampler) running, it is stopped when the run ends.
     """
 
-    RETRY_AFTER = 30.0  # seconds without trying the store after a failed send
-
-    def __init__(self, run_id: str, log_every_steps: int = 10,
-                 spool_path: Path | None = None) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, log_every_steps: int = 10,
+                 spool_path: Path | None = None, monitor: Any = None) -> None:
+        self.client = client
         self.run_id = run_id
-        self.client = MlflowClient()
-        self.uri = mlflow.get_tracking_uri()
         self.log_every_steps = log_every_steps
-        self.spool = None if spool_path is None else spoollib.Spool(spool_path)
-        self._buffer: list[Metric] = []
-        self._tags: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlp-tracking")
-        self._sending: Future | None = None
-        self._offline_until = 0.0  # time.monotonic() before which the store is not tried
+        self.sink = Sink(client, run_id, spool_path, order=keys.reading_order)
+        self._monitor = monitor
         self._deferred: list[Metric] = []  # the gradient check's metrics (log_gradcheck)
 
     # -- Observer ---------------------------------------------------------------------------
 
     def on_step(self, step: int, loss: float, lr: float) -> None:
         if step % self.log_every_steps == 0:
-            self._add({keys.LOSS_BATCH: loss}, step)
+            self.sink.add(_points({keys.LOSS_BATCH: loss}, step))
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._add({keys.mlflow_key(k): v for k, v in metrics.items()}, epoch)
-        with self._lock:
-            self._tags |= liveness.heartbeat()
-        self.flush()
+        self.sink.add(_points({keys.mlflow_key(k): v for k, v in metrics.items()}, epoch),
+                      liveness.heartbeat())
+        self.sink.flush()
 
     # -- metrics ------------------------------------------------------------------------
-
-    def _add(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        points = [Metric(key=k, value=float(v), timestamp=now, step=step)
-                  for k, v in metrics.items()]
-        with self._lock:
-            self._buffer += points
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0,
                     model_id: str | None = None, dataset: Any = None) -> None:
         """Record metrics now (final numbers), waiting until they are stored; linked to a
-        logged model and the dataset they were measured on when given."""
+        logged model and the dataset they were measured on when given (the spool keeps
+        them without the link)."""
+        points = _points(metrics, step, model_id=model_id,
+                         dataset_name=dataset.name if dataset is not None else None,
+                         dataset_digest=dataset.digest if dataset is not None else None)
         if model_id is None and dataset is None:
-            self._add(metrics, step)
-            self.flush(wait=True)
-            return
-        self.flush(wait=True)
-        try:
-            if self._offline():
-                raise store.StoreError("the store failed a moment ago")
-            mlflow.log_metrics(dict(metrics), step=step, run_id=self.run_id, model_id=model_id,
-                               dataset=dataset)
-        except store.STORE_ERRORS:
-            if self.spool is None:
-                raise
-            self._add(metrics, step)  # kept (in the spool), without the link
-            self.flush(wait=True)
-
-    def _offline(self) -> bool:
-        """Whether the store failed less than RETRY_AFTER seconds ago (with a spool only)."""
-        return self.spool is not None and time.monotonic() < self._offline_until
-
-    @contextlib.contextmanager
-    def unless_offline(self, what: str) -> Iterator[None]:
-        """Run the block; when the store fails in it and the run has a spool, warn that
-        `what` is not recorded instead of failing a run whose training is done."""
-        try:
-            yield
-        except store.STORE_ERRORS as e:
-            if self.spool is None:
-                raise
-            self._offline_until = time.monotonic() + self.RETRY_AFTER
-            warnings.warn(f"{what} not recorded: the MLflow store does not answer "
-                          f"({type(e).__name__}); the trained parameters are in the "
-                          f"checkpoint beside {self.spool.path}", stacklevel=3)
-
-    def flush(self, wait: bool = False, strict: bool = False) -> None:
-        """Hand the buffered metrics and tags to the sender thread; with `wait`, block until
-        they are stored (or spooled), and with `strict` also retry what failed once more
-        now: without a spool raising on error, with one sending the spool."""
-        with self._lock:
-            points, self._buffer = self._buffer, []
-            tags, self._tags = self._tags, {}
-        # MLflow lists a run's metrics in the order their keys first arrive: send them in
-        # the order a reviewer reads them (a stable sort keeps each key's steps in order).
-        points.sort(key=lambda point: keys.reading_order(point.key))
-        if points or tags:
-            self._sending = self._sender.submit(self._send, points, tags)
-        if wait and self._sending is not None:
-            self._sending.result()
-            if strict:
-                with self._lock:
-                    points, self._buffer = self._buffer, []
-                    tags, self._tags = self._tags, {}
-                self._send(points, tags, strict=True)
-
-    def _send(self, points: list[Metric], tags: Mapping[str, str] | None = None,
-              strict: bool = False) -> None:
-        """The spool first (oldest first), then log_batch in chunks of 1000 (MLflow's
-        limit), the tags with the first. On failure what is left goes to the spool, or
-        without one back to the front of the buffer, for the next flush (one sender thread
-        keeps the order)."""
-        tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
-        if not strict and self._offline():
-            self._keep(points, tag_list)
-            return
-        try:
-            if self.spool is not None and self.spool.pending():
-                self.spool.send()
-        except store.STORE_ERRORS as e:
-            self._keep(points, tag_list, e)
-            return
-        starts = range(0, len(points), 1000) if points else range(1 if tag_list else 0)
-        for i in starts:
-            try:
-                self.client.log_batch(self.run_id, metrics=points[i:i + 1000],
-                                      tags=tag_list if i == 0 else [])
-            except store.STORE_ERRORS as e:
-                if strict and self.spool is None:
-                    raise
-                self._keep(points[i:], tag_list if i == 0 else [], e)
-                return
-
-    def _keep(self, points: list[Metric], tags: list[RunTag],
-              error: BaseException | None = None) -> None:
-        """Keep what could not be sent: in the spool (and stay away from the store for
-        RETRY_AFTER seconds), or without one in the buffer."""
-        if self.spool is None:
-            with self._lock:
-                self._buffer[:0] = points
-                self._tags = {t.key: t.value for t in tags} | self._tags
-            warnings.warn(f"MLflow logging failed, will retry at the next flush: {error}",
-                          stacklevel=3)
-            return
-        self.spool.append(spoollib.metric_records(self.uri, self.run_id, points)
-                          + spoollib.tag_records(self.uri, self.run_id,
-                                                 {t.key: t.value for t in tags}))
-        if error is not None:
-            if time.monotonic() >= self._offline_until:
-                warnings.warn(f"the MLflow store does not answer ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); training "
-                              f"goes on, what is not sent is kept in {self.spool.path}",
-                              stacklevel=3)
-            self._offline_until = time.monotonic() + self.RETRY_AFTER
+            self.sink.add(points)
+            self.sink.flush(wait=True)
+        else:
+            self.sink.send_now(points)
 
     # -- artifacts ------------------------------------------------------------------------
 
@@ -435,9 +258,9 @@ class RunRecorder:
         """The config keys that act in the run as params, the bookkeeping keys as tags, and
         the whole resolved config under config/ with Hydra's own files (secrets masked:
         `masking`)."""
-        items = [(k, masking.mask(v)) for k, v in run_params(resolved).items()]
-        for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i:i + 100]), run_id=self.run_id)
+        params = [Param(k, masking.mask(v)) for k, v in run_params(resolved).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.set_tags(bookkeeping_tags(resolved))
         self.client.log_dict(self.run_id, masking.mask_tree(dict(resolved)),
                              "config/resolved.yaml")
@@ -479,8 +302,7 @@ class RunRecorder:
         metrics[keys.GRADCHECK_KINKS] = report.kinks
         # Sent when the run ends, after the learning curves, so that they do not head the
         # run's metrics table; the tags and artifacts below hold the values meanwhile.
-        self._deferred += [Metric(k, float(v), int(time.time() * 1000), 0)
-                           for k, v in metrics.items()]
+        self._deferred += _points(metrics, 0)
         self.set_tags({"gradcheck.passed": str(report.passed).lower(),
                        "gradcheck.verdict": report.verdict,
                        "gradcheck.max_rel_error": sci(report.max_rel_error)})
@@ -505,15 +327,24 @@ class RunRecorder:
             data = serving.save(Path(tmp) / "mlp", model, normalizer, classes)
             self.client.log_artifact(self.run_id, str(data / "model.npz"), "model_npz")
             probs = serving._load_pyfunc(str(data)).predict(example)
-            info = mlflow.pyfunc.log_model(
-                name=name, loader_module="mlp.tracking.serving", data_path=str(data),
-                code_paths=[str(Path(serving.__file__).parents[1])],
-                signature=infer_signature(example, probs), input_example=example,
-                pip_requirements=[f"numpy=={np.__version__}", f"tqdm=={version('tqdm')}"],
-                # No metric is logged at this step: the model's metrics are the ones
-                # logged with its id (log_metrics(model_id=...)), not the run's at step 0.
-                step=MODEL_STEP)
-        return info.model_id
+            # What mlflow.pyfunc.log_model does inside a fluent run, with this run and
+            # client: the logged model is created here (in the run's experiment, with its
+            # params), Model.log fills it and links it to the run.
+            run = self.client.get_run(self.run_id)
+            logged = self.client.create_logged_model(
+                run.info.experiment_id, name=name, source_run_id=self.run_id,
+                params=run.data.params, tags=context_registry.resolve_tags())
+            with store.process_uri(self.client):
+                Model.log(
+                    artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=self.run_id,
+                    model_id=logged.model_id, loader_module="mlp.tracking.serving",
+                    data_path=str(data), code_paths=[str(Path(serving.__file__).parents[1])],
+                    signature=infer_signature(example, probs), input_example=example,
+                    pip_requirements=[f"numpy=={np.__version__}", f"tqdm=={version('tqdm')}"],
+                    # No metric is logged at this step: the model's metrics are the ones
+                    # logged with its id (log_metrics(model_id=...)), not the run's at 0.
+                    step=MODEL_STEP)
+        return logged.model_id
 
     def describe(self, text: str) -> None:
         """The run's description (the Overview tab's Description: `mlflow.note.content`)."""
@@ -523,9 +354,8 @@ class RunRecorder:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set tags now, with any buffered metrics (kept like them when the store fails)."""
-        with self._lock:
-            self._tags |= {key: masking.mask(value) for key, value in tags.items()}
-        self.flush(wait=True)
+        self.sink.add(tags={key: masking.mask(value) for key, value in tags.items()})
+        self.sink.flush(wait=True)
 
     @contextlib.contextmanager
     def finishing(self, killed: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
@@ -552,68 +382,58 @@ class RunRecorder:
                 self.client.delete_tag(self.run_id, key)
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
-        """End the run FINISHED, FAILED (with the error as tags) or KILLED. With a spool and
-        a store that still does not answer, the end goes to the spool too, and a warning
-        says what is kept where and how to send it (`mlp-sync`)."""
-        if status not in ("FINISHED", "FAILED", "KILLED"):
+        """End the run FINISHED, FAILED (with the error as tags) or KILLED: the gradient
+        check's metrics after the learning curves, then the sink's end (`Sink.end`: what
+        the store does not take is kept and named)."""
+        if status not in STATUSES:
             raise ValueError(f"status={status!r}: expected FINISHED, FAILED or KILLED")
-        with self._lock:
-            self._buffer += self._deferred
-            self._deferred = []
-            if error is not None:
-                self._tags |= {"error.type": type(error).__name__,
-                               "error.message": masking.mask(str(error)[:5000])}
+        deferred, self._deferred = self._deferred, []
+        self.sink.add(deferred, None if error is None else {
+            "error.type": type(error).__name__,
+            "error.message": masking.mask(str(error)[:5000])})
         try:
-            self.flush(wait=True, strict=status == "FINISHED" or self.spool is not None)
+            self.sink.end(status)
         finally:
-            self._sender.shutdown(wait=True)
-            active = mlflow.active_run()
-            try:
-                if self.spool is not None and self.spool.pending():
-                    raise store.StoreError("the spool could not be sent")
-                if active is not None and active.info.run_id == self.run_id:
-                    mlflow.end_run(status=status)  # leaves the fluent run even when it fails
-                else:
-                    self.client.set_terminated(self.run_id, status=status)
-            except store.STORE_ERRORS:
-                if self.spool is None:
-                    raise
-                if active is not None and active.info.run_id == self.run_id:
-                    with contextlib.suppress(*store.STORE_ERRORS):
-                        mlflow.end_run(status=status)
-                self._spool_end(status)
-
-    def _spool_end(self, status: str) -> None:
-        """Keep the run's final status in the spool (after its last points) and say so."""
-        assert self.spool is not None
-        self.spool.append([spoollib.status_record(self.uri, self.run_id, status,
-                                                  int(time.time() * 1000))])
-        records = [r for r in self.spool.read() if r["run_id"] == self.run_id]
-        counts = {kind: sum(r["kind"] == kind for r in records)
-                  for kind in ("metric", "tag", "status")}
-        warnings.warn(f"the MLflow store {self.uri} does not answer: run {self.run_id} ended "
-                      f"{status}, but {counts['metric']} metric points, {counts['tag']} tags "
-                      f"and its final status are kept in {self.spool.path}. Send them when "
-                      f"the store is back with: mlp-sync {self.spool.path}", stacklevel=3)
+            if self._monitor is not None:
+                self._monitor.finish()
+                self._monitor = None
 
 
-def start_run(experiment_id: str, name: str, tags: Mapping[str, str],
+def _points(metrics: Mapping[str, float], step: int, **link: Any) -> list[Metric]:
+    """Metric points stamped now, at `step` (`link`: model_id, dataset_name, dataset_digest)."""
+    now = int(time.time() * 1000)
+    return [Metric(key=k, value=float(v), timestamp=now, step=step, **link)
+            for k, v in metrics.items()]
+
+
+def start_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, str],
               run_id: str | None = None, log_every_steps: int = 10,
               parent_run_id: str | None = None, system_metrics: bool = False,
               spool_path: Path | None = None) -> RunRecorder:
-    """Start a run (or reopen `run_id` to continue it after a resume) as the active run,
-    as a child of `parent_run_id` when given, sampling CPU and memory as `system/*`
-    metrics when `system_metrics`, and return its recorder (keeping what the store does
-    not take in `spool_path`, when given)."""
+    """Start a run in `experiment_id` of the client's store (or reopen `run_id` as RUNNING
+    to continue it after a resume), as a child of `parent_run_id` when given, sampling CPU
+    and memory as `system/*` metrics when `system_metrics`, and return its recorder
+    (keeping what the store does not take in `spool_path`, when given). A new run gets
+    MLflow's context tags (user, source, git, $MLFLOW_RUN_CONTEXT) as `mlflow.start_run`
+    gives them."""
     tags = {key: masking.mask(value) for key, value in tags.items()}
     if parent_run_id is not None:
-        tags["mlflow.parentRunId"] = parent_run_id
-    if run_id is not None:
-        run = mlflow.start_run(run_id=run_id, tags=tags, log_system_metrics=system_metrics)
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    resumed = run_id is not None
+    if resumed:
+        client.update_run(run_id, status="RUNNING")
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags,
-                               log_system_metrics=system_metrics)
-    return RunRecorder(run.info.run_id, log_every_steps, spool_path)
+        run_id = client.create_run(experiment_id, run_name=name, tags=context_registry
+                                   .resolve_tags(tags | {MLFLOW_RUN_NAME: name})).info.run_id
+    monitor = None
+    if system_metrics:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resumed,
+                                       tracking_uri=client.tracking_uri)
+        monitor.start()
+    return RunRecorder(client, run_id, log_every_steps, spool_path, monitor)
 
 
 def split_datasets(splits: Any, name: str, source: str) -> dict[str, Any]:
@@ -632,15 +452,11 @@ def split_datasets(splits: Any, name: str, source: str) -> dict[str, Any]:
                 for context, (X, y) in parts.items()}
 
 
-def run_status(run_id: str) -> str:
-    """A run's status (RUNNING, FINISHED, FAILED, KILLED) in the current store."""
-    return MlflowClient().get_run(run_id).info.status
-
-
-def start_failed_run(experiment_id: str, name: str, tags: Mapping[str, str],
-                     error: BaseException, parent_run_id: str | None = None) -> str:
+def start_failed_run(client: MlflowClient, experiment_id: str, name: str,
+                     tags: Mapping[str, str], error: BaseException,
+                     parent_run_id: str | None = None) -> str:
     """Record a job that could not start (e.g. an invalid combination in a sweep) as a
     FAILED run with its error, so the sweep shows it."""
-    recorder = start_run(experiment_id, name, tags, parent_run_id=parent_run_id)
+    recorder = start_run(client, experiment_id, name, tags, parent_run_id=parent_run_id)
     recorder.finish("FAILED", error)
     return recorder.run_id

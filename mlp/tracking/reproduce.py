@@ -195,11 +195,13 @@ def _mlp_train() -> str:
     return str(beside) if beside.exists() else shutil.which("mlp-train") or "mlp-train"
 
 
-def reproduce(run_id: str, uri: str, workdir: Path, code_dir: Path) -> tuple[str, list[str]]:
-    """Run `run_id` again from its record into the same store and experiment, launched
+def reproduce(client: MlflowClient, run_id: str, workdir: Path, code_dir: Path
+              ) -> tuple[str, list[str]]:
+    """Run `run_id` of the client's store again from its record into the same store and
+    experiment (named to `mlp-train` by `tracking.uri`, the option that wins), launched
     from code_dir (whose git state is checked) with its outputs in workdir; returns the
     new run's id and the check lines (code before, provenance after)."""
-    client = store.open_client(uri)
+    uri = client.tracking_uri
     try:
         run = client.get_run(run_id)
     except store.STORE_ERRORS as e:
@@ -207,8 +209,7 @@ def reproduce(run_id: str, uri: str, workdir: Path, code_dir: Path) -> tuple[str
     resolved = recorded_config(client, run_id)
     experiment = client.get_experiment(run.info.experiment_id).name
     checks = code_checks(run.data.tags, code_dir)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
-               MLFLOW_RUN_CONTEXT=json.dumps({REPRODUCES_TAG: run_id}))
+    env = dict(os.environ, MLFLOW_RUN_CONTEXT=json.dumps({REPRODUCES_TAG: run_id}))
     started = int(time.time() * 1000)
     out = subprocess.run([_mlp_train(), *overrides_for(resolved, uri, experiment, workdir)],
                          cwd=code_dir, env=env, capture_output=True, text=True)

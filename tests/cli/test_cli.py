@@ -273,9 +273,10 @@ def test_gradcheck_command_logs_its_own_run(tmp_path: Path, run_env: dict):
 LOGGER = """
 import sys
 from mlp.tracking import recorder as tracking
+from mlp.tracking import store
 uri, n = sys.argv[1], int(sys.argv[2])
-exp = tracking.connect(uri, "parallel")
-rec = tracking.start_run(exp, f"writer-{n}", {"writer": str(n)}, log_every_steps=1)
+client, exp = store.connect(uri, "parallel")
+rec = tracking.start_run(client, exp, f"writer-{n}", {"writer": str(n)}, log_every_steps=1)
 for epoch in range(1, 31):
     for step in range(1, 11):
         rec.on_step((epoch - 1) * 10 + step, float(step), 0.1)
@@ -285,10 +286,10 @@ rec.finish("FINISHED")
 
 
 def test_four_processes_share_one_sqlite_store(tmp_path: Path, run_env: dict):
-    from mlp.tracking import recorder as tracking
+    from mlp.tracking import store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.connect(uri, "parallel")  # the store and experiment exist before the writers
+    store.connect(uri, "parallel")  # the store and experiment exist before the writers
     procs = [subprocess.Popen([sys.executable, "-c", LOGGER, uri, str(n)], env=run_env,
                               stderr=subprocess.PIPE, text=True) for n in range(4)]
     for p in procs:

@@ -48,10 +48,10 @@ QUICK = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow store with the experiment, made once: each sweep starts from a copy
     (creating a store costs seconds, and parallel workers must not race to create it)."""
-    from mlp.tracking import recorder as tracking
+    from mlp.tracking import store
 
     db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    tracking.connect(f"sqlite:///{db}", "mlp-lab")
+    store.connect(f"sqlite:///{db}", "mlp-lab")
     return db
 
 

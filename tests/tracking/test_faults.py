@@ -39,7 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlp import data
 from mlp.cli import sync
 from mlp.tracking import keys as metrics
-from mlp.tracking import liveness, reproduce, spool
+from mlp.tracking import liveness, reproduce, spool, store
 from mlp.tracking import recorder as tracking
 
 LEAN = ["gradcheck.enabled=false", "tracking.plots=false", "tracking.log_model=false"]
@@ -61,12 +61,12 @@ def steps(client: MlflowClient, run, key: str) -> list[int]:
 OPENER = """
 import sys, time
 from pathlib import Path
-from mlp.tracking import recorder as tracking
+from mlp.tracking import store
 uri, gate = sys.argv[1], Path(sys.argv[2])
 (gate.parent / f"ready-{sys.argv[3]}").touch()
 while not gate.exists():  # MLflow is imported: wait for the others, then open together
     time.sleep(0.01)
-print(tracking.connect(uri, "crowd"))
+print(store.connect(uri, "crowd")[1])
 """
 
 
@@ -95,11 +95,11 @@ def test_processes_create_one_fresh_store_at_once(tmp_path: Path, run_env: dict)
                                              ("no/dir.db", "no does not exist")])
 def test_a_store_that_cannot_be_opened_is_a_tracking_error(tmp_path: Path, name: str,
                                                           says: str):
-    """TrackingError is what mlp-train turns into a message and exit 2 (test_cli.py::
+    """StoreError is what mlp-train turns into a message and exit 2 (test_cli.py::
     test_unreachable_server_fails_before_training)."""
     (tmp_path / "broken.db").write_bytes(b"not a database" * 100)
-    with pytest.raises(tracking.TrackingError, match=says):
-        tracking.connect(f"sqlite:///{tmp_path / name}", "broken")
+    with pytest.raises(store.StoreError, match=says):
+        store.connect(f"sqlite:///{tmp_path / name}", "broken")
 
 
 @pytest.mark.slow
@@ -150,8 +150,8 @@ class _Outage:
 
 def _recorder(tmp_path: Path, name: str) -> tuple[str, tracking.RunRecorder]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment = tracking.connect(uri, name)
-    return uri, tracking.start_run(experiment, name, {}, log_every_steps=1,
+    client, experiment = store.connect(uri, name)
+    return uri, tracking.start_run(client, experiment, name, {}, log_every_steps=1,
                                    spool_path=tmp_path / "ckpt" / spool.SPOOL_NAME)
 
 
@@ -159,7 +159,7 @@ def _epochs(recorder: tracking.RunRecorder, first: int, last: int) -> None:
     for epoch in range(first, last + 1):
         recorder.on_step(epoch * 10, 1.0 / epoch, 0.1)
         recorder.on_epoch(epoch, {"val": epoch / 10})
-    recorder.flush(wait=True)
+    recorder.sink.flush(wait=True)
 
 
 def test_a_store_down_to_the_end_leaves_everything_in_the_spool_for_mlp_sync(
@@ -198,7 +198,7 @@ def test_a_store_down_to_the_end_leaves_everything_in_the_spool_for_mlp_sync(
 def test_a_store_that_comes_back_gets_the_spool_first_and_in_order(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     uri, recorder = _recorder(tmp_path, "blip")
-    monkeypatch.setattr(recorder, "RETRY_AFTER", 0.0)
+    monkeypatch.setattr(recorder.sink, "RETRY_AFTER", 0.0)
     outage = _Outage(monkeypatch)
     with pytest.warns(UserWarning, match="does not answer"):
         _epochs(recorder, 1, 3)
@@ -216,12 +216,13 @@ def test_a_store_that_comes_back_gets_the_spool_first_and_in_order(
 def test_results_the_store_refuses_at_the_end_do_not_fail_a_trained_run(tmp_path: Path):
     _, recorder = _recorder(tmp_path, "results")
     with pytest.warns(UserWarning, match="figures not recorded.*checkpoint beside"):
-        with recorder.unless_offline("figures"):
+        with recorder.sink.unless_offline("figures"):
             raise MlflowException("Max retries exceeded (Connection refused)")
     recorder.finish("FINISHED")
-    bare = tracking.start_run(recorder.client.get_run(recorder.run_id).info.experiment_id,
+    bare = tracking.start_run(recorder.client,
+                              recorder.client.get_run(recorder.run_id).info.experiment_id,
                               "no spool", {})
-    with pytest.raises(MlflowException), bare.unless_offline("figures"):
+    with pytest.raises(MlflowException), bare.sink.unless_offline("figures"):
         raise MlflowException("without a spool nothing is kept: the error stands")
     bare.finish("FAILED")
 
@@ -355,8 +356,7 @@ def test_why_dead_tells_a_dead_process_from_a_live_one():
 
 def test_reaping_ends_only_the_runs_whose_process_is_gone(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment = tracking.connect(uri, "reap")
-    client = MlflowClient(uri)
+    client, experiment = store.connect(uri, "reap")
     gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     gone_tags = {liveness.HOST_TAG: socket.gethostname(), liveness.PID_TAG: str(gone.pid),
                  liveness.PID_START_TAG: liveness.process_start(gone.pid)}

@@ -1,5 +1,6 @@
-"""tracking.py in-process: URI precedence, the params that act, the gradient check read back
-at its real values, run names, metric sending that survives a failing store."""
+"""The recorder in-process: the params that act, the gradient check read back at its real
+values, run names, metric sending that survives a failing store (URI precedence:
+test_store.py)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,13 @@ from omegaconf import OmegaConf
 from mlp.config import schema as configlib
 from mlp.core.gradcheck import check_model
 from mlp.core.model import MLP
-from mlp.tracking import keys
+from mlp.tracking import keys, store
 from mlp.tracking import recorder as tracking
 
 
-def test_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    assert tracking.resolve_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert tracking.resolve_uri("http://example:5000", tmp_path) == "http://example:5000"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere.db")
-    assert tracking.resolve_uri("http://example:5000", tmp_path) == "sqlite:////elsewhere.db"
+def _start(tmp_path: Path, name: str, **kwargs) -> tracking.RunRecorder:
+    client, experiment = store.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", name)
+    return tracking.start_run(client, experiment, name, {}, **kwargs)
 
 
 def _resolved(**changes: str) -> dict:
@@ -64,8 +63,7 @@ def test_the_stored_gradient_check_equals_the_computed_one(tmp_path: Path):
     for i, row in enumerate(report.rows):
         row.max_rel_error = errors[i % len(errors)]
         row.mean_rel_error = row.max_rel_error / 3
-    experiment = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "gc")
-    recorder = tracking.start_run(experiment, "gc", {})
+    recorder = _start(tmp_path, "gc")
     recorder.log_gradcheck(report)
     recorder.finish("FINISHED")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -106,8 +104,7 @@ def test_run_name_says_what_differs(model: dict, lr: float, name: str):
 
 
 def test_metrics_survive_a_failing_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    experiment = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "flaky")
-    recorder = tracking.start_run(experiment, "flaky", {}, log_every_steps=1)
+    recorder = _start(tmp_path, "flaky", log_every_steps=1)
     real = recorder.client.log_batch
     failures = iter([True, False, False, False])
 
@@ -120,7 +117,7 @@ def test_metrics_survive_a_failing_store(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.warns(UserWarning, match="retry"):
         recorder.on_step(1, 2.0, 0.1)
         recorder.on_epoch(1, {"val_acc": 0.25})
-        recorder.flush(wait=True)
+        recorder.sink.flush(wait=True)
     recorder.on_epoch(2, {"val_acc": 0.5})
     recorder.finish("FINISHED")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -131,8 +128,7 @@ def test_metrics_survive_a_failing_store(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_finish_rejects_an_unknown_status(tmp_path: Path):
-    experiment = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "status")
-    recorder = tracking.start_run(experiment, "status", {})
+    recorder = _start(tmp_path, "status")
     with pytest.raises(ValueError, match="DONE"):
         recorder.finish("DONE")
     recorder.finish("FINISHED")
@@ -167,8 +163,7 @@ def test_a_wrong_fused_l2_fails_the_runs_logged_gradient_check(tmp_path: Path, m
         lambda c, squares, rule, *arrays, scratch: real(c / 2, squares, rule, *arrays,
                                                           scratch=scratch)))
     report = build.run_gradcheck(cfg)
-    experiment = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "mutant")
-    recorder = tracking.start_run(experiment, "mutant", {})
+    recorder = _start(tmp_path, "mutant")
     recorder.log_gradcheck(report)
     recorder.finish("FINISHED")
     tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(recorder.run_id).data.tags
