@@ -16,6 +16,7 @@ naming the key, the value and what is allowed (the closest valid key for a typo)
 
 from __future__ import annotations
 
+import copy
 import difflib
 import itertools
 import logging
@@ -41,7 +42,7 @@ from hydra.core.override_parser.types import (
 )
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import nodes as onodes
 from omegaconf.errors import OmegaConfBaseException
 
@@ -53,6 +54,7 @@ log = logging.getLogger("mlp")
 CONF_PACKAGE = "mlp.conf"
 SWEEP_GROUP = "hparams_search"
 PARAMS = "hydra.sweeper.params"
+_PLUGIN_KEYS = ("hydra.launcher.", "hydra.sweeper.", "+hydra.launcher.", "+hydra.sweeper.")
 # Every combination of a sweep is checked whole up to this many (a typical grid has fewer
 # than 100, and each costs ~1 ms; a group swept costs a composition, ~0.2 s); beyond, each
 # value is checked with the others at their first value, and a warning says so.
@@ -114,7 +116,8 @@ class _Schema:
     """The typed schema and its leaf keys (with those of the extension nodes)."""
 
     def __init__(self) -> None:
-        self.typed = OmegaConf.structured(configlib.Config)
+        self.typed = OmegaConf.structured(configlib.Config)  # also a scratch pad: _converted
+        self._memo: dict[tuple, Any] = {}
         self.keys = _leaves(self.typed)
         self.extension_keys = [f"{name}.{f}" for name, node in configlib.EXTENSIONS.items()
                                for f in node.__dataclass_fields__]
@@ -134,29 +137,20 @@ class _Schema:
                                 f"{_suggest(key, sorted(nodes))} (the keys and their "
                                 "defaults: mlp-train --cfg job)")
 
-    def check(self, user: DictConfig) -> None:
-        """Check a composed config (Hydra's node removed) whatever set its values: keys,
-        deletions, booleans, types, then the schema's rules."""
-        values = OmegaConf.to_container(user, resolve=True)
+    def check(self, values: dict[str, Any]) -> None:
+        """Check a composed config (plain, resolved, Hydra's node removed) whatever set its
+        values: keys, deletions, booleans, types, then the schema's rules."""
         flat = configlib.flatten({k: v for k, v in values.items()
                                   if k not in configlib.EXTENSIONS})
         for key in flat:
             if key not in self.keys:
                 self.check_key(key)
+        typed: dict[str, Any] = {}
         for key in self.keys:
             if key not in flat:
                 raise OverrideError(f"~{key} is not allowed: expected a value for {key} "
                                     "(a key of the schema cannot be deleted; set it instead)")
-            node = _node(self.typed, key)
-            # OmegaConf reads 2, "yes" or "on" as true: a typo would train with the option on.
-            if isinstance(node, onodes.BooleanNode) and not isinstance(flat[key], bool):
-                raise ConfigError(key, flat[key], "true or false")
-        typed = self.typed.copy()
-        for key, value in flat.items():
-            try:
-                OmegaConf.update(typed, key, value, merge=False)
-            except OmegaConfBaseException:
-                raise ConfigError(key, value, _expected(_node(self.typed, key))) from None
+            typed[key] = self._converted(key, flat[key])
         for name, node in configlib.EXTENSIONS.items():
             if name in values:
                 try:
@@ -164,6 +158,27 @@ class _Schema:
                 except OmegaConfBaseException as e:
                     raise OverrideError(f"{name}: {e.msg}") from None
         configlib.validate(typed)
+
+    def _converted(self, key: str, value: Any) -> Any:
+        """The value as the typed schema holds it (1 -> 1.0 for a number), or ConfigError
+        naming the type; remembered per (key, value), as a sweep repeats them."""
+        memo = (key, type(value), repr(value))
+        if memo not in self._memo:
+            node = _node(self.typed, key)
+            # OmegaConf reads 2, "yes" or "on" as true: a typo would train with the option on.
+            if isinstance(node, onodes.BooleanNode) and not isinstance(value, bool):
+                raise ConfigError(key, value, "true or false")
+            parent, _, leaf = key.rpartition(".")
+            holder = OmegaConf.select(self.typed, parent) if parent else self.typed
+            try:
+                holder[leaf] = value
+            except OmegaConfBaseException:
+                raise ConfigError(key, value, _expected(node)) from None
+            converted = holder[leaf]
+            if isinstance(converted, ListConfig):
+                converted = OmegaConf.to_container(converted)
+            self._memo[memo] = converted
+        return self._memo[memo]
 
 
 @contextmanager
@@ -352,9 +367,19 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
         elif not key.startswith("hydra") and "/" not in key:
             schema.check_key(key)
     with _hydra(args.config_path), _raw_composition():
-        base = _compose(config_name, extra)
-        _check_plugin(base.hydra, "launcher")
-        _check_plugin(base.hydra, "sweeper")
+        try:
+            base = _compose(config_name, extra)
+        except OverrideError:
+            # Hydra's text for `hydra.launcher.n_job=2` does not say what the launcher takes:
+            # composed with it forced in, the plugin's check names the key.
+            forced = ["++" + line.lstrip("+") if line.startswith(_PLUGIN_KEYS) else line
+                      for line in extra]
+            loose = _compose(config_name, forced)
+            for kind in ("launcher", "sweeper"):
+                _check_plugin(loose.hydra, kind)
+            raise
+        for kind in ("launcher", "sweeper"):
+            _check_plugin(base.hydra, kind)
         if not args.multirun:
             schema.check(_user_part(base))
             return
@@ -373,7 +398,7 @@ def _check_sweep(config_name: str, extra: list[str], base: DictConfig, sweeps: l
             instantiate(OmegaConf.create(sweeper))
         except InstantiationException as e:
             raise OverrideError(str(e.__cause__ or e)) from None
-    optuna = base.hydra.runtime.choices.get("hydra/sweeper") == "mlp_optuna"
+    chosen_sweeper = base.hydra.runtime.choices.get("hydra/sweeper")
     params = sweeper.get("params") or {}
     entries = []
     for key, expression in params.items():
@@ -381,29 +406,39 @@ def _check_sweep(config_name: str, extra: list[str], base: DictConfig, sweeps: l
         if str(key) not in groups_:
             schema.check_key(schema_key, where=f"{PARAMS}.")
         line = f"{key}={expression}"
-        entries.append(split_modifiers(line)[0] if optuna else line)
-    dims = _dimensions([*_parse(entries), *sweeps], groups_, schema, intervals=optuna)
-    composed: dict[tuple, DictConfig] = {}
+        entries.append(split_modifiers(line)[0] if chosen_sweeper == "mlp_optuna" else line)
+    # Hydra's basic sweeper lists a grid: it cannot sample an interval.
+    dims = _dimensions([*_parse(entries), *sweeps], groups_, schema,
+                       intervals=chosen_sweeper != "basic")
+    composed: dict[tuple, dict[str, Any]] = {}
     for combo in _combinations(dims):
         chosen = tuple((k, str(v)) for k, v in combo.items() if k in groups_)
         if chosen not in composed:
             composed[chosen] = _user_part(_compose(config_name, [
-                *extra, *(f"{k}={v}" for k, v in chosen)])) if chosen else _user_part(base)
-        cfg = composed[chosen].copy()
-        with open_dict(cfg):
-            for key, value in combo.items():
-                if key not in groups_:
-                    OmegaConf.update(cfg, key.lstrip("+~"), value, merge=True)
+                *extra, *(f"{k}={v}" for k, v in chosen)]) if chosen else base, resolve=False)
+        cfg = copy.deepcopy(composed[chosen])
+        for key, value in combo.items():
+            if key not in groups_:
+                _set(cfg, key.lstrip("+~"), value)
         try:
-            schema.check(cfg)
+            schema.check(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
         except ValueError as e:
             swept = " ".join(f"{k}={v}" for k, v in combo.items())
             raise OverrideError(f"{e} (in the sweep's combination {swept})") from None
 
 
-def _user_part(cfg: DictConfig) -> DictConfig:
-    """The composed config without Hydra's node."""
-    user = cfg.copy()
-    with open_dict(user):
-        del user["hydra"]
-    return user
+def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree[a][b] = value for key "a.b" (a dict value merged into a dict, as Hydra does)."""
+    *parents, leaf = key.split(".")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    if isinstance(value, dict) and isinstance(tree.get(leaf), dict):
+        tree[leaf] = OmegaConf.to_container(OmegaConf.merge(tree[leaf], value))
+    else:
+        tree[leaf] = value
+
+
+def _user_part(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
+    """The composed config without Hydra's node, as plain values."""
+    user = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return OmegaConf.to_container(user, resolve=resolve)
