@@ -339,7 +339,7 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
         key = override.key_or_group
         if key.startswith(PARAMS + "."):
             param = key.removeprefix(PARAMS + ".")
-            schema.check_key(param, where=f"{key}: ")
+            schema.check_key(param, where=f"{PARAMS}.")
             raise OverrideError(f"{key}={override.input_line.partition('=')[2]} is not "
                                 f"allowed: expected {param}=<values> on the command line "
                                 f"(Hydra sweeps no hydra.* key), or {PARAMS} in a preset")
