@@ -13,7 +13,6 @@ imported only when a sweep starts.)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +33,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-_MODIFIER = re.compile(r"\s+(log|step=\S+)\s*$")
+from mlp.config.command_line import split_modifiers
 
 
 class SearchSpaceError(ValueError):
@@ -57,7 +56,7 @@ def parse_search_space(entries: Iterable[str]) -> SearchSpace:
     space = SearchSpace()
     for entry in entries:
         try:
-            expression, log, step = _split_modifiers(entry)
+            expression, log, step = split_modifiers(entry)
             override = parser.parse_override(expression)
             key = override.get_key_element()
             space.distributions.pop(key, None)
@@ -77,19 +76,6 @@ def trial_overrides(space: SearchSpace, params: dict[str, Any]) -> list[str]:
     """The overrides of one trial: the fixed ones, then `key=value` for every sampled
     parameter (numbers as Python prints them, choices as written: `[512,256]`, `relu`)."""
     return [*space.fixed.values(), *(f"{key}={params[key]}" for key in space.distributions)]
-
-
-def _split_modifiers(entry: str) -> tuple[str, bool, float | None]:
-    """Strip the trailing shorthands `log` / `step=S` after a function call."""
-    log, step = False, None
-    while (m := _MODIFIER.search(entry)) and entry[:m.start()].rstrip().endswith(")"):
-        word = m.group(1)
-        if word == "log":
-            log = True
-        else:
-            step = float(word.removeprefix("step="))
-        entry = entry[:m.start()].rstrip()
-    return entry, log, step
 
 
 def _distribution(override: Override, log: bool, step: float | None) -> BaseDistribution:

@@ -10,7 +10,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from mlp.config.command_line import OverrideError, check_command_line
+from mlp.config.command_line import check_command_line
 from mlp.tracking import masking, store
 
 EXIT_CONFIG = 2
@@ -43,9 +43,10 @@ def connect(cfg: DictConfig, launch_dir: Path) -> tuple[MlflowClient, str]:
         sys.exit(EXIT_CONFIG)
 
 
-def check_command_line_or_exit() -> None:
-    """Refuse a mistyped or ill-typed override before Hydra starts (exit 2)."""
+def check_command_line_or_exit(config_name: str = "config") -> None:
+    """Refuse the command line when a config it asks for (every combination of a sweep)
+    breaks the schema, before Hydra creates a directory or a store is opened (exit 2)."""
     try:
-        check_command_line(sys.argv[1:])
-    except OverrideError as e:
+        check_command_line(sys.argv[1:], config_name)
+    except ValueError as e:  # OverrideError, ConfigError, the code's own checks
         config_error(e)

@@ -49,5 +49,5 @@ def _gradcheck_app(cfg: DictConfig) -> None:
 def gradcheck_main() -> None:
     """`mlp-gradcheck [overrides]`: exit 0 when the check passes, 3 when it fails."""
     masking.install()
-    exits.check_command_line_or_exit()
+    exits.check_command_line_or_exit("gradcheck")
     _gradcheck_app()

@@ -1,4 +1,10 @@
-"""The one configuration schema: every key of `mlp-train`, its type and its default.
+"""The one configuration schema: every key of `mlp-train`, defined once.
+
+Each key is one dataclass field, `field(default=..., metadata=rule(allowed, when, bookkeeping))`:
+its type (the annotation), its default, the values it takes (`allowed`), the condition
+under which it acts (`when`: another key and the values it must have) and whether it
+ever changes a result (`bookkeeping`). `RULES`, `APPLIES_WHEN` and `BOOKKEEPING` are read
+from those fields, never written by hand.
 
 The dataclasses mirror `conf/` and the code they configure: `model` -> `model.MLP`'s
 keyword arguments, `optim` -> `optim.make_optimizer` + `optim.Schedule`, `data` ->
@@ -9,17 +15,19 @@ here. Registered in Hydra's ConfigStore, the schema is the base of `conf/config.
 whose groups override only what differs.
 
 Hydra rejects a value of the wrong type against these types; `validate` then checks
-ranges, choices and combinations before any work starts and names the key, the value and
-what is allowed. `applies` says which keys act in a given config (an Adam key does not
-act in an SGD run) and `BOOKKEEPING` which keys never change a result.
+ranges, choices and combinations and names the key, the value and what is allowed
+(`mlp.config.command_line` runs it on every composed config of a command line, before any
+work). `applies` says which keys act in a given config (an Adam key does not act in an
+SGD run) and `is_bookkeeping` which keys never change a result.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -51,54 +59,132 @@ TRAIN_DTYPES = ("float32", "float64")
 NORMS = (None, "none", *model.NORMS)
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """What a key takes: a test of its value and the same in words ("an integer > 0")."""
+
+    test: Callable[[Any], bool]
+    text: str
+
+    def __call__(self, value: Any) -> bool:
+        try:
+            return bool(self.test(value))
+        except TypeError:  # a value of another type (Hydra's types let None or a str by)
+            return False
+
+
+def one_of(choices: Any) -> Allowed:
+    choices = list(choices)
+    return Allowed(lambda v: v in choices, f"one of {choices}")
+
+
+def _existing_file(what: str) -> Allowed:
+    # A path that does not exist is knowable before work starts: refused with the config,
+    # before a store is opened.
+    return Allowed(lambda v: v is None or os.path.isfile(os.path.expanduser(v)),
+                   f"null or an existing {what}")
+
+
+POSITIVE_INT = Allowed(lambda v: v > 0, "an integer > 0")
+NON_NEGATIVE = Allowed(lambda v: v >= 0, "a number >= 0")
+POSITIVE = Allowed(lambda v: 0 < v < math.inf, "a finite number > 0")
+
+
+def when(key: str, *values: Any) -> tuple[str, Allowed]:
+    """A key acts only when `key` has one of `values`."""
+    return key, one_of(values)
+
+
+def rule(allowed: Allowed | None = None, when: tuple[str, Allowed] | None = None,
+         bookkeeping: bool = False) -> dict[str, Any]:
+    """A key's rules, as its field's metadata: the values it takes (None: any of its type),
+    the key and values under which it acts (None: always), and whether it is bookkeeping
+    (never changes what a run computes: where it writes, how it reports)."""
+    return {"allowed": allowed, "when": when, "bookkeeping": bookkeeping}
+
+
+GRADCHECK_ON = when("gradcheck.enabled", True)
+BOOKKEEPING_KEY = rule(bookkeeping=True)
+
+
 @dataclass
 class ModelConfig:
     """`model.MLP`'s keyword arguments (input and output sizes come from the data)."""
 
-    hidden_sizes: list[int] = field(default_factory=lambda: list(_MLP["hidden_sizes"]))
-    activation: str = _MLP["activation"]      # relu, leaky_relu, elu, sigmoid, tanh, maxout
-    loss: str = _MLP["loss"]                  # softmax or svm
-    reg: float = _MLP["reg"]                  # L2: data loss + reg * sum of squared weights
-    init: str = _MLP["init"]                  # he, xavier, normal (std = weight_scale)
-    weight_scale: float = _MLP["weight_scale"]
-    leaky_slope: float = _MLP["leaky_slope"]
-    elu_alpha: float = _MLP["elu_alpha"]
-    maxout_pieces: int = _MLP["maxout_pieces"]
-    dropout: float = _MLP["dropout"]          # drop probability after each hidden activation
-    norm: str | None = _MLP["norm"]           # null, batch or layer
-    label_smoothing: float = _MLP["label_smoothing"]  # softmax targets (1 - s) onehot + s / C
+    hidden_sizes: list[int] = field(
+        default_factory=lambda: list(_MLP["hidden_sizes"]), metadata=rule(Allowed(
+            lambda v: all(h > 0 for h in v),
+            "a list of positive integers ([] for a linear classifier)")))
+    activation: str = field(default=_MLP["activation"], metadata=rule(one_of(ACTIVATIONS)))
+    loss: str = field(default=_MLP["loss"], metadata=rule(one_of(losses.LOSSES)))
+    # L2: data loss + reg * sum of squared weights
+    reg: float = field(default=_MLP["reg"], metadata=rule(NON_NEGATIVE))
+    # he, xavier, normal (std = weight_scale)
+    init: str = field(default=_MLP["init"], metadata=rule(one_of(model.INITS)))
+    weight_scale: float = field(default=_MLP["weight_scale"],
+                                metadata=rule(POSITIVE, when("model.init", "normal")))
+    leaky_slope: float = field(default=_MLP["leaky_slope"], metadata=rule(
+        Allowed(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        when("model.activation", "leaky_relu")))
+    elu_alpha: float = field(default=_MLP["elu_alpha"],
+                             metadata=rule(POSITIVE, when("model.activation", "elu")))
+    maxout_pieces: int = field(default=_MLP["maxout_pieces"], metadata=rule(
+        Allowed(lambda v: v >= 2, "an integer >= 2"), when("model.activation", "maxout")))
+    # drop probability after each hidden activation
+    dropout: float = field(default=_MLP["dropout"], metadata=rule(
+        Allowed(lambda v: 0 <= v < 1, "a drop probability in [0, 1)")))
+    norm: str | None = field(default=_MLP["norm"], metadata=rule(one_of(NORMS)))
+    # softmax targets (1 - s) onehot + s / C
+    label_smoothing: float = field(default=_MLP["label_smoothing"], metadata=rule(
+        Allowed(lambda v: 0 <= v < 1, "a number in [0, 1) (0: one-hot targets)"),
+        when("model.loss", "softmax")))
 
 
 @dataclass
 class ScheduleConfig:
-    """`optim.Schedule`: the learning rate over the run."""
+    """`optim.Schedule`: the learning rate over the run (the schedule checks its own
+    values when `validate` builds it)."""
 
-    name: str = "constant"                    # constant, step, exponential, cosine, onecycle
+    name: str = field(default="constant", metadata=rule(one_of(optim.SCHEDULES)))
     warmup_epochs: float = _SCHEDULE["warmup_epochs"]  # onecycle: the rise to optim.lr
-    step_size: int = _SCHEDULE["step_size"]
-    gamma: float = _SCHEDULE["gamma"]
-    decay: float = _SCHEDULE["decay"]         # exponential: lr * decay**epoch (cs231n)
-    min_lr: float = _SCHEDULE["min_lr"]       # cosine, onecycle: the lr at the end
-    div_factor: float = _SCHEDULE["div_factor"]  # onecycle starts at optim.lr / div_factor
+    step_size: int = field(default=_SCHEDULE["step_size"],
+                           metadata=rule(when=when("optim.schedule.name", "step")))
+    gamma: float = field(default=_SCHEDULE["gamma"],
+                         metadata=rule(when=when("optim.schedule.name", "step")))
+    # exponential: lr * decay**epoch (cs231n)
+    decay: float = field(default=_SCHEDULE["decay"],
+                         metadata=rule(when=when("optim.schedule.name", "exponential")))
+    # cosine, onecycle: the lr at the end
+    min_lr: float = field(default=_SCHEDULE["min_lr"], metadata=rule(
+        when=when("optim.schedule.name", "cosine", "onecycle")))
+    # onecycle starts at optim.lr / div_factor
+    div_factor: float = field(default=_SCHEDULE["div_factor"],
+                              metadata=rule(when=when("optim.schedule.name", "onecycle")))
 
 
 @dataclass
 class OptimConfig:
-    """`optim.make_optimizer` and its schedule."""
+    """`optim.make_optimizer` and its schedule (the optimizer checks its own values when
+    `validate` builds it)."""
 
-    name: str = "momentum"                    # sgd, momentum, nesterov, rmsprop, adam
-    lr: float = 1e-2
-    momentum: float = _OPTIM["momentum"]
-    decay_rate: float = _OPTIM["decay_rate"]
-    beta1: float = _OPTIM["beta1"]
-    beta2: float = _OPTIM["beta2"]
-    eps: float = _OPTIM["eps"]
+    name: str = field(default="momentum", metadata=rule(one_of(optim.OPTIMIZERS)))
+    lr: float = field(default=1e-2, metadata=rule(POSITIVE))
+    momentum: float = field(default=_OPTIM["momentum"],
+                            metadata=rule(when=when("optim.name", "momentum", "nesterov")))
+    decay_rate: float = field(default=_OPTIM["decay_rate"],
+                              metadata=rule(when=when("optim.name", "rmsprop")))
+    beta1: float = field(default=_OPTIM["beta1"], metadata=rule(when=when("optim.name", "adam")))
+    beta2: float = field(default=_OPTIM["beta2"], metadata=rule(when=when("optim.name", "adam")))
+    eps: float = field(default=_OPTIM["eps"],
+                       metadata=rule(when=when("optim.name", "rmsprop", "adam")))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 @dataclass
 class AugmentConfig:
-    pad: int = 0                              # random crop with this zero padding (0: off)
+    # random crop with this zero padding (0: off)
+    pad: int = field(default=0, metadata=rule(Allowed(lambda v: 0 <= v <= 16,
+                                                      "an integer in [0, 16]")))
     flip: bool = False                        # random horizontal flip
 
 
@@ -106,50 +192,83 @@ class AugmentConfig:
 class WhitenConfig:
     """`data.Normalizer`'s whitening, fitted on the training split after `normalize`."""
 
-    name: str = _NORMALIZER["whiten"]         # none, pca (k features), zca (3072, least moved)
-    components: int | None = _NORMALIZER["components"]  # leading components kept (null: all)
-    eps: float = _NORMALIZER["eps"]           # added to the covariance's eigenvalues
+    # none, pca (k features), zca (3072, least moved)
+    name: str = field(default=_NORMALIZER["whiten"],
+                      metadata=rule(one_of(datalib.Normalizer.WHITENINGS)))
+    # leading components kept (null: all)
+    components: int | None = field(default=_NORMALIZER["components"], metadata=rule(
+        Allowed(lambda v: v is None or 1 <= v <= datalib.DIM,
+                f"null (all {datalib.DIM}) or an integer in [1, {datalib.DIM}]"),
+        when("data.whiten.name", "pca", "zca")))
+    # added to the covariance's eigenvalues
+    eps: float = field(default=_NORMALIZER["eps"],
+                       metadata=rule(POSITIVE, when("data.whiten.name", "pca", "zca")))
 
 
 @dataclass
 class SyntheticConfig:
-    n_train: int = 600
-    n_test: int = 200
+    n_train: int = field(default=600, metadata=rule(Allowed(lambda v: v > 1, "an integer > 1")))
+    n_test: int = field(default=200, metadata=rule(POSITIVE_INT))
 
 
 @dataclass
 class DataConfig:
     """Which images, where from, and how they are split and preprocessed."""
 
-    name: str = "cifar10"                     # cifar10 or synthetic
-    root: str | None = None                   # null: $MLP_LAB_DATA or ~/.cache/mlp-lab
-    archive: str | None = None                # null: $MLP_LAB_ARCHIVE, a cached copy, or download
-    md5: str | None = None                    # the local archive's md5, to verify it
-    val_size: int = 5000
-    limit: int | None = None                  # only the first N training images
-    normalize: str = _NORMALIZER["mode"]      # channel, mean_image (cs231n), none
+    name: str = field(default="cifar10", metadata=rule(one_of(DATASETS)))
+    # null: $MLP_LAB_DATA or ~/.cache/mlp-lab
+    root: str | None = field(default=None, metadata=BOOKKEEPING_KEY)
+    # null: $MLP_LAB_ARCHIVE, a cached copy, or download
+    archive: str | None = field(default=None, metadata=rule(
+        _existing_file("file"), bookkeeping=True))
+    # the local archive's md5, to verify it
+    md5: str | None = field(default=None, metadata=rule(Allowed(
+        lambda v: v is None or (len(v) == 32 and all(c in "0123456789abcdef" for c in v.lower())),
+        "null or 32 hexadecimal digits"), bookkeeping=True))
+    val_size: int = field(default=5000, metadata=rule(POSITIVE_INT))
+    # only the first N training images
+    limit: int | None = field(default=None, metadata=rule(
+        Allowed(lambda v: v is None or v > 1, "null or an integer > 1")))
+    # channel, mean_image (cs231n), none
+    normalize: str = field(default=_NORMALIZER["mode"],
+                           metadata=rule(one_of(datalib.Normalizer.MODES)))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     whiten: WhitenConfig = field(default_factory=WhitenConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig,
+                                       metadata=rule(when=when("data.name", "synthetic")))
 
 
 @dataclass
 class TrainerConfig:
     """`train.TrainSettings`: the loop."""
 
-    epochs: int = _TRAIN.epochs
-    batch_size: int = _TRAIN.batch_size
-    dtype: str = _TRAIN.dtype
-    train_eval_size: int = _TRAIN.train_eval_size   # train metrics on this fixed subset
-    eval_batch_size: int = _TRAIN.eval_batch_size
-    patience: int | None = _TRAIN.patience          # early stop after N epochs without better
-    diverge_factor: float = _TRAIN.diverge_factor   # stop when a batch loss exceeds this x first
-    checkpoint_dir: str | None = None               # null: <hydra output dir>/checkpoints
-    resume: str | None = None                       # a checkpoint .npz to continue from
-    progress: bool = _TRAIN.progress                # tqdm bars (on a terminal only)
-    prefetch: bool = _TRAIN.prefetch                # next batch on a helper thread
-    ema: float = _TRAIN.ema                         # decay of the weights' average (0: off)
-    ema_every: int = _TRAIN.ema_every               # average every N steps (decay**N)
+    epochs: int = field(default=_TRAIN.epochs, metadata=rule(POSITIVE_INT))
+    batch_size: int = field(default=_TRAIN.batch_size, metadata=rule(POSITIVE_INT))
+    dtype: str = field(default=_TRAIN.dtype, metadata=rule(one_of(TRAIN_DTYPES)))
+    # train metrics on this fixed subset
+    train_eval_size: int = field(default=_TRAIN.train_eval_size, metadata=rule(POSITIVE_INT))
+    eval_batch_size: int = field(default=_TRAIN.eval_batch_size, metadata=rule(POSITIVE_INT))
+    # early stop after N epochs without better
+    patience: int | None = field(default=_TRAIN.patience, metadata=rule(Allowed(
+        lambda v: v is None or v > 0, "null (no early stopping) or an integer > 0")))
+    # stop when a batch loss exceeds this x first
+    diverge_factor: float = field(default=_TRAIN.diverge_factor,
+                                  metadata=rule(Allowed(lambda v: v > 1, "a number > 1")))
+    # null: <hydra output dir>/checkpoints
+    checkpoint_dir: str | None = field(default=None, metadata=BOOKKEEPING_KEY)
+    # a checkpoint .npz to continue from
+    resume: str | None = field(default=None, metadata=rule(
+        _existing_file("checkpoint file"), bookkeeping=True))
+    # tqdm bars (on a terminal only)
+    progress: bool = field(default=_TRAIN.progress, metadata=BOOKKEEPING_KEY)
+    # next batch on a helper thread
+    prefetch: bool = field(default=_TRAIN.prefetch, metadata=BOOKKEEPING_KEY)
+    # decay of the weights' average (0: off)
+    ema: float = field(default=_TRAIN.ema, metadata=rule(
+        Allowed(lambda v: 0 <= v < 1, "a decay in [0, 1) (0: no average)")))
+    # average every N steps (decay**N)
+    ema_every: int = field(default=_TRAIN.ema_every, metadata=rule(
+        POSITIVE_INT, ("trainer.ema", Allowed(lambda v: v > 0, "a decay > 0"))))
 
 
 @dataclass
@@ -157,21 +276,27 @@ class GradcheckConfig:
     """The gradient check of the run's own architecture, before training."""
 
     enabled: bool = True
-    samples: int = 8                          # inputs in the check's batch
-    max_width: int = 16                       # hidden widths are capped to this
-    num_checks: int = 30                      # coordinates sampled per parameter
-    tol: float = _CHECK["tol"]
-    stop_on_fail: bool = False
+    # inputs in the check's batch
+    samples: int = field(default=8, metadata=rule(POSITIVE_INT, GRADCHECK_ON))
+    # hidden widths are capped to this
+    max_width: int = field(default=16, metadata=rule(POSITIVE_INT, GRADCHECK_ON))
+    # coordinates sampled per parameter
+    num_checks: int = field(default=30, metadata=rule(POSITIVE_INT, GRADCHECK_ON))
+    tol: float = field(default=_CHECK["tol"], metadata=rule(
+        Allowed(lambda v: 0 < v < 1, "a number in (0, 1)"), GRADCHECK_ON))
+    stop_on_fail: bool = field(default=False, metadata=rule(when=GRADCHECK_ON))
 
 
 @dataclass
 class TrackingConfig:
-    """Where and what MLflow records."""
+    """Where and what MLflow records (bookkeeping as a whole)."""
 
     uri: str | None = None                    # null: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
-    experiment: str = "mlp-lab"
+    experiment: str = field(default="mlp-lab", metadata=rule(
+        Allowed(lambda v: bool(v.strip()), "a non-empty name")))
     run_name: str | None = None               # null: what differs, e.g. relu-h100-lr1e-2
-    log_every_steps: int = 10                 # loss/batch every N steps
+    # loss/batch every N steps
+    log_every_steps: int = field(default=10, metadata=rule(POSITIVE_INT))
     health: bool = True                       # per-layer norms, update ratios, dead units
     plots: bool = True
     log_model: bool = True
@@ -180,13 +305,14 @@ class TrackingConfig:
 
 @dataclass
 class Config:
-    seed: int = 0                             # init, shuffling, augmentation, check sampling
+    # init, shuffling, augmentation, check sampling
+    seed: int = field(default=0, metadata=rule(Allowed(lambda v: v >= 0, "an integer >= 0")))
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=BOOKKEEPING_KEY)
 
 
 @dataclass
@@ -200,47 +326,26 @@ class TrialConfig:
 
 
 # Nodes that are not part of the user's schema but may be added with `+node.key=...` by the
-# tools that own them.
+# tools that own them; bookkeeping as a whole.
 EXTENSIONS: dict[str, type] = {"trial": TrialConfig}
 
-# Keys that never change what a run computes (where it writes, how it reports): two configs
-# that differ only here are the same experiment. Not params; not hashed; never "swept".
-BOOKKEEPING = ("tracking", "trial", "trainer.progress", "trainer.checkpoint_dir",
-               "trainer.resume", "trainer.prefetch", "data.root", "data.archive", "data.md5")
 
-def _one_of(choices: Any) -> tuple[Callable[[Any], bool], str]:
-    choices = list(choices)
-    return (lambda v: v in choices), f"one of {choices}"
+def _settings(node: type, prefix: str = "") -> Iterator[tuple[str, Field]]:
+    """(dotted key, its field) for every key and node of a schema dataclass, depth first."""
+    for f in fields(node):
+        yield prefix + f.name, f
+        if isinstance(f.default_factory, type) and is_dataclass(f.default_factory):
+            yield from _settings(f.default_factory, f"{prefix}{f.name}.")
 
 
-# Keys that act only when another key has some values: {key: (key it depends on, (test of
-# its value, the values under which the key acts, in words))}.
-APPLIES_WHEN: dict[str, tuple[str, tuple[Callable[[Any], bool], str]]] = {
-    "model.weight_scale": ("model.init", _one_of(["normal"])),
-    "model.leaky_slope": ("model.activation", _one_of(["leaky_relu"])),
-    "model.elu_alpha": ("model.activation", _one_of(["elu"])),
-    "model.maxout_pieces": ("model.activation", _one_of(["maxout"])),
-    "model.label_smoothing": ("model.loss", _one_of(["softmax"])),
-    "optim.momentum": ("optim.name", _one_of(["momentum", "nesterov"])),
-    "optim.decay_rate": ("optim.name", _one_of(["rmsprop"])),
-    "optim.beta1": ("optim.name", _one_of(["adam"])),
-    "optim.beta2": ("optim.name", _one_of(["adam"])),
-    "optim.eps": ("optim.name", _one_of(["rmsprop", "adam"])),
-    "optim.schedule.step_size": ("optim.schedule.name", _one_of(["step"])),
-    "optim.schedule.gamma": ("optim.schedule.name", _one_of(["step"])),
-    "optim.schedule.decay": ("optim.schedule.name", _one_of(["exponential"])),
-    "optim.schedule.min_lr": ("optim.schedule.name", _one_of(["cosine", "onecycle"])),
-    "optim.schedule.div_factor": ("optim.schedule.name", _one_of(["onecycle"])),
-    "data.synthetic": ("data.name", _one_of(["synthetic"])),
-    "data.whiten.components": ("data.whiten.name", _one_of(["pca", "zca"])),
-    "data.whiten.eps": ("data.whiten.name", _one_of(["pca", "zca"])),
-    "trainer.ema_every": ("trainer.ema", ((lambda v: v > 0), "a decay > 0")),
-    "gradcheck.samples": ("gradcheck.enabled", _one_of([True])),
-    "gradcheck.max_width": ("gradcheck.enabled", _one_of([True])),
-    "gradcheck.num_checks": ("gradcheck.enabled", _one_of([True])),
-    "gradcheck.tol": ("gradcheck.enabled", _one_of([True])),
-    "gradcheck.stop_on_fail": ("gradcheck.enabled", _one_of([True])),
-}
+# Read from the fields above: what each key allows, when it acts, whether it is bookkeeping.
+RULES: dict[str, Allowed] = {k: f.metadata.get("allowed") for k, f in _settings(Config)
+                             if f.metadata.get("allowed") is not None}
+APPLIES_WHEN: dict[str, tuple[str, Allowed]] = {k: f.metadata.get("when")
+                                                for k, f in _settings(Config)
+                                                if f.metadata.get("when") is not None}
+BOOKKEEPING: tuple[str, ...] = (*(k for k, f in _settings(Config) if f.metadata.get("bookkeeping")),
+                                *EXTENSIONS)
 
 SCHEMA_NAME = "mlp_lab_schema"
 
@@ -276,69 +381,13 @@ def applies(key: str, flat: Mapping[str, Any]) -> bool:
     rule = _under(key, list(APPLIES_WHEN))
     if rule is None:
         return True
-    depends_on, (ok, _) = APPLIES_WHEN[rule]
-    return ok(flat.get(depends_on)) and applies(depends_on, flat)
+    depends_on, acts_when = APPLIES_WHEN[rule]
+    return acts_when(flat.get(depends_on)) and applies(depends_on, flat)
 
 
 def schema_keys() -> dict[str, Any]:
     """Every dotted leaf key of the schema with its default."""
     return flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
-
-
-_POSITIVE_INT = (lambda v: v > 0), "an integer > 0"
-_NON_NEGATIVE = (lambda v: v >= 0), "a number >= 0"
-_POSITIVE = (lambda v: 0 < v < math.inf), "a finite number > 0"
-
-# Ranges and choices, key by key: (test, what is allowed).
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": ((lambda v: v >= 0), "an integer >= 0"),
-    "model.hidden_sizes": ((lambda v: all(h > 0 for h in v)),
-                           "a list of positive integers ([] for a linear classifier)"),
-    "model.activation": _one_of(ACTIVATIONS),
-    "model.loss": _one_of(losses.LOSSES),
-    "model.reg": _NON_NEGATIVE,
-    "model.init": _one_of(model.INITS),
-    "model.weight_scale": _POSITIVE,
-    "model.leaky_slope": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
-    "model.elu_alpha": _POSITIVE,
-    "model.maxout_pieces": ((lambda v: v >= 2), "an integer >= 2"),
-    "model.dropout": ((lambda v: 0 <= v < 1), "a drop probability in [0, 1)"),
-    "model.norm": _one_of(NORMS),
-    "model.label_smoothing": ((lambda v: 0 <= v < 1), "a number in [0, 1) (0: one-hot targets)"),
-    "optim.name": _one_of(optim.OPTIMIZERS),
-    "optim.lr": _POSITIVE,
-    "optim.schedule.name": _one_of(optim.SCHEDULES),
-    "data.name": _one_of(DATASETS),
-    "data.val_size": _POSITIVE_INT,
-    "data.limit": ((lambda v: v is None or v > 1), "null or an integer > 1"),
-    "data.normalize": _one_of(datalib.Normalizer.MODES),
-    "data.augment.pad": ((lambda v: 0 <= v <= 16), "an integer in [0, 16]"),
-    "data.whiten.name": _one_of(datalib.Normalizer.WHITENINGS),
-    "data.whiten.components": ((lambda v: v is None or 1 <= v <= datalib.DIM),
-                               f"null (all {datalib.DIM}) or an integer in [1, {datalib.DIM}]"),
-    "data.whiten.eps": _POSITIVE,
-    "data.synthetic.n_train": ((lambda v: v > 1), "an integer > 1"),
-    "data.synthetic.n_test": _POSITIVE_INT,
-    "data.md5": ((lambda v: v is None or (len(v) == 32 and all(c in "0123456789abcdef"
-                                                               for c in v.lower()))),
-                 "null or 32 hexadecimal digits"),
-    "trainer.epochs": _POSITIVE_INT,
-    "trainer.batch_size": _POSITIVE_INT,
-    "trainer.dtype": _one_of(TRAIN_DTYPES),
-    "trainer.train_eval_size": _POSITIVE_INT,
-    "trainer.eval_batch_size": _POSITIVE_INT,
-    "trainer.patience": ((lambda v: v is None or v > 0),
-                         "null (no early stopping) or an integer > 0"),
-    "trainer.diverge_factor": ((lambda v: v > 1), "a number > 1"),
-    "trainer.ema": ((lambda v: 0 <= v < 1), "a decay in [0, 1) (0: no average)"),
-    "trainer.ema_every": _POSITIVE_INT,
-    "gradcheck.samples": _POSITIVE_INT,
-    "gradcheck.max_width": _POSITIVE_INT,
-    "gradcheck.num_checks": _POSITIVE_INT,
-    "gradcheck.tol": ((lambda v: 0 < v < 1), "a number in (0, 1)"),
-    "tracking.experiment": ((lambda v: bool(v.strip())), "a non-empty name"),
-    "tracking.log_every_steps": _POSITIVE_INT,
-}
 
 
 def _to_flat(cfg: DictConfig | Config | Mapping[str, Any]) -> dict[str, Any]:
@@ -353,9 +402,9 @@ def validate(cfg: DictConfig | Config | Mapping[str, Any]) -> None:
     """Check ranges, choices and combinations of a composed config; raise ConfigError at
     the first problem, naming the key (e.g. `optim.lr`), the value and what is allowed."""
     flat = _to_flat(cfg)
-    for key, (ok, allowed) in RULES.items():
-        if not ok(flat[key]):
-            raise ConfigError(key, flat[key], allowed)
+    for key, allowed in RULES.items():
+        if not allowed(flat[key]):
+            raise ConfigError(key, flat[key], allowed.text)
     if flat["model.label_smoothing"] and flat["model.loss"] != "softmax":
         raise ConfigError("model.label_smoothing", flat["model.label_smoothing"],
                           f"0 with model.loss={flat['model.loss']!r}: smoothing softens the "
@@ -391,7 +440,7 @@ def inactive_overrides(flat: Mapping[str, Any], keys: list[str]) -> list[str]:
     for key in keys:
         rule = _under(key, list(APPLIES_WHEN))
         if rule is not None and not applies(key, flat):
-            depends_on, (_, acts_when) = APPLIES_WHEN[rule]
+            depends_on, acts_when = APPLIES_WHEN[rule]
             out.append(f"{key}={flat.get(key)!r} has no effect: it applies when {depends_on} "
-                       f"is {acts_when} (this run: {flat.get(depends_on)!r})")
+                       f"is {acts_when.text} (this run: {flat.get(depends_on)!r})")
     return out

@@ -173,7 +173,7 @@ def test_valid_command_lines_pass_the_check():
     for argv in (["model.hidden_sizes=[512,256]", "optim=adam", "data=synthetic"],
                  ["-m", "optim.lr=1e-3,1e-2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
                  ["-m", "hparams_search=lr_reg"], ["--help"], ["+trial.id=3"],
-                 ["-m", "model.reg=tag(log, interval(1e-6, 1e-2))"]):
+                 ["-m", "hydra/sweeper=mlp_optuna", "model.reg=tag(log, interval(1e-6, 1e-2))"]):
         check_command_line(argv)
 
 
