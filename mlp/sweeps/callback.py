@@ -267,13 +267,14 @@ class SweepCallback(Callback):
         try:
             table = report.log_sweep_report(client, run_id)
             log.info("sweep report:\n%s", table)
-            outcome = SweepOutcome.of(table.rows)
+            outcome = SweepOutcome.of(_whole_errors(client, table.rows))
         except Exception as e:  # a report must never lose the sweep's results
             log.warning("could not build the sweep report: %s", e)
         try:
             if outcome is None:
                 experiment = client.get_experiment(self.parent["experiment_id"]).name
-                outcome = SweepOutcome.of(report.build_report(client, experiment, run_id).rows)
+                outcome = SweepOutcome.of(_whole_errors(
+                    client, report.build_report(client, experiment, run_id).rows))
             note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
             client.set_tag(run_id, OUTCOME_TAG, outcome.tag())
             client.set_tag(run_id, "mlflow.note.content",
@@ -295,6 +296,18 @@ class SweepCallback(Callback):
         client = MlflowClient(self.parent["uri"])
         if client.get_run(self.parent["run_id"]).info.status == "RUNNING":
             client.set_terminated(self.parent["run_id"], status=status)
+
+
+def _whole_errors(client: Any, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The report's rows with the whole first line of each failed run's error (the table
+    shortens it; the closing line names what went wrong, run ids and paths included)."""
+    whole = []
+    for row in rows:
+        if row.get("error"):
+            message = client.get_run(row["run_id"]).data.tags.get("error.message", "")
+            row = {**row, "error": message.strip().split("\n")[0] or row["error"]}
+        whole.append(dict(row))
+    return whole
 
 
 def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
