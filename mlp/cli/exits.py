@@ -1,6 +1,7 @@
 """What the console commands exit with, and the messages that go with it: 0 success,
-1 failure, 2 a config (or data, or store) refused before work, 3 a failed gradient check,
-130 interrupted."""
+1 failure (a run that diverged or crashed; a sweep with any failed job), 2 a config (or
+data, or store, or a checkpoint) refused before work, 3 a failed gradient check, 130
+interrupted (a sweep too)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from omegaconf import DictConfig
 
 from mlp.config.command_line import check_command_line
 from mlp.tracking import masking, store
+
+EXIT_FAILED = 1  # a run failed; a sweep any of whose jobs failed (its last line names them)
+
 
 EXIT_CONFIG = 2
 

@@ -56,19 +56,31 @@ class Job:
         return cls(Path(hc.runtime.cwd), Path(hc.runtime.output_dir), list(hc.overrides.task),
                    parent)
 
-    def cannot_start(self, cfg: DictConfig, error: ValueError, what: str) -> float:
-        """Alone: the message and exit 2. In a sweep: a FAILED child run that says why, and
-        NaN for the sweeper, so that the sweep goes on."""
+    def cannot_start(self, cfg: DictConfig, error: ValueError, what: str,
+                     config_hash: str | None = None) -> float:
+        """Alone: the message and exit 2. In a sweep: a FAILED child run that says why
+        (named and, when known, tagged with its config hash like the job's other runs), and
+        NaN for the sweeper, so that the sweep goes on and counts it failed at its end."""
         if self.parent is None:
             print(masking.mask(f"mlp-lab: {what}: {error}"), file=sys.stderr)
             sys.exit(exits.EXIT_CONFIG)
         log.error("job cannot run, the sweep goes on: %s", error)
         client, experiment_id = exits.connect(cfg, self.launch_dir)
         tags = tracking.environment_tags(self.launch_dir, self.overrides, {})
-        tracking.start_failed_run(client, experiment_id, tracking.run_name(
-            OmegaConf.to_container(cfg, resolve=True)), tags, error,
+        if config_hash is not None:
+            tags[sweeplib.CONFIG_HASH_TAG] = config_hash
+        tracking.start_failed_run(client, experiment_id, self.run_name(
+            cfg, OmegaConf.to_container(cfg, resolve=True)), tags, error,
             parent_run_id=self.parent["run_id"])
         return math.nan
+
+    def run_name(self, cfg: DictConfig, resolved: dict[str, Any]) -> str:
+        """tracking.run_name, else in a sweep its swept values (`lr=1e6 reg=0`), else a
+        name made of the config."""
+        parent = self.parent
+        return cfg.tracking.run_name or (
+            sweeplib.child_name(parent["swept"], self.overrides)
+            if parent and parent.get("swept") else tracking.run_name(resolved))
 
     def command(self, extra: list[str]) -> str:
         """The mlp-train command line of this run, with `extra` overrides."""
@@ -78,11 +90,14 @@ class Job:
 def train(cfg: DictConfig) -> float:
     """One training run, recorded in MLflow; returns the best validation accuracy.
 
-    Alone, every problem exits non-zero with a message (2: config or data, 1: failure,
-    3: failed gradient check, 130: interrupted). As a job of a sweep (`-m`), the run is a
-    child of the sweep's parent run, a config that already finished in the experiment is
-    skipped, one that was killed is resumed, and a job that fails is recorded FAILED and
-    returns NaN so that the sweep goes on; only an interruption stops the sweep.
+    Alone, every problem exits non-zero with a message (2: config, data or a checkpoint
+    that cannot be resumed, 1: failure, 3: failed gradient check, 130: interrupted). As a
+    job of a sweep (`-m`), the run is a child of the sweep's parent run, a config that
+    already finished in the experiment is skipped, one that was killed is resumed into the
+    same run (from its own checkpoint: another run's is refused), its checkpoints go to
+    its own subfolder of trainer.checkpoint_dir when that is set, and a job that fails is
+    recorded FAILED and returns NaN so that the sweep goes on (and exits 1 at its end,
+    see `train_main`); only an interruption stops the sweep.
     """
     job = Job.from_hydra()
     try:
@@ -96,18 +111,22 @@ def train(cfg: DictConfig) -> float:
     client, experiment_id = exits.connect(cfg, job.launch_dir)
     liveness.reap_dead_runs(client)
     config_hash = sweeplib.config_hash(resolved)
-    resume = cfg.trainer.resume
+    resume, killed_run = cfg.trainer.resume, None
     if job.parent is not None:
-        finished, resume = sweeplib.earlier_attempts(client, experiment_id, config_hash,
-                                                     resume)
+        finished, resume, killed_run = sweeplib.earlier_attempts(
+            client, experiment_id, config_hash, resume)
         if finished is not None:
             return finished
+        _own_checkpoint_dir(cfg, resolved, config_hash)
     try:
         splits = build.load_data(cfg)
     except datalib.DataError as e:
-        return job.cannot_start(cfg, e, "data problem")
+        return job.cannot_start(cfg, e, "data problem", config_hash)
     trainer = build.build_trainer(cfg, splits, job.output_dir)
-    continued = _resume(client, trainer, resume) if resume else None
+    try:
+        continued = _resume(client, trainer, resume, job, killed_run) if resume else None
+    except ValueError as e:
+        return job.cannot_start(cfg, e, "invalid configuration", config_hash)
 
     recorder, name = _start_recording(cfg, resolved, job, (client, experiment_id), splits,
                                       trainer, config_hash, continued)
@@ -127,7 +146,8 @@ def train(cfg: DictConfig) -> float:
             return math.nan
         if isinstance(e, DivergenceError | exits.GradcheckFailed):
             print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
-            sys.exit(exits.EXIT_GRADCHECK if isinstance(e, exits.GradcheckFailed) else 1)
+            sys.exit(exits.EXIT_GRADCHECK if isinstance(e, exits.GradcheckFailed)
+                     else exits.EXIT_FAILED)
         raise
     _summary(result, recorder.run_id,
              tracking.how_to_view(client.tracking_uri, experiment_id, recorder.run_id),
@@ -149,18 +169,34 @@ def _resume_command(job: Job, archive: list[str], e: Interrupted) -> str:
     return job.command([*archive, f"trainer.resume={e.checkpoint}"])
 
 
-def _resume(client: MlflowClient, trainer: Trainer, checkpoint: str) -> str | None:
-    """Load a checkpoint into the trainer (validated whole first: exit 2 naming the
-    problem), send what an earlier attempt could not; returns the run to continue: the
-    checkpoint's run unless that one finished (a resume never changes another run's
-    status: a finished run's checkpoint continues as a new run)."""
+def _own_checkpoint_dir(cfg: DictConfig, resolved: dict[str, Any], config_hash: str) -> None:
+    """A sweep job with trainer.checkpoint_dir set keeps its checkpoints, and the spool
+    beside them, in `<checkpoint_dir>/<config hash>`: the jobs of a sweep (and of sweeps
+    sharing the setting) never share a file, and a re-run finds a config's folder again."""
+    base = cfg.trainer.checkpoint_dir
+    if base:
+        own = str(Path(base) / config_hash)
+        cfg.trainer.checkpoint_dir = resolved["trainer"]["checkpoint_dir"] = own
+
+
+def _resume(client: MlflowClient, trainer: Trainer, checkpoint: str, job: Job,
+            killed_run: str | None) -> str | None:
+    """Load a checkpoint into the trainer (validated whole first, and written by
+    `killed_run` when a sweep job continues that run: a ValueError names the problem),
+    send what an earlier attempt could not; returns the run to continue: the checkpoint's
+    run, unless that one finished or, in a sweep, is not this config's killed run (a
+    resume never changes another run's status: it continues as a new run)."""
     try:
-        run_id = trainer.load_checkpoint(checkpoint).get("run_id")
+        run_id = trainer.load_checkpoint(checkpoint, run_id=killed_run).get("run_id")
     except (OSError, ValueError) as e:
-        exits.config_error(ValueError(f"trainer.resume: {e}"))
+        raise ValueError(f"trainer.resume: {e}") from e
     spoollib.send_pending(spoollib.beside(Path(checkpoint)))
-    if run_id is not None and client.get_run(run_id).info.status == "FINISHED":
-        log.info("run %s finished: this resume is recorded as a new run", run_id)
+    if run_id is None:
+        return None
+    if client.get_run(run_id).info.status == "FINISHED" or (job.parent is not None
+                                                            and run_id != killed_run):
+        log.info("run %s is finished or another job's: this resume is recorded as a new run",
+                 run_id)
         trainer.meta["resumed_from"] = run_id
         return None
     return run_id
@@ -179,10 +215,10 @@ def _start_recording(cfg: DictConfig, resolved: dict[str, Any], job: Job,
     tags |= liveness.process_tags()
     if "resumed_from" in trainer.meta:
         tags["mlp.resumed_from"] = trainer.meta["resumed_from"]
+    if trainer.checkpoint_path() is not None:  # known from the start: a killed run resumes
+        tags["checkpoint"] = str(trainer.checkpoint_path())
     parent = job.parent
-    name = cfg.tracking.run_name or (
-        sweeplib.child_name(parent["swept"], job.overrides) if parent and parent.get("swept")
-        else tracking.run_name(resolved))
+    name = job.run_name(cfg, resolved)
     if parent is not None:
         tags[sweeplib.SWEEP_NAME_TAG] = parent.get("name", "")
     recorder = tracking.start_run(client, experiment_id, name, tags, run_id=continued,
@@ -285,9 +321,19 @@ def _train_app(cfg: DictConfig) -> float:
 
 
 def train_main() -> None:
-    """`mlp-train [overrides]` / `mlp-train -m [sweep overrides]`."""
+    """`mlp-train [overrides]` / `mlp-train -m [sweep overrides]`. A sweep ends with one
+    line saying how its jobs ended, and exits 1 when any failed (see
+    `sweeps.callback.SweepOutcome`)."""
     masking.install()
     exits.check_command_line_or_exit()
     _train_app()
+    outcome = sweeplib.last_outcome()
+    if outcome is None:
+        return
+    if outcome.ok:
+        print(outcome.summary())
+        return
+    print(masking.mask(outcome.summary()), file=sys.stderr)
+    sys.exit(exits.EXIT_FAILED)
 
 

@@ -7,7 +7,19 @@ SQLite store races in MLflow's migrations), opens the parent run and writes its 
 launcher), in joblib's worker processes, in submitit jobs on this or another machine
 (the sweep dir is on a shared file system there). It also gives each joblib worker its
 share of the cores for BLAS before NumPy loads there. After the last job it logs the
-comparison report on the parent and ends it.
+comparison report on the parent and ends it with the sweep's outcome.
+
+The outcome comes from the store, whatever the launcher (joblib and submitit jobs run in
+other processes): the report's rows, one per job of the parent (its latest attempt; a
+FINISHED one stands for its config). A job counts as failed when that attempt ended FAILED
+(diverged, crashed, data problem, failed gradient check, a checkpoint it could not resume)
+or was killed without being pruned; a pruned Optuna trial is not a failure, and a job
+still RUNNING in another live worker of the same sweep is neither. The parent ends FAILED
+when any job failed (or the outcome could not be read), else FINISHED; its tag
+`mlp.sweep.outcome` (`4 of 4 finished`, `1 of 2 failed`) and the first line of its
+description say the same, and `last_outcome()` hands it to `mlp-train`, which exits 1 on
+a failure. The outcome covers every job the parent holds: a re-run of a grid retries the
+failed configs, so a green re-run means the whole grid finished.
 
 A parent is identified by the sweep's definition (config name, overrides, sweeper
 params): re-running the same sweep reopens the same parent, and the jobs skip configs
@@ -22,7 +34,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mlp.sweep")
 
 PARENT_FILE = "mlflow_parent.json"
+OUTCOME_TAG = "mlp.sweep.outcome"  # on the parent: `4 of 4 finished`, `1 of 2 failed`
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def config_hash(resolved: dict[str, Any]) -> str:
@@ -127,6 +141,67 @@ def blas_threads(n_jobs: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, n_jobs))
 
 
+@dataclass
+class SweepOutcome:
+    """How the jobs of a sweep ended: how many there are, finished, pruned, still running,
+    and the failed ones as `<name>: <first line of the error>`; `error` says why the
+    outcome could not be read (then it counts as a failure)."""
+
+    total: int = 0
+    finished: int = 0
+    pruned: int = 0
+    running: int = 0
+    failed: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def of(cls, rows: Sequence[Mapping[str, Any]]) -> SweepOutcome:
+        """From a sweep report's rows (`report.Report.rows`: run, status, error)."""
+        statuses = [row["status"] for row in rows]
+        failed = [f"{row['run']}: {row.get('error') or status.lower()}"
+                  for row, status in zip(rows, statuses, strict=True)
+                  if status not in ("FINISHED", "PRUNED", "RUNNING")]
+        return cls(len(rows), statuses.count("FINISHED"), statuses.count("PRUNED"),
+                   statuses.count("RUNNING"), failed)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.error is None
+
+    @property
+    def status(self) -> str:
+        """The parent's final status: FINISHED only when no job failed."""
+        return "FINISHED" if self.ok else "FAILED"
+
+    def tag(self) -> str:
+        """`4 of 4 finished`, `1 of 2 failed`, `3 of 4 finished, 1 pruned`."""
+        if self.error is not None:
+            return "unknown"
+        if self.failed:
+            return f"{len(self.failed)} of {self.total} failed"
+        others = [f"{n} {what}" for n, what in ((self.pruned, "pruned"),
+                                                 (self.running, "still running")) if n]
+        return ", ".join([f"{self.finished} of {self.total} finished", *others])
+
+    def summary(self) -> str:
+        """The sweep's last line: `mlp-lab: 1 of 2 children failed: lr=1e6: training
+        diverged ...` (failures joined by `; `)."""
+        if self.error is not None:
+            return f"mlp-lab: the sweep's outcome could not be read: {self.error}"
+        if self.failed:
+            return (f"mlp-lab: {len(self.failed)} of {self.total} children failed: "
+                    + "; ".join(self.failed))
+        return f"mlp-lab: {self.tag().replace(' finished', ' children finished', 1)}"
+
+
+_outcome: SweepOutcome | None = None
+
+
+def last_outcome() -> SweepOutcome | None:
+    """The outcome of the sweep that ended last in this process (None: no sweep ended)."""
+    return _outcome
+
+
 class SweepCallback(Callback):
     """Parent run around a multirun (see the module docstring)."""
 
@@ -174,24 +249,59 @@ class SweepCallback(Callback):
         log.info("MLflow parent run %s (%s) at %s", run_id, name, masking.mask(uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Report on the parent, then end it with the outcome (see the module docstring)."""
+        global _outcome
         if self.parent is None or self.client is None:
             return
-        try:
-            from mlp.sweeps import report
+        from mlp.sweeps import report
+        from mlp.tracking import liveness
 
-            summary = report.log_sweep_report(self.client, self.parent["run_id"])
-            log.info("sweep report:\n%s", summary)
+        client = self.client
+        run_id = self.parent["run_id"]
+        liveness.reap_dead_runs(client)  # a job killed outright did not end its run
+        outcome = None
+        try:
+            table = report.log_sweep_report(client, run_id)
+            log.info("sweep report:\n%s", table)
+            outcome = SweepOutcome.of(_whole_errors(client, table.rows))
         except Exception as e:  # a report must never lose the sweep's results
             log.warning("could not build the sweep report: %s", e)
-        self._end_if_running("FINISHED")
+        try:
+            if outcome is None:
+                experiment = client.get_experiment(self.parent["experiment_id"]).name
+                outcome = SweepOutcome.of(_whole_errors(
+                    client, report.build_report(client, experiment, run_id).rows))
+            note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+            client.set_tag(run_id, OUTCOME_TAG, outcome.tag())
+            client.set_tag(run_id, "mlflow.note.content",
+                           f"**Outcome: {outcome.tag()}**" + "".join(
+                               f"\n- {line}" for line in outcome.failed)
+                           + (f"\n\n{note}" if note else ""))
+        except Exception as e:  # the store is unreadable: nothing says the jobs succeeded
+            outcome = SweepOutcome(error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            log.warning("could not read how the jobs ended: %s", outcome.error)
+        _outcome = outcome
+        self._end_if_running(outcome.status)
 
     def _end_if_running(self, status: str) -> None:
-        """End the parent (FINISHED, or KILLED when the process exits mid-sweep)."""
+        """End the parent (its outcome, or KILLED when the process exits mid-sweep)."""
         if self.parent is None or self.client is None:
             return
         client = self.client
         if client.get_run(self.parent["run_id"]).info.status == "RUNNING":
             client.set_terminated(self.parent["run_id"], status=status)
+
+
+def _whole_errors(client: Any, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The report's rows with the whole first line of each failed run's error (the table
+    shortens it; the closing line names what went wrong, run ids and paths included)."""
+    whole = []
+    for row in rows:
+        if row.get("error"):
+            message = client.get_run(row["run_id"]).data.tags.get("error.message", "")
+            row = {**row, "error": message.strip().split("\n")[0] or row["error"]}
+        whole.append(dict(row))
+    return whole
 
 
 def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
@@ -209,17 +319,32 @@ def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
 
 
 def earlier_attempts(client: MlflowClient, experiment_id: str, config_hash: str,
-                     resume: str | None) -> tuple[float | None, str | None]:
-    """For a sweep job: (its best val accuracy, None) when this config already finished in
-    the experiment, else (None, the checkpoint to resume: a killed attempt's, or `resume`)."""
+                     resume: str | None) -> tuple[float | None, str | None, str | None]:
+    """For a sweep job, what the earlier runs of its config leave it to do:
+    (best val accuracy, None, None) when the config already finished in the experiment
+    (skip it); (None, checkpoint, run id) to continue its killed run `run id` from
+    `resume` when given, else from that run's own checkpoint (the resume refuses a
+    checkpoint that another run wrote); (None, resume, None) for a new run.
+
+    A killed run's spool is sent first: a run whose end could not reach the store (a
+    database lock that outlasted the job) was marked KILLED by the reaper but finished,
+    and its spooled end makes it FINISHED again instead of training the config twice."""
+    from mlp.tracking import spool as spoollib
+
     earlier = runs_with_config(client, experiment_id, config_hash)
+    killed = [r for r in earlier if r.info.status == "KILLED" and "checkpoint" in r.data.tags]
+    if any([spoollib.send_pending(spoollib.beside(Path(r.data.tags["checkpoint"])))
+            for r in killed]):
+        earlier = runs_with_config(client, experiment_id, config_hash)
     finished = [r for r in earlier if r.info.status == "FINISHED"]
     if finished:
         log.info("skipping: this config already finished as run %s", finished[0].info.run_id)
-        return finished[0].data.metrics.get(ACC_BEST_VAL, math.nan), None
+        return finished[0].data.metrics.get(ACC_BEST_VAL, math.nan), None, None
     killed = [r for r in earlier if r.info.status == "KILLED"
               and Path(r.data.tags.get("checkpoint", "")).is_file()]
-    if killed and not resume:
-        resume = killed[0].data.tags["checkpoint"]
-        log.info("resuming killed run %s from %s", killed[0].info.run_id, resume)
-    return None, resume
+    if not killed:
+        return None, resume, None
+    run = killed[0]
+    checkpoint = resume or run.data.tags["checkpoint"]
+    log.info("resuming killed run %s from %s", run.info.run_id, checkpoint)
+    return None, checkpoint, run.info.run_id

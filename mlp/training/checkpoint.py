@@ -74,7 +74,8 @@ def save(path: str | Path, checkpoint: Checkpoint) -> Path:
 
 
 def load(path: str | Path, like: Checkpoint, n_train: int, batches_per_epoch: int,
-         checks: Mapping[str, Callable[[dict[str, Array]], None]] | None = None) -> Checkpoint:
+         checks: Mapping[str, Callable[[dict[str, Array]], None]] | None = None,
+         run_id: str | None = None) -> Checkpoint:
     """Read the checkpoint at `path` and validate it completely against `like`.
 
     `like` is the resuming run's own checkpoint: the file must have its groups, names,
@@ -82,12 +83,19 @@ def load(path: str | Path, like: Checkpoint, n_train: int, batches_per_epoch: in
     range(n_train), and the run's `batches_per_epoch` fixes how the counters relate (the
     optimizer's step counter "optim/t", when there is one, is the step). `checks` maps a group
     to a function that raises ValueError on values its owner cannot take (e.g. the
-    optimizer's). Raises CheckpointError; nothing outside this function is changed.
+    optimizer's). `run_id`, when the run to continue is known: the checkpoint must have
+    been written by that run (its `extra["run_id"]`), not by another one that shared the
+    folder or was named by mistake. Raises CheckpointError; nothing outside this function
+    is changed.
     """
     path = Path(path)
     try:
         checkpoint = _read(path)
         _validate(checkpoint, like, n_train, batches_per_epoch, checks or {})
+        written_by = checkpoint.meta["extra"].get("run_id")
+        if run_id is not None and written_by != run_id:
+            raise CheckpointError(f"written by run {written_by}, not by run {run_id}, the "
+                                  "run to continue")
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     except ValueError as e:  # from a group's check

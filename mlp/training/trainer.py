@@ -359,17 +359,19 @@ class Trainer:
         self._saved = path, self._position()
         return path
 
-    def load_checkpoint(self, path: str | Path) -> dict:
+    def load_checkpoint(self, path: str | Path, run_id: str | None = None) -> dict:
         """Restore the state saved by `save_checkpoint`; returns its `meta["extra"]`.
 
         The whole file is validated first (`checkpoint.load`, against this trainer's own
-        state: same architecture, optimizer, dtype, training split and batch size): a
-        problem raises CheckpointError (a ValueError) naming it, and nothing is changed.
+        state: same architecture, optimizer, dtype, training split and batch size; written
+        by `run_id` when given, the run this resume continues): a problem raises
+        CheckpointError (a ValueError) naming it, and nothing is changed.
         """
         ck = checkpoint.load(path, self._checkpoint(), len(self.splits.y_train),
                              self._batches_per_epoch(),
                              checks={"optim": self.optimizer.check_state_dict,
-                                     "norm": self.normalizer.check_state_dict})
+                                     "norm": self.normalizer.check_state_dict},
+                             run_id=run_id)
         groups, meta = ck.groups, ck.meta
         self.model.set_params(groups["param"], groups["buffer"])
         for name, value in groups["best"].items():

@@ -311,11 +311,16 @@ def test_a_sqlite_study_completes_prunes_and_fails_trials(tmp_path: Path, run_en
     study = optuna.create_study(study_name="lr", storage=storage, direction="maximize")
     for lr, reg in [(0.02, 1e-6), (1e-6, 2e-6), (50.0, 3e-6), (0.03, 4e-6)]:
         study.enqueue_trial({"optim.lr": lr, "model.reg": reg})
-    finish(sweep(["hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}",
+    proc = sweep(["hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}",
                   "hydra.sweeper.study_name=lr", "hydra.sweeper.pruner.n_startup_trials=1",
                   "hydra.sweeper.pruner.n_warmup_steps=0",
                   "optim.lr=choice(1e-6, 0.02, 0.03, 50.0)", "model.reg=interval(1e-6, 1e-5)"],
-                 tmp_path, run_env, empty_store))
+                 tmp_path, run_env, empty_store)
+    out, _ = proc.communicate(timeout=240)
+    # The diverged trial fails the sweep (exit 1); the pruned one does not count.
+    assert proc.returncode == 1, out[-4000:]
+    assert out.strip().splitlines()[-1].startswith(
+        "mlp-lab: 1 of 4 children failed: reg=3e-6 lr=50: training diverged")
 
     trials = optuna.load_study(study_name="lr", storage=storage).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED,
@@ -333,6 +338,8 @@ def test_a_sqlite_study_completes_prunes_and_fails_trials(tmp_path: Path, run_en
     assert by_lr[1e-6].data.tags["optuna.pruned"] == "true"
     assert by_lr[50.0].info.status == "FAILED"
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["mlp.sweep.outcome"] == "1 of 4 failed"
 
 
 @pytest.mark.e2e

@@ -1,18 +1,36 @@
 """Sweeps (`mlp-train -m`): a parent run with child runs for every launcher, failures that
-do not stop the sweep, skipping finished configs and resuming killed ones."""
+do not stop the sweep but fail it at its end (exit 1, a FAILED parent, a closing line),
+skipping finished configs and resuming killed ones into the same run, from their own
+checkpoint, each job in its own checkpoint folder."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import tool
-from helpers import FAST, GRID, check_grid, parent_and_children, sweep
+from helpers import FAST, GRID, check_grid, mlp_train, parent_and_children, sweep
 
+from mlp.sweeps.callback import OUTCOME_TAG, PARENT_FILE
 from mlp.tracking import keys as metrics
+from mlp.tracking import spool as spoollib
+
+
+def last_line(out: subprocess.CompletedProcess) -> str:
+    return (out.stdout if out.returncode == 0 else out.stderr).strip().splitlines()[-1]
+
+
+def check_failed_parent(db: Path, outcome: str) -> None:
+    """The parent is FAILED and its tag and description say the same."""
+    _, [parent], _ = parent_and_children(db)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[OUTCOME_TAG] == outcome
+    assert parent.data.tags["mlflow.note.content"].startswith(f"**Outcome: {outcome}**")
 
 
 @pytest.mark.e2e
@@ -21,6 +39,7 @@ def test_grid_with_the_basic_launcher_then_rerun_runs_nothing_new(tmp_path: Path
     with_models = [*FAST, "tracking.log_model=true", *GRID]
     out = sweep(with_models, tmp_path, run_env)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert last_line(out) == "mlp-lab: 4 of 4 children finished"
     check_grid(tmp_path / "mlflow.db", models=True)
 
     again = sweep(with_models, tmp_path, run_env)
@@ -28,6 +47,8 @@ def test_grid_with_the_basic_launcher_then_rerun_runs_nothing_new(tmp_path: Path
     assert (again.stdout + again.stderr).count("skipping: this config already finished") == 4
     _, parents, children = parent_and_children(tmp_path / "mlflow.db")
     assert len(parents) == 1 and len(children) == 4
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags[OUTCOME_TAG] == "4 of 4 finished"
 
 
 @pytest.mark.e2e
@@ -58,13 +79,102 @@ def test_submitit_local_jobs_are_children_of_the_parent(tmp_path: Path, run_env:
 def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path, run_env: dict):
     out = sweep([*FAST, "optim.name=sgd", "optim.lr=0.01,1e6", "data.val_size=60,5000"],
                 tmp_path, run_env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    _, parents, children = parent_and_children(tmp_path / "mlflow.db")
+    assert out.returncode == 1, out.stderr[-3000:]
+    _, _, children = parent_and_children(tmp_path / "mlflow.db")
     assert len(children) == 4
     by_status = sorted((c.info.status, c.data.tags.get("error.type", "")) for c in children)
     assert by_status == [("FAILED", "ConfigError"), ("FAILED", "ConfigError"),
                          ("FAILED", "DivergenceError"), ("FINISHED", "")]
-    assert parents[0].info.status == "FINISHED"
+    assert last_line(out).startswith("mlp-lab: 3 of 4 children failed: ")
+    check_failed_parent(tmp_path / "mlflow.db", "3 of 4 failed")
+
+
+@pytest.mark.e2e
+def test_a_diverging_child_in_another_process_fails_the_sweep(tmp_path: Path, run_env: dict):
+    # joblib: the parent learns how its children ended from the store, not from memory.
+    out = sweep([*FAST, "optim.lr=0.01,1e6", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                tmp_path, run_env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert last_line(out).startswith(
+        "mlp-lab: 1 of 2 children failed: lr=1e6: training diverged at step ")
+    check_failed_parent(tmp_path / "mlflow.db", "1 of 2 failed")
+
+
+@pytest.mark.e2e
+def test_a_sweep_whose_every_child_fails_at_data_time_exits_1(tmp_path: Path, run_env: dict):
+    out = sweep([*FAST, "data.val_size=5000", "optim.lr=0.01,0.03"], tmp_path, run_env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    line = last_line(out)
+    assert line.startswith("mlp-lab: 2 of 2 children failed: lr=1e-2: ")
+    assert "; lr=3e-2: " in line and "val_size" in line
+    check_failed_parent(tmp_path / "mlflow.db", "2 of 2 failed")
+
+
+@pytest.mark.e2e
+def test_each_job_has_its_own_folder_under_trainer_checkpoint_dir(tmp_path: Path,
+                                                                  run_env: dict):
+    shared = tmp_path / "checkpoints"
+    out = sweep([*FAST, "optim.lr=0.01,0.03", f"trainer.checkpoint_dir={shared}"], tmp_path,
+                run_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, _, children = parent_and_children(tmp_path / "mlflow.db")
+    paths = {c.data.tags["checkpoint"]: c.data.tags["mlp.config_hash"] for c in children}
+    assert len(paths) == 2
+    for path, config_hash in paths.items():
+        assert path == str(shared / config_hash / "last.npz") and Path(path).is_file()
+    assert sorted(p.name for p in shared.iterdir()) == sorted(paths.values())
+
+
+def _finished_child_marked_killed(tmp_path: Path, run_env: dict, args: list[str]):
+    """A one-job sweep that finished, then its child marked KILLED as the reaper does when
+    the run's end could not reach the store; returns (client, parent file, child)."""
+    out = sweep(args, tmp_path, run_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, _, [child] = parent_and_children(tmp_path / "mlflow.db")
+    client.set_terminated(child.info.run_id, status="KILLED")
+    [parent_file] = tmp_path.glob(f"multirun/*/*/{PARENT_FILE}")
+    return client, json.loads(parent_file.read_text()), child
+
+
+@pytest.mark.e2e
+def test_a_finished_child_whose_end_was_spooled_is_not_trained_again(tmp_path: Path,
+                                                                     run_env: dict):
+    args = [*FAST, "optim.lr=0.01"]
+    _, parent, child = _finished_child_marked_killed(tmp_path, run_env, args)
+    checkpoint = Path(child.data.tags["checkpoint"])
+    written = checkpoint.stat().st_mtime_ns
+    spoollib.Spool(spoollib.beside(checkpoint)).append([spoollib.status_record(
+        parent["uri"], child.info.run_id, "FINISHED", child.info.end_time)])
+
+    again = sweep(args, tmp_path, run_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "skipping: this config already finished" in again.stdout + again.stderr
+    _, _, children = parent_and_children(tmp_path / "mlflow.db")
+    assert [(c.info.run_id, c.info.status) for c in children] == [
+        (child.info.run_id, "FINISHED")]
+    assert checkpoint.stat().st_mtime_ns == written
+    assert not spoollib.beside(checkpoint).exists()
+
+
+@pytest.mark.e2e
+def test_a_killed_child_refuses_another_runs_checkpoint(tmp_path: Path, run_env: dict):
+    args = [*FAST, "optim.lr=0.01"]
+    client, _, child = _finished_child_marked_killed(tmp_path, run_env, args)
+    other = tmp_path / "other"
+    alone = mlp_train([*FAST, "optim.lr=0.02", f"trainer.checkpoint_dir={other}"], tmp_path,
+                      run_env)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    with np.load(other / "last.npz") as f:
+        other_run = json.loads(str(f["meta"]))["extra"]["run_id"]
+
+    again = sweep([*args, f"trainer.resume={other / 'last.npz'}"], tmp_path, run_env)
+    assert again.returncode == 1, again.stderr[-3000:]
+    line = last_line(again)
+    assert line.startswith(f"mlp-lab: 1 of 1 children failed: {child.info.run_name}: "
+                           "trainer.resume: checkpoint ")
+    assert f"written by run {other_run}, not by run {child.info.run_id}" in line
+    assert client.get_run(child.info.run_id).info.status == "KILLED"
+    assert client.get_run(other_run).info.status == "FINISHED"
 
 
 @pytest.mark.e2e
@@ -92,7 +202,7 @@ def test_killed_sweep_resumes_the_killed_job(tmp_path: Path, run_env: dict):
 
     out = sweep(args, tmp_path, run_env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming killed run" in out.stdout + out.stderr
+    assert f"resuming killed run {killed}" in out.stdout + out.stderr
     _, parents, children = parent_and_children(tmp_path / "mlflow.db")
     assert [(c.info.run_id, c.info.status) for c in children] == [(killed, "FINISHED")]
     assert [p.step for p in client.get_metric_history(killed, metrics.ACC_VAL)] == list(

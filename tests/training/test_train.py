@@ -166,6 +166,19 @@ def test_resume_rejects_another_architecture(splits: datalib.Splits, tmp_path: P
         other.load_checkpoint(tmp_path / "last.npz")
 
 
+def test_resume_refuses_a_checkpoint_written_by_another_run(splits: datalib.Splits,
+                                                           tmp_path: Path):
+    written = make_trainer(splits, tmp_path, epochs=1)
+    written.meta["run_id"] = "run-a"
+    written.fit()
+    other = make_trainer(splits, epochs=1)
+    before = _trainer_state(other)
+    with pytest.raises(CheckpointError, match="written by run run-a, not by run run-b"):
+        other.load_checkpoint(tmp_path / "last.npz", run_id="run-b")
+    assert _same(_trainer_state(other), before)
+    assert other.load_checkpoint(tmp_path / "last.npz", run_id="run-a")["run_id"] == "run-a"
+
+
 def test_resume_of_a_missing_file_is_a_clear_error(splits: datalib.Splits, tmp_path: Path):
     with pytest.raises(CheckpointError, match=r"nope\.npz: no such file"):
         make_trainer(splits).load_checkpoint(tmp_path / "nope.npz")
