@@ -15,6 +15,7 @@ import stat
 from collections import Counter
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -220,10 +221,14 @@ def test_a_spool_of_the_previous_version_loses_its_credentials_when_rewritten(
 def test_the_credentials_come_back_from_this_process_s_tracking_uri(
         monkeypatch: pytest.MonkeyPatch):
     recorded = spool.tag_records(SECRET_URI, "r1", {"a": "1"})[0]["uri"]
+    # none set by an earlier test: MLflow then reads MLFLOW_TRACKING_URI
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", SECRET_URI)
     assert spool.credentialed(recorded) == SECRET_URI
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:other@elsewhere:5000")
     assert spool.credentialed(recorded) == recorded  # another store: its own login
+    mlflow.set_tracking_uri(SECRET_URI)  # as a run does
+    assert spool.credentialed(recorded) == SECRET_URI
 
 
 def test_mlp_sync_prints_no_password_when_the_store_fails(
