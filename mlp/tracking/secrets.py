@@ -41,6 +41,28 @@ def mask_uri(uri: str) -> str:
     return _QUERY.sub(lambda m: f"{m['head']}{MASK}" if m["secret"] else m[0], masked)
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` with no secret left in it: the password of its user info removed (`user:pw@`
+    -> `user@`, so that a database still knows whom to log in as and takes the password
+    from its own place: PGPASSWORD, ~/.pgpass) and the secret query parameters removed
+    whole; everything else unchanged. What is kept on disk names a store this way."""
+    bare = _USERINFO.sub(_user_only, uri)
+    base, sep, rest = bare.partition("?")
+    if not sep:
+        return bare
+    query, hash_, fragment = rest.partition("#")
+    kept = [p for p in re.split("[&;]", query)
+            if p and p.split("=", 1)[0].lower() not in SECRET_QUERY_KEYS]
+    return base + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
+
+
+def _user_only(match: re.Match) -> str:
+    """A `_USERINFO` match without its password: `scheme://user@`, or `scheme://` when
+    there was no user name."""
+    head = match["head"][:-1]
+    return head if head.endswith("//") else head + "@"
+
+
 def uri_secrets(uri: str) -> list[str]:
     """The secret values inside `uri` (its user-info password, the values of secret query
     parameters), each as written and percent-decoded; [] when it carries none."""
