@@ -190,7 +190,7 @@ def _resume(client: MlflowClient, trainer: Trainer, checkpoint: str, job: Job,
         run_id = trainer.load_checkpoint(checkpoint, run_id=killed_run).get("run_id")
     except (OSError, ValueError) as e:
         raise ValueError(f"trainer.resume: {e}") from e
-    spoollib.send_pending(spoollib.beside(Path(checkpoint)))
+    spoollib.send_pending(spoollib.beside(Path(checkpoint)), known=(client.tracking_uri,))
     if run_id is None:
         return None
     if client.get_run(run_id).info.status == "FINISHED" or (job.parent is not None

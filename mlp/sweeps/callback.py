@@ -333,7 +333,8 @@ def earlier_attempts(client: MlflowClient, experiment_id: str, config_hash: str,
 
     earlier = runs_with_config(client, experiment_id, config_hash)
     killed = [r for r in earlier if r.info.status == "KILLED" and "checkpoint" in r.data.tags]
-    if any([spoollib.send_pending(spoollib.beside(Path(r.data.tags["checkpoint"])))
+    if any([spoollib.send_pending(spoollib.beside(Path(r.data.tags["checkpoint"])),
+                                  known=(client.tracking_uri,))
             for r in killed]):
         earlier = runs_with_config(client, experiment_id, config_hash)
     finished = [r for r in earlier if r.info.status == "FINISHED"]

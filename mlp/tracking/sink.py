@@ -134,7 +134,7 @@ class Sink:
             return
         try:
             if self.spool is not None and self.spool.pending():
-                self.spool.send()
+                self.spool.send(known=(self.client.tracking_uri,))
         except store.STORE_ERRORS as e:
             self._keep(points, tag_list, e)
             return

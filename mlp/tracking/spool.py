@@ -49,11 +49,10 @@ import stat
 import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
@@ -224,9 +223,10 @@ class Spool:
     def pending(self) -> bool:
         return self.path.is_file() and self.path.stat().st_size > 0
 
-    def send(self, uri: str | None = None) -> Sent:
+    def send(self, uri: str | None = None, known: Sequence[str] = ()) -> Sent:
         """Send every record to its store, oldest first: to `uri` when given, else to the
-        recorded store with the credentials this process has for it (`credentialed`).
+        recorded store with the credentials this process has for it (`credentialed`: one
+        of the `known` URIs, e.g. the run's own, or $MLFLOW_TRACKING_URI).
         Damaged lines are reported (a warning each), skipped and dropped from the file;
         metric points the store already holds are not sent again.
 
@@ -244,7 +244,7 @@ class Spool:
             try:
                 while done < len(records):
                     first = records[done]
-                    target = uri or credentialed(first["uri"])
+                    target = uri or credentialed(first["uri"], known)
                     if target not in clients:
                         clients[target] = store.open_client(target)
                     run = (target, first["run_id"])
@@ -279,14 +279,17 @@ class Spool:
                                      e)) from e
 
 
-def credentialed(recorded: str) -> str:
+def credentialed(recorded: str, known: Sequence[str] = ()) -> str:
     """The URI to send to for a store recorded as `recorded` (a URI without credentials):
-    this process's tracking URI (MLFLOW_TRACKING_URI, or the one a run set) when it names
-    the same store, with its credentials; else `recorded` itself, and MLflow finds the
-    login in MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN (PostgreSQL in PGPASSWORD)."""
-    current = mlflow.get_tracking_uri()
-    same = secrets.without_credentials(current) == secrets.without_credentials(recorded)
-    return current if same else recorded
+    the first URI this process was given that names the same store, with its credentials
+    (`known`: e.g. the run's own `tracking.uri`; then $MLFLOW_TRACKING_URI); else
+    `recorded` itself, and MLflow finds the login in MLFLOW_TRACKING_USERNAME / _PASSWORD /
+    _TOKEN (PostgreSQL in PGPASSWORD)."""
+    bare = secrets.without_credentials(recorded)
+    for current in [*known, os.environ.get(store.URI_VAR, "")]:
+        if current and secrets.without_credentials(current) == bare:
+            return current
+    return recorded
 
 
 def _stored_points(client: MlflowClient, records: list[dict], run_id: str) -> Counter:
@@ -345,13 +348,14 @@ def _cannot(what: str, path: Path, error: OSError) -> str:
     return f"cannot {what} the tracking spool {path}: {error.strerror or error} [{cause}]{hint}"
 
 
-def send_pending(path: Path | None) -> Sent | None:
-    """Send the spool at `path` if an earlier process left one (e.g. before a resume);
-    when its store does not answer, warn and keep the file. Returns what was sent."""
+def send_pending(path: Path | None, known: Sequence[str] = ()) -> Sent | None:
+    """Send the spool at `path` if an earlier process left one (e.g. before a resume), with
+    the credentials of the `known` URIs (`credentialed`); when its store does not answer,
+    warn and keep the file. Returns what was sent."""
     if path is None or not Spool(path).pending():
         return None
     try:
-        sent = Spool(path).send()
+        sent = Spool(path).send(known=known)
     except store.STORE_ERRORS as e:
         log.warning("could not send %s yet (%s: %s); it stays for mlp-sync", path,
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")

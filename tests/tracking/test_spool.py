@@ -16,7 +16,6 @@ import stat
 from collections import Counter
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -231,17 +230,14 @@ def test_a_spool_of_the_previous_version_loses_its_credentials_when_rewritten(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-def test_the_credentials_come_back_from_this_process_s_tracking_uri(
+def test_the_credentials_come_back_from_the_run_s_uri_or_the_environment(
         monkeypatch: pytest.MonkeyPatch):
     recorded = spool.tag_records(SECRET_URI, "r1", {"a": "1"})[0]["uri"]
-    # none set by an earlier test: MLflow then reads MLFLOW_TRACKING_URI
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", SECRET_URI)
     assert spool.credentialed(recorded) == SECRET_URI
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:other@elsewhere:5000")
     assert spool.credentialed(recorded) == recorded  # another store: its own login
-    mlflow.set_tracking_uri(SECRET_URI)  # as a run does
-    assert spool.credentialed(recorded) == SECRET_URI
+    assert spool.credentialed(recorded, known=(SECRET_URI,)) == SECRET_URI  # the run's own
 
 
 def test_mlp_sync_prints_no_password_when_the_store_fails(
