@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from mlflow import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mlp.config.command_line import check_command_line
+from mlp.sweeps import slurm
 from mlp.tracking import masking, store
 
 EXIT_FAILED = 1  # a run failed; a sweep any of whose jobs failed (its last line names them)
@@ -49,8 +50,14 @@ def connect(cfg: DictConfig, launch_dir: Path) -> tuple[MlflowClient, str]:
 
 def check_command_line_or_exit(config_name: str = "config") -> None:
     """Refuse the command line when a config it asks for (every combination of a sweep)
-    breaks the schema, before Hydra creates a directory or a store is opened (exit 2)."""
+    breaks the schema, or when a sweep's SLURM jobs ask for more than a node of their
+    partition has (they would wait forever), before Hydra creates a directory, a store is
+    opened or a job is submitted (exit 2)."""
     try:
-        check_command_line(sys.argv[1:], config_name)
+        sweep = check_command_line(sys.argv[1:], config_name)
+        launcher = sweep.hydra.launcher if sweep is not None else {}
+        if slurm.is_slurm(launcher):
+            request = OmegaConf.to_container(launcher, resolve=False)
+            slurm.check_request(request, slurm.partition(request.get("partition")))
     except ValueError as e:  # OverrideError, ConfigError, the code's own checks
         config_error(e)

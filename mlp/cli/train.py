@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,8 @@ from mlp import data as datalib
 from mlp.cli import build, exits
 from mlp.config import schema as configlib
 from mlp.sweeps import callback as sweeplib
+from mlp.tracking import cluster, liveness, masking, plots
 from mlp.tracking import keys as metrics
-from mlp.tracking import liveness, masking, plots
 from mlp.tracking import recorder as tracking
 from mlp.tracking import spool as spoollib
 from mlp.training import console
@@ -212,7 +213,7 @@ def _start_recording(cfg: DictConfig, resolved: dict[str, Any], job: Job,
     tags = tracking.environment_tags(job.launch_dir, job.overrides, splits.fingerprint)
     tags[sweeplib.CONFIG_HASH_TAG] = config_hash
     tags["mlp.blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    tags |= liveness.process_tags()
+    tags |= liveness.process_tags() | cluster.slurm_tags()
     if "resumed_from" in trainer.meta:
         tags["mlp.resumed_from"] = trainer.meta["resumed_from"]
     if trainer.checkpoint_path() is not None:  # known from the start: a killed run resumes
@@ -320,13 +321,29 @@ def _train_app(cfg: DictConfig) -> float:
     return train(cfg)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def train_main() -> None:
     """`mlp-train [overrides]` / `mlp-train -m [sweep overrides]`. A sweep ends with one
     line saying how its jobs ended, and exits 1 when any failed (see
     `sweeps.callback.SweepOutcome`)."""
     masking.install()
     exits.check_command_line_or_exit()
-    _train_app()
+    # SIGTERM (a scheduler, `kill`) ends the run or sweep like Ctrl-C: the run is recorded
+    # KILLED, a sweep's parent too, and its SLURM jobs are cancelled (atexit).
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _train_app()
+    except KeyboardInterrupt:
+        gave_up = sweeplib.slurm_gave_up()
+        if gave_up:
+            print(masking.mask(f"mlp-lab: the sweep's SLURM jobs were cancelled: {gave_up}"),
+                  file=sys.stderr)
+            sys.exit(exits.EXIT_FAILED)
+        print("mlp-lab: interrupted", file=sys.stderr)
+        sys.exit(exits.EXIT_INTERRUPTED)
     outcome = sweeplib.last_outcome()
     if outcome is None:
         return

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir, initialize_config_module
-from hydra._internal.utils import get_args_parser
+from hydra._internal.utils import get_args_parser  # Hydra's own flags: no public API
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -325,12 +325,14 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
         raise OverrideError(str(e).splitlines()[0]) from None
 
 
-def check_command_line(argv: list[str], config_name: str = "config") -> None:
+def check_command_line(argv: list[str], config_name: str = "config") -> DictConfig | None:
     """Raise OverrideError for the first problem of the configuration(s) that `argv` (a
-    command line after the program name) asks for; see the module docstring."""
+    command line after the program name) asks for; see the module docstring. Returns the
+    composed config of a sweep (`-m`; its `hydra` node holds the launcher the jobs will go
+    through, for the launcher's own checks), None otherwise."""
     args, _ = get_args_parser().parse_known_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
-        return
+        return None
     overrides = _parse(args.overrides)
     config_name = args.config_name or config_name
     schema = _Schema()
@@ -382,8 +384,9 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
             _check_plugin(base.hydra, kind)
         if not args.multirun:
             schema.check(_user_part(base))
-            return
+            return None
         _check_sweep(config_name, extra, base, sweeps, groups_, schema)
+        return base
 
 
 def _check_sweep(config_name: str, extra: list[str], base: DictConfig, sweeps: list[Override],

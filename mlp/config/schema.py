@@ -304,6 +304,17 @@ class TrackingConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """How a sweep on SLURM (hydra/launcher=submitit_slurm) watches its jobs: a line about
+    them at least every `status_every_s` seconds while they change, and all of them
+    cancelled when they have all been pending for `max_pending_s` (bookkeeping as a whole;
+    what each job asks for is `hydra.launcher.*`, checked against the partition)."""
+
+    status_every_s: float = field(default=30.0, metadata=rule(POSITIVE))
+    max_pending_s: float = field(default=600.0, metadata=rule(POSITIVE))
+
+
+@dataclass
 class Config:
     # init, shuffling, augmentation, check sampling
     seed: int = field(default=0, metadata=rule(Allowed(lambda v: v >= 0, "an integer >= 0")))
@@ -313,6 +324,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=BOOKKEEPING_KEY)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata=BOOKKEEPING_KEY)
 
 
 @dataclass

@@ -28,6 +28,7 @@ that already finished and resume those that were killed (see `cli.train`).
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import hashlib
 import json
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mlp.sweeps import slurm
 from mlp.tracking.keys import (
     ACC_BEST_VAL,
     CONFIG_HASH_TAG,
@@ -195,6 +197,13 @@ class SweepOutcome:
 
 
 _outcome: SweepOutcome | None = None
+_slurm_watch: slurm.JobWatch | None = None  # the SLURM jobs of this process's sweep
+
+
+def slurm_gave_up() -> str | None:
+    """Why the watch of this process's SLURM jobs cancelled them itself (a job that can
+    never start, or too long pending), or None."""
+    return _slurm_watch.cancelled if _slurm_watch is not None else None
 
 
 def last_outcome() -> SweepOutcome | None:
@@ -246,13 +255,53 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(json.dumps(masking.mask_tree(self.parent)))
         atexit.register(self._end_if_running, "KILLED")
+        if slurm.is_slurm(hydra.launcher):
+            global _slurm_watch
+            # submitit writes each array's batch script beside the jobs' folders (%j).
+            folder = (Path(hydra.runtime.cwd) / str(hydra.launcher.submitit_folder)).parent
+            # Kept apart from the callback, which submitit pickles into every job.
+            _slurm_watch = slurm.JobWatch(folder, config.cluster.status_every_s,
+                                          config.cluster.max_pending_s,
+                                          on_cancel=_thread.interrupt_main).start()
+            atexit.register(self._cancel_jobs)  # atexit runs it before ending the parent
         log.info("MLflow parent run %s (%s) at %s", run_id, name, masking.mask(uri))
+
+    def _cancel_jobs(self) -> None:
+        """The sweep ends before its jobs (Ctrl-C, SIGTERM, a job that can never start):
+        scancel them, so that no job outlives its sweep, and say so on the parent."""
+        watch = _slurm_watch
+        if watch is None or watch.done:
+            return
+        watch.stop()
+        watch.cancel("the sweep was interrupted")
+        if self.client is None or self.parent is None:
+            return
+        why = watch.cancelled or "no job was queued"
+        self.client.set_tag(self.parent["run_id"], "slurm.cancelled", why)
+        # A job killed before it could end its run (still starting, or past the grace
+        # period) leaves it RUNNING: the sweep says what became of it.
+        from mlp.tracking import liveness
+
+        for child in self.client.search_runs(
+                [self.parent["experiment_id"]],
+                f"tags.mlflow.parentRunId = '{self.parent['run_id']}' "
+                "and attributes.status = 'RUNNING'"):
+            self.client.set_tag(child.info.run_id, liveness.REASON_TAG,
+                                f"its SLURM job was cancelled with the sweep: {why}")
+            self.client.set_terminated(child.info.run_id, status="KILLED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Report on the parent, then end it with the outcome (see the module docstring)."""
         global _outcome
         if self.parent is None or self.client is None:
             return
+        watch = _slurm_watch
+        if watch is not None:  # every job is done: nothing left to watch or cancel
+            watch.stop()
+            watch.done = True
+            if watch.array_ids:
+                self.client.set_tag(self.parent["run_id"], "slurm.array_job_id",
+                                    " ".join(sorted(watch.array_ids)))
         from mlp.sweeps import report
         from mlp.tracking import liveness
 

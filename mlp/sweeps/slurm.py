@@ -28,8 +28,7 @@ from mlp.errors import ConfigError
 log = logging.getLogger("mlp.slurm")
 
 LAUNCHER_TARGET = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-STATUS_EVERY_S = 30.0     # a line about the jobs at least this often while they change
-MAX_PENDING_S = 600.0     # jobs still pending after this long are cancelled
+GRACE_S = 20.0  # for running jobs to end their runs after a SIGINT
 # Reasons for which a pending job will never start whatever the wait: cancel at once.
 HOPELESS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "PartitionDown",
             "BadConstraints", "InvalidAccount", "InvalidQOS", "ReqNodeNotAvail")
@@ -174,16 +173,21 @@ def summary(jobs: list[Job]) -> str:
 @dataclass
 class JobWatch:
     """Watches the SLURM jobs of one sweep (those whose batch script lies in `folder`, the
-    sweep's submitit folder) on a thread: a log line when what they do changes (at most
-    every `every_s` seconds), and `scancel` of all of them when one can never start, when
-    they have waited `max_pending_s` without any running, or on `cancel()`."""
+    sweep's submitit folder) on a thread: a log line when what they do changes (and at
+    least every `every_s` seconds), and `scancel` of all of them when one can never start,
+    when they have waited `max_pending_s` without any running (then `on_cancel()`: whoever
+    waits for the jobs must stop waiting), or on `cancel()`. The config's `cluster.*`
+    sets the two times."""
 
     folder: Path
-    every_s: float = STATUS_EVERY_S
-    max_pending_s: float = MAX_PENDING_S
+    every_s: float
+    max_pending_s: float
+    on_cancel: Callable[[], None] | None = None
+    grace_s: float = GRACE_S
     run: Run = subprocess.run
     array_ids: set[str] = field(default_factory=set)
     cancelled: str | None = None  # why the watch cancelled the jobs
+    done: bool = False  # the sweep saw every job end: nothing to cancel any more
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -210,14 +214,24 @@ class JobWatch:
         return jobs
 
     def cancel(self, why: str) -> None:
-        """scancel every job of the sweep seen so far (and any queued now)."""
-        self.poll()
+        """Cancel every job of the sweep seen so far (and any queued now): SIGINT first to
+        the running ones, which end their runs as an interrupted run does (KILLED, with a
+        checkpoint; submitit's jobs ignore the SIGTERM of a plain scancel), for up to
+        `grace_s` seconds, then scancel of all."""
+        jobs = self.poll()
         if not self.array_ids:
             return
         self.cancelled = self.cancelled or why
         ids = sorted(self.array_ids)
         log.error("cancelling SLURM job(s) %s: %s", " ".join(ids), why)
         try:
+            if any(j.state == "RUNNING" for j in jobs):
+                self.run(["scancel", "--signal=INT", *ids], capture_output=True, text=True,
+                         timeout=_TIMEOUT_S)
+                deadline = time.monotonic() + self.grace_s
+                while (time.monotonic() < deadline
+                       and any(j.state == "RUNNING" for j in self.poll())):
+                    time.sleep(0.5)
             self.run(["scancel", *ids], capture_output=True, text=True, timeout=_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as e:
             log.error("scancel %s failed: %s", " ".join(ids), e)
@@ -235,12 +249,17 @@ class JobWatch:
                 last, said_at = text, now
             hopeless = [j for j in jobs if j.state == "PENDING" and j.reason in HOPELESS]
             if hopeless:
-                self.cancel(f"job {hopeless[0].id} can never start on this cluster "
-                            f"(Reason={hopeless[0].reason}): ask for less")
+                self._give_up(f"job {hopeless[0].id} can never start on this cluster "
+                              f"(Reason={hopeless[0].reason}): ask for less")
                 return
             waiting = bool(jobs) and all(j.state == "PENDING" for j in jobs)
             pending_since = (pending_since or now) if waiting else None
             if pending_since is not None and now - pending_since > self.max_pending_s:
-                self.cancel(f"pending for more than {self.max_pending_s:g} s "
-                            f"({text}); the cluster is busy or the jobs ask too much")
+                self._give_up(f"pending for more than {self.max_pending_s:g} s "
+                              f"({text}); the cluster is busy or the jobs ask too much")
                 return
+
+    def _give_up(self, why: str) -> None:
+        self.cancel(why)
+        if self.on_cancel is not None:
+            self.on_cancel()

@@ -96,7 +96,7 @@ def _wait(watch: slurm.JobWatch, timeout: float = 10) -> None:
 
 def test_a_job_that_can_never_start_is_cancelled_at_once(tmp_path: Path):
     cluster = FakeCluster(tmp_path, [("7_[0-3]", "PENDING", "PartitionConfig")])
-    watch = slurm.JobWatch(tmp_path, every_s=0.1, run=cluster).start()
+    watch = slurm.JobWatch(tmp_path, 0.1, 600, run=cluster).start()
     _wait(watch)
     assert ["scancel", "7"] in cluster.calls
     assert "PartitionConfig" in watch.cancelled
@@ -104,7 +104,7 @@ def test_a_job_that_can_never_start_is_cancelled_at_once(tmp_path: Path):
 
 def test_jobs_pending_too_long_are_cancelled_and_running_ones_are_not(tmp_path: Path):
     cluster = FakeCluster(tmp_path, [("8_0", "RUNNING", "None"), ("8_1", "PENDING", "Resources")])
-    watch = slurm.JobWatch(tmp_path, every_s=0.1, max_pending_s=0.3, run=cluster).start()
+    watch = slurm.JobWatch(tmp_path, 0.1, 0.3, run=cluster, grace_s=1).start()
     time.sleep(0.8)
     assert watch.cancelled is None and not any(c[0] == "scancel" for c in cluster.calls)
     cluster.queue = [("8_1", "PENDING", "Resources")]
@@ -116,11 +116,13 @@ def test_jobs_pending_too_long_are_cancelled_and_running_ones_are_not(tmp_path: 
 def test_cancel_reaches_every_array_seen(tmp_path: Path, caplog):
     caplog.set_level("INFO", logger="mlp.slurm")
     cluster = FakeCluster(tmp_path, [("9_0", "RUNNING", "None"), ("10_0", "RUNNING", "None")])
-    watch = slurm.JobWatch(tmp_path, every_s=0.1, run=cluster).start()
+    watch = slurm.JobWatch(tmp_path, 0.1, 600, run=cluster).start()
     time.sleep(0.3)
     watch.cancel("the sweep was interrupted")
     watch.stop()
-    assert ["scancel", "10", "9"] in cluster.calls
+    # running jobs get SIGINT first (they end their runs), then the cancel of all
+    assert (cluster.calls.index(["scancel", "--signal=INT", "10", "9"])
+            < cluster.calls.index(["scancel", "10", "9"]))
     assert "SLURM job 10 9: 2 running" in caplog.text
 
 
