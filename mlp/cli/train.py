@@ -331,18 +331,18 @@ def _train_app(cfg: DictConfig) -> float:
 
 def train_main() -> None:
     """`mlp-train [overrides]` / `mlp-train -m [sweep overrides]`. A sweep ends with one
-    line saying how its jobs ended, and exits 1 when any failed (see
-    `sweeps.callback.SweepOutcome`)."""
+    line saying how its jobs ended, and exits 1 when any failed, else 4 when any job's
+    record is incomplete (see `sweeps.callback.SweepOutcome`)."""
     masking.install()
     exits.check_command_line_or_exit()
     _train_app()
     outcome = sweeplib.last_outcome()
     if outcome is None:
         return
-    if outcome.ok:
+    if outcome.complete:
         print(outcome.summary())
         return
     print(masking.mask(outcome.summary()), file=sys.stderr)
-    sys.exit(exits.EXIT_FAILED)
+    sys.exit(exits.EXIT_FAILED if not outcome.ok else exits.EXIT_INCOMPLETE)
 
 

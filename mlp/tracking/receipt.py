@@ -152,10 +152,10 @@ def spool_of(record: str) -> Path | None:
     return Path(found.group(3)) if found else None
 
 
-def is_incomplete(tags: Mapping[str, str]) -> bool:
-    """Whether a run's tags say its record is incomplete (a run without a receipt is not
-    known to be)."""
-    return tags.get(RECORD_TAG, COMPLETE) != COMPLETE
+def is_incomplete(record: str | None) -> bool:
+    """Whether a run's `mlp.record` says its record is incomplete (a run without a receipt,
+    None, is not known to be)."""
+    return record not in (None, COMPLETE)
 
 
 def repair(client: MlflowClient, run_id: str, known: Sequence[str] = ()) -> Receipt | None:
