@@ -4,8 +4,14 @@ reading runs back from a store, the sweep contract, and tar archives made to mea
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import tarfile
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from conftest import tool
@@ -120,3 +126,66 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarf
 
 def listing(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+class OutageProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a tracking server (`upstream`), that answers
+    503 to a `POST .../runs/log-batch` whose JSON body `fails` says so, while `open` (a
+    partial outage: the run's start, tags and end still pass). `url` is its address;
+    `refused` counts the requests it answered 503. Use as a context manager."""
+
+    def __init__(self, upstream: str, fails: Callable[[dict], bool]) -> None:
+        self.upstream, self.fails, self.open, self.refused = upstream, fails, False, 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if (proxy.open and self.command == "POST"
+                        and self.path.endswith("/runs/log-batch")
+                        and proxy.fails(json.loads(body or b"{}"))):
+                    proxy.refused += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                request = urllib.request.Request(
+                    proxy.upstream + self.path, data=body or None, method=self.command,
+                    headers={k: v for k, v in self.headers.items()
+                             if k.lower() not in ("host", "content-length")})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as answer:
+                        status, headers, data = answer.status, answer.headers, answer.read()
+                except urllib.error.HTTPError as e:
+                    status, headers, data = e.code, e.headers, e.read()
+                self.send_response(status)
+                for key, value in headers.items():
+                    if key.lower() not in ("transfer-encoding", "content-length", "connection",
+                                           "server", "date"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> OutageProxy:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def point_counts(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """Points per metric key a run holds in the store, `system/*` left out (sampled by
+    wall time)."""
+    return {key: len(client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics if not key.startswith("system/")}

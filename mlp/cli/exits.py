@@ -1,7 +1,9 @@
 """What the console commands exit with, and the messages that go with it: 0 success,
 1 failure (a run that diverged or crashed; a sweep with any failed job), 2 a config (or
-data, or store, or a checkpoint) refused before work, 3 a failed gradient check, 130
-interrupted (a sweep too)."""
+data, or store, or a checkpoint) refused before work, 3 a failed gradient check, 4 trained
+but the record is incomplete (the store lacks points or tags the run produced: they are in
+its spool, and the last line names the `mlp-sync` command that sends them; a sweep with an
+incomplete child and no failed one), 130 interrupted (a sweep too)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlp.config.command_line import check_command_line
 from mlp.sweeps import slurm
 from mlp.tracking import masking, store
+from mlp.tracking.receipt import Receipt
 
 EXIT_FAILED = 1  # a run failed; a sweep any of whose jobs failed (its last line names them)
 
@@ -24,11 +27,22 @@ EXIT_CONFIG = 2
 EXIT_GRADCHECK = 3
 
 
+EXIT_INCOMPLETE = 4  # trained, but the record is incomplete (`mlp.record`, receipt.py)
+
+
 EXIT_INTERRUPTED = 130
 
 
 class GradcheckFailed(RuntimeError):
     """The run's own gradient check failed and gradcheck.stop_on_fail is set."""
+
+
+def incomplete(what: str, receipt: Receipt) -> None:
+    """The last line of a run that trained but whose record is incomplete, and exit 4."""
+    command = receipt.sync_command()
+    print(masking.mask(f"mlp-lab: {what} trained, but its record is {receipt.tag()}"
+                       + (f"; send it with: {command}" if command else "")), file=sys.stderr)
+    sys.exit(EXIT_INCOMPLETE)
 
 
 def config_error(e: ValueError) -> None:

@@ -5,6 +5,10 @@ not answer (what is left stays in its file: run mlp-sync again) or when a damage
 (a line torn by a crash, or changed on disk) was skipped: everything else was sent, but
 that record is lost and the run's record is incomplete; 2 when a path holds no spool file.
 
+After a spool is sent, each run it held is checked against what it produced (its
+`mlp.record.expected`) and tagged `mlp.record=complete` once the store holds everything
+(`receipt`); a run still incomplete is named, and mlp-sync exits 1.
+
 A spool keeps its store's URI without credentials. For a password-protected server give
 the login as MLflow reads it, in the environment:
 
@@ -22,8 +26,8 @@ import argparse
 import logging
 import sys
 
-from mlp.tracking import masking, store
-from mlp.tracking.spool import SPOOL_NAME, Sent, Spool, SpoolError, find
+from mlp.tracking import masking, receipt, store
+from mlp.tracking.spool import SPOOL_NAME, Sent, Spool, SpoolError, credentialed, find
 
 EPILOG = __doc__.split("\n\n", 1)[1]
 
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = False
     for f in files:
+        runs = {r["run_id"]: r["uri"] for r in Spool(f).read()}
         try:
             sent = Spool(f).send(args.tracking_uri)
         except SpoolError as e:
@@ -71,4 +76,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{f}: {len(sent.damaged)} damaged record(s) skipped and lost (line(s) "
                   f"{', '.join(str(d.line) for d in sent.damaged)}): what they held is "
                   "missing from the record", file=sys.stderr)
+        failed |= not _recheck(runs, args.tracking_uri)
     return 1 if failed else 0
+
+
+def _recheck(runs: dict[str, str], uri: str | None) -> bool:
+    """Check each run {run id: its recorded store} whose spool was sent and set its
+    `mlp.record`; whether every run with a receipt is complete."""
+    whole = True
+    for run_id, recorded in runs.items():
+        try:
+            done = receipt.recheck(store.open_client(uri or credentialed(recorded)), run_id)
+        except store.STORE_ERRORS as e:
+            whole = False
+            print(f"run {run_id}: its record could not be checked ({type(e).__name__})",
+                  file=sys.stderr)
+            continue
+        if done is None:
+            continue
+        print(f"run {run_id}: record {done.tag()}")
+        whole &= done.complete
+    return whole

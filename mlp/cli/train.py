@@ -28,7 +28,7 @@ from mlp import data as datalib
 from mlp.cli import build, exits
 from mlp.config import schema as configlib
 from mlp.sweeps import callback as sweeplib
-from mlp.tracking import cluster, liveness, masking, plots
+from mlp.tracking import cluster, liveness, masking, plots, receipt
 from mlp.tracking import keys as metrics
 from mlp.tracking import recorder as tracking
 from mlp.tracking import spool as spoollib
@@ -91,8 +91,10 @@ class Job:
 def train(cfg: DictConfig) -> float:
     """One training run, recorded in MLflow; returns the best validation accuracy.
 
-    Alone, every problem exits non-zero with a message (2: config, data or a checkpoint
-    that cannot be resumed, 1: failure, 3: failed gradient check, 130: interrupted). As a
+    Before its own work it sends the spools of the experiment's incomplete runs that are
+    on this machine (`receipt.repair_incomplete`). Alone, every problem exits non-zero
+    with a message (2: config, data or a checkpoint that cannot be resumed, 1: failure, 3:
+    failed gradient check, 4: trained but the record is incomplete, 130: interrupted). As a
     job of a sweep (`-m`), the run is a child of the sweep's parent run, a config that
     already finished in the experiment is skipped, one that was killed is resumed into the
     same run (from its own checkpoint: another run's is refused), its checkpoints go to
@@ -111,6 +113,7 @@ def train(cfg: DictConfig) -> float:
         log.warning("%s", warning)
     client, experiment_id = exits.connect(cfg, job.launch_dir)
     liveness.reap_dead_runs(client)
+    receipt.repair_incomplete(client, experiment_id, known=(client.tracking_uri,))
     config_hash = sweeplib.config_hash(resolved)
     resume, killed_run = cfg.trainer.resume, None
     if job.parent is not None:
@@ -153,6 +156,11 @@ def train(cfg: DictConfig) -> float:
     _summary(result, recorder.run_id,
              tracking.how_to_view(client.tracking_uri, experiment_id, recorder.run_id),
              job.command(archive))
+    if recorder.receipt is not None and not recorder.receipt.complete:
+        if job.parent is None:
+            exits.incomplete(f"run {recorder.run_id}", recorder.receipt)
+        log.warning("run %s trained, but its record is %s", recorder.run_id,
+                    recorder.receipt.tag())
     return result.best_val_acc
 
 
@@ -229,6 +237,7 @@ def _start_recording(cfg: DictConfig, resolved: dict[str, Any], job: Job,
                                   spool_path=spoollib.beside(trainer.checkpoint_path()))
     if continued is not None:  # what the interrupted attempt left no longer holds
         recorder.clear_tags(("error.type", "error.message", liveness.REASON_TAG))
+        recorder.count_stored()
     trainer.meta["run_id"] = recorder.run_id
     trainer.observers += [recorder, console.EpochPrinter(cfg.trainer.epochs)]
     trial = cfg.get("trial")
@@ -327,8 +336,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def train_main() -> None:
     """`mlp-train [overrides]` / `mlp-train -m [sweep overrides]`. A sweep ends with one
-    line saying how its jobs ended, and exits 1 when any failed (see
-    `sweeps.callback.SweepOutcome`)."""
+    line saying how its jobs ended, and exits 1 when any failed, else 4 when any job's
+    record is incomplete (see `sweeps.callback.SweepOutcome`)."""
     masking.install()
     exits.check_command_line_or_exit()
     # SIGTERM (a scheduler, `kill`) ends the run or sweep like Ctrl-C: the run is recorded
@@ -347,10 +356,10 @@ def train_main() -> None:
     outcome = sweeplib.last_outcome()
     if outcome is None:
         return
-    if outcome.ok:
+    if outcome.complete:
         print(outcome.summary())
         return
     print(masking.mask(outcome.summary()), file=sys.stderr)
-    sys.exit(exits.EXIT_FAILED)
+    sys.exit(exits.EXIT_FAILED if not outcome.ok else exits.EXIT_INCOMPLETE)
 
 

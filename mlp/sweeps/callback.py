@@ -47,6 +47,7 @@ from mlp.sweeps import slurm
 from mlp.tracking.keys import (
     ACC_BEST_VAL,
     CONFIG_HASH_TAG,
+    RECORD_TAG,
     SWEEP_HASH_TAG,
     SWEEP_NAME_TAG,
     SWEEP_TAG,
@@ -146,8 +147,9 @@ def blas_threads(n_jobs: int, cores: int | None = None) -> int:
 @dataclass
 class SweepOutcome:
     """How the jobs of a sweep ended: how many there are, finished, pruned, still running,
-    and the failed ones as `<name>: <first line of the error>`; `error` says why the
-    outcome could not be read (then it counts as a failure)."""
+    the failed ones as `<name>: <first line of the error>`, and the ones that trained but
+    whose record is incomplete as `<name>: <its mlp.record>`; `error` says why the outcome
+    could not be read (then it counts as a failure)."""
 
     total: int = 0
     finished: int = 0
@@ -155,20 +157,38 @@ class SweepOutcome:
     running: int = 0
     failed: list[str] = field(default_factory=list)
     error: str | None = None
+    incomplete: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, rows: Sequence[Mapping[str, Any]]) -> SweepOutcome:
-        """From a sweep report's rows (`report.Report.rows`: run, status, error)."""
+        """From a sweep report's rows (`report.Report.rows`: run, status, error, record)."""
+        from mlp.tracking import receipt
+
         statuses = [row["status"] for row in rows]
         failed = [f"{row['run']}: {row.get('error') or status.lower()}"
                   for row, status in zip(rows, statuses, strict=True)
                   if status not in ("FINISHED", "PRUNED", "RUNNING")]
+        incomplete = [f"{row['run']}: {row['record']}" for row in rows
+                      if row["status"] != "RUNNING"
+                      and receipt.is_incomplete(row.get("record"))]
         return cls(len(rows), statuses.count("FINISHED"), statuses.count("PRUNED"),
-                   statuses.count("RUNNING"), failed)
+                   statuses.count("RUNNING"), failed, incomplete=incomplete)
 
     @property
     def ok(self) -> bool:
         return not self.failed and self.error is None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every job's record is whole (`mlp.record`) besides `ok`."""
+        return self.ok and not self.incomplete
+
+    def sync_commands(self) -> list[str]:
+        """The `mlp-sync` commands that send what the incomplete jobs keep."""
+        from mlp.tracking import receipt
+
+        spools = [receipt.spool_of(line.partition(": ")[2]) for line in self.incomplete]
+        return [f"mlp-sync {p.parent}" for p in dict.fromkeys(spools) if p is not None]
 
     @property
     def status(self) -> str:
@@ -181,6 +201,8 @@ class SweepOutcome:
             return "unknown"
         if self.failed:
             return f"{len(self.failed)} of {self.total} failed"
+        if self.incomplete:
+            return f"{len(self.incomplete)} of {self.total} incomplete"
         others = [f"{n} {what}" for n, what in ((self.pruned, "pruned"),
                                                  (self.running, "still running")) if n]
         return ", ".join([f"{self.finished} of {self.total} finished", *others])
@@ -193,6 +215,10 @@ class SweepOutcome:
         if self.failed:
             return (f"mlp-lab: {len(self.failed)} of {self.total} children failed: "
                     + "; ".join(self.failed))
+        if self.incomplete:
+            return (f"mlp-lab: {len(self.incomplete)} of {self.total} children trained, but "
+                    "their record is incomplete: " + "; ".join(self.incomplete)
+                    + "; send it with: " + "; ".join(self.sync_commands()))
         return f"mlp-lab: {self.tag().replace(' finished', ' children finished', 1)}"
 
 
@@ -324,7 +350,7 @@ class SweepCallback(Callback):
             client.set_tag(run_id, OUTCOME_TAG, outcome.tag())
             client.set_tag(run_id, "mlflow.note.content",
                            f"**Outcome: {outcome.tag()}**" + "".join(
-                               f"\n- {line}" for line in outcome.failed)
+                               f"\n- {line}" for line in outcome.failed + outcome.incomplete)
                            + (f"\n\n{note}" if note else ""))
         except Exception as e:  # the store is unreadable: nothing says the jobs succeeded
             outcome = SweepOutcome(error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
@@ -377,7 +403,11 @@ def earlier_attempts(client: MlflowClient, experiment_id: str, config_hash: str,
 
     A killed run's spool is sent first: a run whose end could not reach the store (a
     database lock that outlasted the job) was marked KILLED by the reaper but finished,
-    and its spooled end makes it FINISHED again instead of training the config twice."""
+    and its spooled end makes it FINISHED again instead of training the config twice.
+    A finished run whose record is incomplete (`mlp.record`) counts as finished only once
+    its spool is sent and the store holds everything (`receipt.repair`: repair before
+    retraining); when its spool is not on this machine or the store still does not take
+    it, the config is trained again as a new run."""
     from mlp.tracking import spool as spoollib
 
     earlier = runs_with_config(client, experiment_id, config_hash)
@@ -386,10 +416,12 @@ def earlier_attempts(client: MlflowClient, experiment_id: str, config_hash: str,
                                   known=(client.tracking_uri,))
             for r in killed]):
         earlier = runs_with_config(client, experiment_id, config_hash)
-    finished = [r for r in earlier if r.info.status == "FINISHED"]
+    finished = [r for r in earlier if r.info.status == "FINISHED"
+                and _whole(client, r.info.run_id, r.data.tags)]
     if finished:
         log.info("skipping: this config already finished as run %s", finished[0].info.run_id)
-        return finished[0].data.metrics.get(ACC_BEST_VAL, math.nan), None, None
+        return (client.get_run(finished[0].info.run_id).data.metrics
+                .get(ACC_BEST_VAL, math.nan), None, None)
     killed = [r for r in earlier if r.info.status == "KILLED"
               and Path(r.data.tags.get("checkpoint", "")).is_file()]
     if not killed:
@@ -398,3 +430,17 @@ def earlier_attempts(client: MlflowClient, experiment_id: str, config_hash: str,
     checkpoint = resume or run.data.tags["checkpoint"]
     log.info("resuming killed run %s from %s", run.info.run_id, checkpoint)
     return None, checkpoint, run.info.run_id
+
+
+def _whole(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> bool:
+    """Whether a finished run's record is whole, after sending its spool when it was not."""
+    from mlp.tracking import receipt
+
+    if not receipt.is_incomplete(tags.get(RECORD_TAG)):
+        return True
+    done = receipt.repair(client, run_id, known=(client.tracking_uri,))
+    if done is not None and done.complete:
+        return True
+    log.warning("run %s finished, but its record is still %s: training the config again",
+                run_id, tags[RECORD_TAG] if done is None else done.tag())
+    return False

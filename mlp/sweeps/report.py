@@ -310,7 +310,7 @@ def _row(run: Run, swept: Sequence[str]) -> dict:
             "val_acc": m.get(keys.ACC_BEST_VAL, m.get(keys.ACC_VAL)),
             "test_acc": m.get(keys.ACC_TEST), "gap_acc": m.get(keys.ACC_GAP),
             "gradcheck": gradcheck, "duration_s": duration,
-            "overrides": t.get("mlp.overrides", ""),
+            "overrides": t.get("mlp.overrides", ""), "record": t.get(keys.RECORD_TAG),
             "error": message if len(message) <= 120 else message[:117] + "..."}
 
 
@@ -401,13 +401,18 @@ def _describe_sweep(report: Report, parent: Run, figs: Mapping[str, Figure],
              + ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items())) + ")."]
     if report.best is not None:
         b = report.best
-        lines.append(f"Best: **{b['run']}**: validation accuracy {b['val_acc']:.2%}, test "
-                     f"accuracy {b['test_acc']:.2%}" + (f", registered as `{registered}`"
+        lines.append(f"Best: **{b['run']}**: validation accuracy {_percent(b['val_acc'])}, "
+                     f"test accuracy {_percent(b['test_acc'])}" + (f", registered as `{registered}`"
                                                        if registered else "") + ".")
     if figs:
         lines.append("Figures (Artifacts): " + ", ".join(f"`{n}.png`" for n in figs)
                      + "; the table with the figures: `report.html`.")
     return "\n\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    """A share as a percentage, or `-` for a value the run did not record."""
+    return "-" if value is None else f"{value:.2%}"
 
 
 def _register_best(client: MlflowClient, report: Report, name: str) -> str | None:

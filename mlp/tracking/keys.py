@@ -50,6 +50,8 @@ SWEEP_HASH_TAG = "mlp.sweep.hash"  # the sweep's definition: a re-run reopens th
 SWEEP_NAME_TAG = "mlp.sweep.name"  # on the parent and on its children
 SWEPT_TAG = "mlp.swept"  # the swept keys; mlp.swept.<key>: their values as written
 CONFIG_HASH_TAG = "mlp.config_hash"  # the config without its bookkeeping keys
+RECORD_TAG = "mlp.record"  # the receipt: `complete`, or what is missing and where it is kept
+RECORD_EXPECTED_TAG = "mlp.record.expected"  # what the store must hold (`receipt.Expected`)
 
 # The training loop's own names for its per-epoch numbers (train.HISTORY_KEYS) -> MLflow.
 EPOCH_KEYS = {

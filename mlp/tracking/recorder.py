@@ -9,6 +9,14 @@ are the config keys that act in the run (`config.applies`), and the bookkeeping 
 tags. How metric points, tags and the status get to the store (buffer, sender thread,
 spool, back-off) is the `sink`'s business; everything here goes through the client the
 command opened (`store.connect`).
+
+A run's status and its record are two things. The status says how training ended:
+FINISHED, FAILED (with `error.type` / `error.message`) or KILLED (interrupted, pruned, or
+found dead by `liveness`). The tag `mlp.record` says whether the store holds everything the
+run produced: at its end the run reads the store back and compares (`receipt`): `complete`,
+or `incomplete: <n> points, <m> tags in <spool file>`, what `mlp-sync` (or the next
+`mlp-train` against the store) sends. `mlp-train` exits 4 for a run that trained but whose
+record is incomplete (`cli.exits`).
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from mlp.config import schema as configlib
 from mlp.core.gradcheck import GradcheckReport
 from mlp.core.model import MLP
 from mlp.data import Normalizer
-from mlp.tracking import keys, liveness, masking, serving, store
+from mlp.tracking import keys, liveness, masking, receipt, serving, store
 from mlp.tracking.sink import Sink
 
 Array = np.ndarray
@@ -223,6 +231,8 @@ class RunRecorder:
         self.sink = Sink(client, run_id, spool_path, order=keys.reading_order)
         self._monitor = monitor
         self._deferred: list[Metric] = []  # the gradient check's metrics (log_gradcheck)
+        self._earlier: dict[str, int] = {}  # points the store held when the run was reopened
+        self.receipt: receipt.Receipt | None = None  # set by finish
 
     # -- Observer ---------------------------------------------------------------------------
 
@@ -381,10 +391,24 @@ class RunRecorder:
             if key in present:
                 self.client.delete_tag(self.run_id, key)
 
+    def count_stored(self) -> None:
+        """Count the points the store holds of a run reopened to be continued: its receipt
+        expects them besides this attempt's."""
+        self._earlier = dict(receipt.stored_points(self.client, self.run_id))
+
+    def expected(self) -> receipt.Expected:
+        """What the store must hold of the run: the points counted when it was reopened
+        plus what this attempt handed to its sink, and the tag keys it set there."""
+        points = dict(self._earlier)
+        for key, n in self.sink.expected().items():
+            points[key] = points.get(key, 0) + n
+        return receipt.Expected(points, tuple(sorted(self.sink.produced_tags)))
+
     def finish(self, status: str, error: BaseException | None = None) -> None:
         """End the run FINISHED, FAILED (with the error as tags) or KILLED: the gradient
         check's metrics after the learning curves, then the sink's end (`Sink.end`: what
-        the store does not take is kept and named)."""
+        the store does not take is kept and named), then the receipt (`mlp.record`, kept in
+        `receipt`)."""
         if status not in STATUSES:
             raise ValueError(f"status={status!r}: expected FINISHED, FAILED or KILLED")
         deferred, self._deferred = self._deferred, []
@@ -393,6 +417,8 @@ class RunRecorder:
             "error.message": masking.mask(str(error)[:5000])})
         try:
             self.sink.end(status)
+            spool = self.sink.spool.path if self.sink.spool is not None else None
+            self.receipt = receipt.settle(self.client, self.run_id, self.expected(), spool)
         finally:
             if self._monitor is not None:
                 self._monitor.finish()

@@ -10,6 +10,12 @@ for RETRY_AFTER seconds, and the spool is sent first as soon as the store answer
 at the run's end, or with `mlp-sync`; every HTTP call gives up within a bounded time
 (`store.HTTP_POLICY`). Without a spool it stays in the buffer for the next flush.
 
+Every batch's outcome is handled in the sender thread: a failure it does not expect (a bug,
+an error of another kind than the store's) is logged and what the batch held is kept like
+a store failure's, so that no error waits unread in a future. The sink also counts what it
+was given (`produced`, `produced_tags`): the run's receipt (`receipt`) compares that with
+the store at the run's end.
+
 The sink knows nothing of what the points mean: the records a run writes
 (`recorder.RunRecorder`) decide that, and hand it over.
 """
@@ -17,9 +23,11 @@ The sink knows nothing of what the points mean: the records a run writes
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +39,8 @@ from mlp.tracking import spool as spoollib
 from mlp.tracking import store
 
 BATCH = 1000  # MLflow's limit of metric points in one log_batch
+
+log = logging.getLogger("mlp")
 
 
 class Sink:
@@ -53,9 +63,14 @@ class Sink:
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlp-tracking")
         self._sending: Future | None = None
         self._offline_until = 0.0  # time.monotonic() before which the store is not tried
+        # What the run handed over: each distinct point (the store keeps one of two equal
+        # ones) and each tag key, for the run's receipt.
+        self.produced: set[tuple[str, int, int, str]] = set()
+        self.produced_tags: set[str] = set()
 
     def add(self, points: Sequence[Metric] = (), tags: Mapping[str, str] | None = None) -> None:
         """Buffer points and tags (a tag set twice keeps its last value) until a flush."""
+        self._count(points, tags or {})
         with self._lock:
             self._buffer += points
             self._tags |= dict(tags or {})
@@ -82,6 +97,7 @@ class Sink:
     def send_now(self, points: list[Metric]) -> None:
         """Send these points after everything buffered, waiting until they are stored: kept
         in the spool when the store fails (or failed a moment ago), raised without one."""
+        self._count(points, {})
         self.flush(wait=True)
         self._sending = self._sender.submit(self._send, points, {}, self.spool is None)
         self._sending.result()
@@ -108,23 +124,60 @@ class Sink:
         """Send what is left, one forced try included, and end the run with `status`
         (FINISHED, FAILED or KILLED). Without a spool a store that fails raises, except
         what a FAILED or KILLED run could not send (its own error must not be hidden: it
-        is warned about); with one, what is left and the status go to the spool, and a
-        warning says what is kept where and how to send it (`mlp-sync`)."""
+        is warned about); with one, what is left goes to the spool, the status too when the
+        store does not take it, and a warning says what is kept where and how to send it
+        (`mlp-sync`). The status is set whenever the store takes it: it says how training
+        ended, and the run's receipt (`mlp.record`) whether its record is whole."""
         try:
             self.flush(wait=True, strict=status == "FINISHED" or self.spool is not None)
         finally:
             self._sender.shutdown(wait=True)
+            ended = True
             try:
-                if self.spool is not None and self.spool.pending():
-                    raise store.StoreError("the spool could not be sent")
                 self.client.set_terminated(self.run_id, status=status)
             except store.STORE_ERRORS:
                 if self.spool is None:
                     raise
-                self._spool_end(status)
+                ended = False
+            if self.spool is not None and (not ended or self.spool.pending()):
+                self._spool_end(status, ended)
+
+    def _count(self, points: Sequence[Metric], tags: Mapping[str, str]) -> None:
+        """Count what the run hands over (see `produced`)."""
+        with self._lock:
+            self.produced.update((p.key, int(p.step), int(p.timestamp), repr(float(p.value)))
+                                 for p in points)
+            self.produced_tags.update(tags)
+
+    def expected(self) -> dict[str, int]:
+        """The distinct points handed over, per metric key."""
+        with self._lock:
+            return dict(Counter(key for key, *_ in self.produced))
 
     def _send(self, points: list[Metric], tags: Mapping[str, str] | None = None,
               strict: bool = False) -> None:
+        """`_try_send`, with every failure handled here, in the sender thread, instead of
+        left in a future that nobody may read: one it does not expect (not the store's) is
+        logged and the batch kept as for a store failure (`_keep`: the spool, or the buffer
+        for the next flush); one the spool cannot take is logged and the batch is lost
+        (the run's receipt counts it missing). Only a strict send without a spool raises
+        the store's error, to the caller that waits for it."""
+        try:
+            self._try_send(points, tags, strict)
+        except Exception as e:
+            if strict and self.spool is None and isinstance(e, store.STORE_ERRORS):
+                raise
+            log.error("sending %d metric points and %d tags of run %s failed: %s: %s",
+                      len(points), len(tags or {}), self.run_id, type(e).__name__, e)
+            if isinstance(e, spoollib.SpoolError):
+                return
+            try:
+                self._keep(points, [RunTag(k, v) for k, v in (tags or {}).items()], e)
+            except spoollib.SpoolError as lost:
+                log.error("%s: they are lost", lost)
+
+    def _try_send(self, points: list[Metric], tags: Mapping[str, str] | None = None,
+                  strict: bool = False) -> None:
         """The spool first (oldest first), then log_batch in chunks of BATCH, the tags with
         the first. On failure what is left goes to the spool, or without one back to the
         front of the buffer, for the next flush (one sender thread keeps the order)."""
@@ -171,15 +224,18 @@ class Sink:
                               stacklevel=3)
             self._offline_until = time.monotonic() + self.RETRY_AFTER
 
-    def _spool_end(self, status: str) -> None:
-        """Keep the run's final status in the spool (after its last points) and say so."""
+    def _spool_end(self, status: str, ended: bool) -> None:
+        """Say what the spool keeps of the run; unless the run `ended` in the store, keep
+        its final status there too (after its last points)."""
         assert self.spool is not None
-        self.spool.append([spoollib.status_record(self.uri, self.run_id, status,
-                                                  int(time.time() * 1000))])
+        if not ended:
+            self.spool.append([spoollib.status_record(self.uri, self.run_id, status,
+                                                      int(time.time() * 1000))])
         records = [r for r in self.spool.read() if r["run_id"] == self.run_id]
         counts = {kind: sum(r["kind"] == kind for r in records)
                   for kind in ("metric", "tag", "status")}
-        warnings.warn(f"the MLflow store {self.uri} does not answer: run {self.run_id} ended "
-                      f"{status}, but {counts['metric']} metric points, {counts['tag']} tags "
-                      f"and its final status are kept in {self.spool.path}. Send them when "
-                      f"the store is back with: mlp-sync {self.spool.path}", stacklevel=3)
+        status_kept = "" if ended else " and its final status"
+        warnings.warn(f"the MLflow store {self.uri} did not take everything: run {self.run_id} "
+                      f"ended {status}, but {counts['metric']} metric points, {counts['tag']} "
+                      f"tags{status_kept} are kept in {self.spool.path}. Send them when the "
+                      f"store is back with: mlp-sync {self.spool.path}", stacklevel=3)

@@ -352,3 +352,19 @@ def test_reproduce_command_keeps_whole_overrides_and_drops_placement_ones():
                                          "'model.hidden_sizes=[100, 50]' optim.lr=0.01 "
                                          "trainer.patience=2")
     assert rp.reproduce_command("") == "mlp-train"
+
+
+def test_a_sweep_whose_best_child_lacks_its_test_metrics_is_reported(tmp_path: Path):
+    """A child whose record is incomplete (its final metrics still in its spool) still gets
+    the sweep a report and a description, with `-` for what is missing."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("mlp-lab")
+    parent = _run(client, exp, "partial", start=0, status=None,
+                  tags=_sweep_tags("partial", "optim.lr=0.01"))
+    _run(client, exp, "lr=1e-2", start=1, parent=parent, params={"optim.lr": "0.01"},
+         history={keys.ACC_VAL: [0.3], keys.ACC_BEST_VAL: [0.3]},
+         tags={keys.RECORD_TAG: "incomplete: 2 points, 0 tags in /x/tracking-spool.jsonl"})
+    report = rp.log_sweep_report(client, parent)
+    assert report.best["test_acc"] is None
+    assert report.rows[0]["record"].startswith("incomplete: ")
+    assert "test accuracy -" in client.get_run(parent).data.tags["mlflow.note.content"]

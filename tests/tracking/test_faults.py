@@ -18,6 +18,7 @@ SIGTERM-resumed run (test_cli.py::test_sigterm_kills_the_run_and_resume_finishes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -30,7 +31,17 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, tool
-from helpers import QUICK, listing, member, mlp_train, runs_of, write_tar
+from helpers import (
+    QUICK,
+    OutageProxy,
+    listing,
+    member,
+    mlp_train,
+    point_counts,
+    runs_of,
+    sweep,
+    write_tar,
+)
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -325,13 +336,103 @@ def test_a_tracking_server_killed_mid_run(tmp_path: Path, run_env: dict, back: s
                 history = steps(client, runs[0], metrics.ACC_VAL)
     finally:
         train.kill()
-    assert train.returncode == 0, err[-3000:]
+    # trained either way; a record still in the spool at the end is incomplete: exit 4
+    assert train.returncode == (0 if sync is None else 4), err[-3000:]
+    assert runs[0].data.tags[metrics.RECORD_TAG] == "complete"
     if sync is not None:
         assert sync.returncode == 0, sync.stderr
-        assert "nothing left" in sync.stdout
+        assert "nothing left" in sync.stdout and "record complete" in sync.stdout
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert history == list(range(1, epochs + 1))
     assert metrics.BEST_EPOCH in runs[0].data.metrics  # logged with the final metrics
+
+
+class _EpochOutage:
+    """What the proxy refuses while open: every log-batch carrying epoch points (step >= 1:
+    learning curves, final metrics) after the first one, so that part of a run arrives;
+    the run's start, params, tags, end and a sweep parent's summary (at step 0) pass."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def __call__(self, body: dict) -> bool:
+        if not any(int(m.get("step", 0)) >= 1 for m in body.get("metrics", [])):
+            return False
+        self.seen += 1
+        return self.seen > 1
+
+
+def _runs(client: MlflowClient, experiment: str, parents: bool = False) -> list:
+    """The training runs of an experiment, or its sweep parents."""
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [r for r in runs if (metrics.SWEEP_TAG in r.data.tags) == parents]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_partial_outage_leaves_a_receipt_that_mlp_sync_and_the_next_sweep_complete(
+        tmp_path: Path, run_env: dict):
+    """A proxy answers 503 to the run's log-batch calls for part of it (the store takes its
+    start, tags and end): the run ends FINISHED with `mlp.record` incomplete and exit 4,
+    naming the mlp-sync command, which then completes it with the points of a clean run of
+    the same seed. In a one-job sweep, the child is incomplete (exit 4, the parent's outcome
+    says so), and the same sweep again sends its spool instead of skipping it as finished."""
+    db = tmp_path / "server" / "mlflow.db"
+    db.parent.mkdir()
+    args = [*QUICK, *LEAN, "trainer.epochs=4", "seed=3"]
+    with mlflow_server(db, free_port(), run_env) as uri, OutageProxy(uri, _EpochOutage()) as proxy:
+        client = MlflowClient(uri)
+        clean = mlp_train([*args, f"tracking.uri={uri}", "tracking.experiment=clean"],
+                          tmp_path, run_env)
+        assert clean.returncode == 0, clean.stderr[-3000:]
+        (clean_run,) = _runs(client, "clean")
+        assert clean_run.data.tags[metrics.RECORD_TAG] == "complete"
+        expected = point_counts(client, clean_run.info.run_id)
+
+        proxy.open, ckpt = True, tmp_path / "ckpt"
+        out = mlp_train([*args, f"tracking.uri={proxy.url}", "tracking.experiment=partial",
+                         f"trainer.checkpoint_dir={ckpt}"], tmp_path, run_env)
+        assert out.returncode == 4, out.stderr[-3000:]
+        assert proxy.refused > 0
+        assert out.stderr.strip().splitlines()[-1].endswith(f"send it with: mlp-sync {ckpt}")
+        (run,) = _runs(client, "partial")
+        held = point_counts(client, run.info.run_id)
+        missing = sum(expected.values()) - sum(held.values())
+        assert run.info.status == "FINISHED" and missing > 0
+        assert run.data.tags[metrics.RECORD_TAG].startswith(f"incomplete: {missing} points, ")
+        assert run.data.tags[metrics.RECORD_TAG].endswith(f" in {ckpt / spool.SPOOL_NAME}")
+        assert json.loads(run.data.tags[metrics.RECORD_EXPECTED_TAG])["points"] == expected
+
+        proxy.open = False
+        synced = subprocess.run([tool("mlp-sync"), str(ckpt)], env=run_env,
+                                capture_output=True, text=True, timeout=120)
+        assert synced.returncode == 0, synced.stderr
+        assert f"run {run.info.run_id}: record complete" in synced.stdout
+        assert client.get_run(run.info.run_id).data.tags[metrics.RECORD_TAG] == "complete"
+        assert point_counts(client, run.info.run_id) == expected
+
+        proxy.fails, proxy.open = _EpochOutage(), True
+        grid = [*args, f"tracking.uri={proxy.url}", "tracking.experiment=sweep",
+                f"trainer.checkpoint_dir={tmp_path / 'sweep-ckpt'}"]
+        first = sweep(grid, tmp_path, run_env)
+        assert first.returncode == 4, first.stderr[-3000:]
+        assert "1 of 1 children trained, but their record is incomplete" in first.stderr
+        assert f"mlp-sync {tmp_path / 'sweep-ckpt'}" in first.stderr
+        (parent,) = _runs(client, "sweep", parents=True)
+        assert parent.data.tags["mlp.sweep.outcome"] == "1 of 1 incomplete"
+        (child,) = _runs(client, "sweep")
+        assert child.info.status == "FINISHED"
+        assert child.data.tags[metrics.RECORD_TAG].startswith("incomplete: ")
+
+        proxy.open = False
+        again = sweep(grid, tmp_path, run_env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        (repaired,) = _runs(client, "sweep")  # sent, not trained again
+        assert repaired.info.run_id == child.info.run_id
+        assert repaired.data.tags[metrics.RECORD_TAG] == "complete"
+        assert point_counts(client, child.info.run_id) == expected
+        assert client.get_run(parent.info.run_id).data.tags["mlp.sweep.outcome"] == (
+            "1 of 1 finished")
 
 
 # -- 5. runs killed with SIGKILL --------------------------------------------------------------

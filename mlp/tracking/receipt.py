@@ -1,0 +1,187 @@
+"""A run's receipt: whether the store holds everything the run produced, or what is missing
+and where it is kept.
+
+A run counts what it hands to its sink (`Sink.produced`: each distinct metric point, per
+key; each tag key) and, at its end (`RunRecorder.finish`), reads the store back (one
+`get_metric_history` per key) and sets two tags:
+
+- `mlp.record.expected`: what the store must hold, JSON `{"points": {key: n}, "tags":
+  [key, ...]}` (`Expected`), so that `mlp-sync` and later runs can check again;
+- `mlp.record`: `complete`, or `incomplete: <n> points, <m> tags in <spool file>` (points
+  the store lacks, tags it lacks or holds an older value of: their value is still in the
+  spool).
+
+Both are set whenever the store answers `set-tag`, whatever `log-batch` does; when it does
+not answer at all, they go to the run's spool, with the counts of what the spool holds of
+the run, and arrive with it. `mlp-sync`, and the next `mlp-train` against the store
+(`repair_incomplete`, `repair`), send the spool of an incomplete run that is on this
+machine, check again and set `complete` once the store holds everything.
+
+A point is one MLflow stores once: same key, step, timestamp and value (the SQL store keeps
+one of two identical points). A run continued after a resume expects what the store held
+when it was reopened (`stored_points`) plus what it produced. `system/*` metrics are not
+counted: MLflow samples them from its own thread by wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from mlp.tracking import spool as spoollib
+from mlp.tracking import store
+from mlp.tracking.keys import RECORD_EXPECTED_TAG, RECORD_TAG
+
+log = logging.getLogger("mlp")
+
+COMPLETE = "complete"
+INCOMPLETE = "incomplete"
+_INCOMPLETE = re.compile(r"incomplete: (\d+) points, (\d+) tags in (.+)")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the store must hold of a run: metric points per key, and tag keys."""
+
+    points: Mapping[str, int] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+    def to_tag(self) -> str:
+        return json.dumps({"points": dict(sorted(self.points.items())),
+                           "tags": sorted(self.tags)}, separators=(",", ":"))
+
+    @classmethod
+    def from_tag(cls, text: str) -> Expected:
+        data = json.loads(text)
+        return cls({k: int(n) for k, n in data["points"].items()}, tuple(data["tags"]))
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The outcome of a check: `points` and `tags` missing from the store (what the spool at
+    `spool` holds of the run when the store did not answer: `answered` False)."""
+
+    points: int
+    tags: int
+    spool: Path | None
+    answered: bool = True
+
+    @property
+    def complete(self) -> bool:
+        return self.answered and self.points == 0 and self.tags == 0
+
+    def tag(self) -> str:
+        """The value of `mlp.record`."""
+        if self.complete:
+            return COMPLETE
+        where = self.spool if self.spool is not None else "no spool (lost)"
+        return f"{INCOMPLETE}: {self.points} points, {self.tags} tags in {where}"
+
+    def sync_command(self) -> str | None:
+        """The command that sends what is kept (None without a spool)."""
+        return None if self.spool is None else f"mlp-sync {self.spool.parent}"
+
+
+def stored_points(client: MlflowClient, run_id: str) -> Counter:
+    """Points per metric key the store holds of the run (`system/*` left out)."""
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return Counter({k: len(client.get_metric_history(run_id, k)) for k in keys})
+
+
+def check(client: MlflowClient, run_id: str, expected: Expected,
+          spool: Path | None) -> Receipt:
+    """Compare the store with `expected`: a tag counts as missing when the store lacks it
+    or the spool still holds a value of it. Raises store.STORE_ERRORS."""
+    run = client.get_run(run_id)
+    stored = {k: len(client.get_metric_history(run_id, k)) if k in run.data.metrics else 0
+              for k in expected.points}
+    spooled = {r["key"] for r in (spoollib.Spool(spool).read() if spool else ())
+               if r["kind"] == "tag" and r["run_id"] == run_id}
+    points = sum(max(0, n - stored[k]) for k, n in expected.points.items())
+    tags = sum(k not in run.data.tags or k in spooled for k in expected.tags)
+    return Receipt(points, tags, spool)
+
+
+def settle(client: MlflowClient, run_id: str, expected: Expected,
+           spool: Path | None) -> Receipt:
+    """At a run's end: check the store and tag the run with the receipt (see the module
+    docstring). When the store does not answer, the receipt counts what the spool holds of
+    the run and goes to the spool itself."""
+    try:
+        receipt = check(client, run_id, expected, spool)
+        client.set_tag(run_id, RECORD_EXPECTED_TAG, expected.to_tag())
+        client.set_tag(run_id, RECORD_TAG, receipt.tag())
+        return receipt
+    except store.STORE_ERRORS as e:
+        log.warning("the store did not answer the run's receipt (%s): %s", type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+    if spool is None:
+        return Receipt(sum(expected.points.values()), len(expected.tags), None, answered=False)
+    kinds = Counter(r["kind"] for r in spoollib.Spool(spool).read() if r["run_id"] == run_id)
+    receipt = Receipt(kinds["metric"], kinds["tag"], spool, answered=False)
+    spoollib.Spool(spool).append(spoollib.tag_records(client.tracking_uri, run_id, {
+        RECORD_EXPECTED_TAG: expected.to_tag(), RECORD_TAG: receipt.tag()}))
+    return receipt
+
+
+def recheck(client: MlflowClient, run_id: str) -> Receipt | None:
+    """Check a run again against its `mlp.record.expected` (after its spool was sent) and
+    set `mlp.record`; None when the run has no receipt (it predates them). The spool named
+    by its current `mlp.record`, if any, is where what is still missing is kept."""
+    tags = client.get_run(run_id).data.tags
+    if RECORD_EXPECTED_TAG not in tags:
+        return None
+    spool = spool_of(tags.get(RECORD_TAG, ""))
+    spool = spool if spool is not None and spool.is_file() else None
+    receipt = check(client, run_id, Expected.from_tag(tags[RECORD_EXPECTED_TAG]), spool)
+    if tags.get(RECORD_TAG) != receipt.tag():
+        client.set_tag(run_id, RECORD_TAG, receipt.tag())
+    return receipt
+
+
+def spool_of(record: str) -> Path | None:
+    """The spool file an `incomplete: ...` receipt names (None for any other value)."""
+    found = _INCOMPLETE.fullmatch(record)
+    return Path(found.group(3)) if found else None
+
+
+def is_incomplete(record: str | None) -> bool:
+    """Whether a run's `mlp.record` says its record is incomplete (a run without a receipt,
+    None, is not known to be)."""
+    return record not in (None, COMPLETE)
+
+
+def repair(client: MlflowClient, run_id: str, known: Sequence[str] = ()) -> Receipt | None:
+    """Send the spool an incomplete run names, when it is on this machine (with the
+    credentials of the `known` URIs), then check the run again (`recheck`)."""
+    spool = spool_of(client.get_run(run_id).data.tags.get(RECORD_TAG, ""))
+    spoollib.send_pending(spool, known=known)
+    return recheck(client, run_id)
+
+
+def repair_incomplete(client: MlflowClient, experiment_id: str,
+                      known: Sequence[str] = ()) -> list[tuple[str, Receipt | None]]:
+    """`repair` every run of the experiment tagged incomplete whose spool is on this
+    machine; returns (run id, its receipt now) of each. A store that fails leaves them for
+    later (a warning)."""
+    try:
+        runs = client.search_runs([experiment_id],
+                                  filter_string=f"tags.`{RECORD_TAG}` LIKE '{INCOMPLETE}%'")
+        repaired = []
+        for run in runs:
+            spool = spool_of(run.data.tags[RECORD_TAG])
+            if spool is not None and spool.is_file():
+                repaired.append((run.info.run_id, repair(client, run.info.run_id, known)))
+                log.info("run %s: sent its spool %s; record %s", run.info.run_id, spool,
+                         repaired[-1][1].tag() if repaired[-1][1] else "unknown")
+        return repaired
+    except store.STORE_ERRORS as e:
+        log.warning("could not send the spools of incomplete runs yet (%s)", type(e).__name__)
+        return []

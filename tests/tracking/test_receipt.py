@@ -1,0 +1,198 @@
+"""A run's receipt (`mlp.tracking.receipt`): the run counts what it produced, reads the store
+back at its end and says `complete` or what is missing where; mlp-sync and the next run
+complete it; the sweep and the exit code say so. The store's faults come from a client
+whose log_batch fails for the calls chosen (a partial outage: set_tag and the end pass)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mlp.cli import exits, sync
+from mlp.sweeps import callback
+from mlp.tracking import keys, receipt, spool, store
+from mlp.tracking import recorder as tracking
+
+
+class _FailingBatches:
+    """Makes log_batch fail for the calls whose number (from 1) `fails` says, raising
+    `error` (a store's by default); counts the calls."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fails, error: type = MlflowException):
+        self.calls, self.fails, self.error = 0, fails, error
+        real = MlflowClient.log_batch
+
+        def log_batch(client: MlflowClient, *args, **kwargs):
+            self.calls += 1
+            if self.fails(self.calls):
+                raise self.error("API request to .../runs/log-batch failed: too many 503")
+            return real(client, *args, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+
+
+def _recorder(tmp_path: Path, with_spool: bool = True) -> tracking.RunRecorder:
+    client, experiment = store.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "receipt")
+    return tracking.start_run(client, experiment, "run", {}, log_every_steps=1,
+                              spool_path=tmp_path / "ckpt" / spool.SPOOL_NAME
+                              if with_spool else None)
+
+
+def _train(recorder: tracking.RunRecorder, last: int = 4, first: int = 1) -> None:
+    """Epochs first..last: one loss/batch point and three epoch points each."""
+    for epoch in range(first, last + 1):
+        recorder.on_step(epoch * 10, 1.0 / epoch, 0.1)
+        recorder.on_epoch(epoch, {"val_acc": epoch / 10, "train_acc": epoch / 8,
+                                  "best_val_acc": epoch / 10})
+        recorder.sink.flush(wait=True)
+
+
+def _each(n: int) -> dict[str, int]:
+    return {"acc/best_val": n, "acc/train": n, "acc/val": n, "loss/batch": n}
+
+
+def _counts(client: MlflowClient, run_id: str) -> dict[str, int]:
+    return {k: len(client.get_metric_history(run_id, k))
+            for k in client.get_run(run_id).data.metrics}
+
+
+def test_a_whole_record_is_complete_and_says_what_it_holds(tmp_path: Path):
+    recorder = _recorder(tmp_path)
+    _train(recorder)
+    recorder.finish("FINISHED")
+    tags = recorder.client.get_run(recorder.run_id).data.tags
+    assert tags[keys.RECORD_TAG] == "complete" and recorder.receipt.complete
+    expected = json.loads(tags[keys.RECORD_EXPECTED_TAG])
+    assert expected["points"] == _each(4)
+    assert expected["points"] == _counts(recorder.client, recorder.run_id)
+    assert "mlp.heartbeat" in expected["tags"]
+
+
+def test_a_partial_outage_ends_finished_with_an_incomplete_receipt_that_mlp_sync_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    recorder = _recorder(tmp_path)
+    monkeypatch.setattr(recorder.sink, "RETRY_AFTER", 0.0)
+    outage = _FailingBatches(monkeypatch, lambda n: n >= 2)  # the first epoch only passes
+    with pytest.warns(UserWarning, match="kept in"):
+        _train(recorder)
+        recorder.finish("FINISHED")
+    client, path = recorder.client, tmp_path / "ckpt" / spool.SPOOL_NAME
+    run = client.get_run(recorder.run_id)
+    assert run.info.status == "FINISHED"  # how training ended; the record is apart
+    assert _counts(client, recorder.run_id) == _each(1)
+    # 4 keys x 3 epochs of points; the heartbeat's later values are still in the spool
+    assert run.data.tags[keys.RECORD_TAG] == f"incomplete: 12 points, 1 tags in {path}"
+    assert not recorder.receipt.complete
+    assert recorder.receipt.sync_command() == f"mlp-sync {path.parent}"
+
+    outage.fails = lambda n: False
+    assert sync.main([str(path.parent)]) == 0
+    assert f"run {recorder.run_id}: record complete" in capsys.readouterr().out
+    assert client.get_run(recorder.run_id).data.tags[keys.RECORD_TAG] == "complete"
+    assert _counts(client, recorder.run_id) == _each(4)
+
+
+def test_a_store_gone_at_the_end_spools_the_receipt_too(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    recorder = _recorder(tmp_path)
+    _train(recorder, 1)
+    outage = _FailingBatches(monkeypatch, lambda n: True)
+    for name in ("set_tag", "set_terminated", "get_run"):
+        monkeypatch.setattr(MlflowClient, name, _refusing)
+    with pytest.warns(UserWarning) as caught:
+        _train(recorder, 2, first=2)
+        recorder.finish("FINISHED")
+    assert any("and its final status are kept" in str(w.message) for w in caught)
+    assert recorder.receipt.answered is False and not recorder.receipt.complete
+    kept = spool.Spool(tmp_path / "ckpt" / spool.SPOOL_NAME).read()
+    assert [r["key"] for r in kept[-2:]] == [keys.RECORD_EXPECTED_TAG, keys.RECORD_TAG]
+    monkeypatch.undo()
+    outage.fails = lambda n: False
+    assert sync.main([str(tmp_path / "ckpt")]) == 0
+    run = recorder.client.get_run(recorder.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[keys.RECORD_TAG] == "complete"
+
+
+def _refusing(*args, **kwargs):
+    raise MlflowException("Max retries exceeded (Connection refused)")
+
+
+def test_an_unexpected_error_in_the_sender_thread_is_logged_and_spooled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """Not a store error (a bug, a library's own exception): before, it stayed in a future
+    nobody read and the batch was lost."""
+    recorder = _recorder(tmp_path)
+    monkeypatch.setattr(recorder.sink, "RETRY_AFTER", 0.0)
+    # reach caplog whatever logging config an earlier in-process run left on "mlp"
+    monkeypatch.setattr(logging.getLogger("mlp"), "propagate", True)
+    _FailingBatches(monkeypatch, lambda n: n == 2, error=TypeError)
+    with caplog.at_level(logging.ERROR, logger="mlp"), pytest.warns(UserWarning, match="kept in"):
+        _train(recorder, 3)
+    assert "failed: TypeError" in caplog.text
+    recorder.finish("FINISHED")  # the spool went out with the next batch
+    assert recorder.receipt.complete
+    assert _counts(recorder.client, recorder.run_id)["acc/val"] == 3
+
+
+def test_the_next_run_sends_the_spools_of_incomplete_runs(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    recorder = _recorder(tmp_path)
+    outage = _FailingBatches(monkeypatch, lambda n: n >= 2)
+    with pytest.warns(UserWarning):
+        _train(recorder, 2)
+        recorder.finish("FINISHED")
+    assert not recorder.receipt.complete
+    outage.fails = lambda n: False
+    experiment = recorder.client.get_run(recorder.run_id).info.experiment_id
+    ((run_id, now),) = receipt.repair_incomplete(recorder.client, experiment)
+    assert run_id == recorder.run_id and now.complete
+    assert receipt.repair_incomplete(recorder.client, experiment) == []  # nothing left
+
+
+def test_incomplete_exits_4_naming_the_sync_command(capsys: pytest.CaptureFixture):
+    kept = receipt.Receipt(3, 1, Path("/runs/a/ckpt/tracking-spool.jsonl"))
+    with pytest.raises(SystemExit) as exited:
+        exits.incomplete("run abc", kept)
+    assert exited.value.code == exits.EXIT_INCOMPLETE == 4
+    assert capsys.readouterr().err.strip() == (
+        "mlp-lab: run abc trained, but its record is incomplete: 3 points, 1 tags in "
+        "/runs/a/ckpt/tracking-spool.jsonl; send it with: mlp-sync /runs/a/ckpt")
+
+
+def test_a_sweep_outcome_counts_incomplete_children():
+    rows = [{"run": "lr=1e-2", "status": "FINISHED", "record": "complete"},
+            {"run": "lr=3e-2", "status": "FINISHED",
+             "record": "incomplete: 5 points, 0 tags in /s/x/tracking-spool.jsonl"},
+            {"run": "lr=1e-1", "status": "FINISHED", "record": None},  # before receipts
+            {"run": "lr=1", "status": "PRUNED", "record": "complete"}]
+    outcome = callback.SweepOutcome.of(rows)
+    assert outcome.ok and not outcome.complete and outcome.status == "FINISHED"
+    assert outcome.tag() == "1 of 4 incomplete"
+    assert outcome.sync_commands() == ["mlp-sync /s/x"]
+    assert outcome.summary().endswith("send it with: mlp-sync /s/x")
+    assert callback.SweepOutcome.of(rows[:1]).complete
+
+
+def test_a_finished_config_whose_record_is_incomplete_is_repaired_or_trained_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    recorder = _recorder(tmp_path)
+    recorder.set_tags({keys.CONFIG_HASH_TAG: "abc"})
+    outage = _FailingBatches(monkeypatch, lambda n: n >= 2)
+    with pytest.warns(UserWarning):
+        _train(recorder, 2)
+        recorder.finish("FINISHED")
+    client = recorder.client
+    experiment = client.get_run(recorder.run_id).info.experiment_id
+    path = tmp_path / "ckpt" / spool.SPOOL_NAME
+    still_down = callback.earlier_attempts(client, experiment, "abc", None)
+    assert still_down == (None, None, None)  # not skipped: trained again
+    outage.fails = lambda n: False
+    finished, _, _ = callback.earlier_attempts(client, experiment, "abc", None)
+    assert finished == pytest.approx(0.2)  # its spool sent: skipped as finished
+    assert not path.exists()
+    assert client.get_run(recorder.run_id).data.tags[keys.RECORD_TAG] == "complete"
