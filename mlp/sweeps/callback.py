@@ -305,8 +305,10 @@ def _whole_errors(client: Any, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 
 def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
-    """The sweep preset's name (or the experiment preset's) when the sweep uses one, else
-    `<swept keys>-<time>` (`reg-lr-2026-12-01_23-50-54`)."""
+    """The search's name, the same for every sweep of it: the sweep preset's name (or the
+    experiment preset's) when the sweep uses one, else its swept keys (`reg-lr`). The
+    sweeps of one search share a registered model (`report.registered_name`), and
+    `mlp-report --sweep <name>` reads the latest."""
     for group in ("hparams_search", "experiment"):
         for override in overrides:
             key, _, value = override.partition("=")
@@ -314,8 +316,7 @@ def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
                 return value
     params = config.hydra.sweeper.get("params")
     swept = swept_keys(overrides, OmegaConf.to_container(params) if params else {})
-    keys = "-".join(key.rsplit(".", 1)[-1] for key in swept) or "multirun"
-    return f"{keys}-" + "_".join(Path(config.hydra.sweep.dir).parts[-2:])
+    return "-".join(key.rsplit(".", 1)[-1] for key in swept) or "multirun"
 
 
 def earlier_attempts(client: MlflowClient, experiment_id: str, config_hash: str,

@@ -22,6 +22,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import contextlib
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -39,8 +40,9 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, infer_signature
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking.context import registry as context_registry
+from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from mlp.config import schema as configlib
@@ -145,6 +147,23 @@ def describe_run(resolved: Mapping[str, Any], result: Any, tags: Mapping[str, st
         f"{short_number(o['lr'])} ({o['schedule']['name']} schedule), batch {t['batch_size']}; "
         f"{tags.get('data.n_train', '?')} {d['name']} training images (validation "
         f"{tags.get('data.n_val', '?')}, test {tags.get('data.n_test', '?')}).")
+
+
+class ModelRefused(RuntimeError):
+    """The store refused a model (HTTP 4xx: an invalid name, a missing permission): an
+    error in what was sent, reported as such, not as an outage of the store."""
+
+
+def refused(error: MlflowException) -> bool:
+    """Whether the store answered `error` with a 4xx refusal rather than failing."""
+    return 400 <= error.get_http_status_code() < 500
+
+
+def model_name(name: str) -> str:
+    """A model name MLflow accepts whatever the run's name: letters, digits, `-` and `_`
+    (MLflow 3.17 refuses `.` among others), each other run of characters becoming one
+    `_`: `reg=0.00507361 lr=0.0119698` -> `reg_0_00507361_lr_0_0119698`."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "model"
 
 
 def _git(*args: str, cwd: Path) -> str | None:
@@ -318,32 +337,46 @@ class RunRecorder:
 
     def log_model(self, model: MLP, normalizer: Normalizer, classes: tuple[str, ...],
                   name: str, example: Array) -> str:
-        """The parameters (.npz) and a servable MLflow pyfunc model named `name`: raw
-        N x 3072 pixels in (uint8, or floats on the same scale), N x 10 class
-        probabilities out, with a signature and `example` (a few uint8 images) as its
-        input example; it carries the `mlp` package as code and needs NumPy only
-        (`mlp.serving`). Returns the logged model's id."""
+        """The parameters (.npz) and a servable MLflow pyfunc model named after `name`
+        (`model_name`): raw N x 3072 pixels on the 0-255 scale in, N x 10 class
+        probabilities out (`mlp.tracking.serving`), with a float64 tensor signature
+        (`serving.SIGNATURE_DTYPE` says why) and `example` (a few images) as its input
+        example; it carries the `mlp` package as code and requires NumPy only. Returns the
+        logged model's id. Raises `ModelRefused` when the store refuses the model (a 4xx:
+        nothing a retry or the spool would change)."""
+        example = np.asarray(example, dtype=serving.SIGNATURE_DTYPE)
+        name = model_name(name)
         with tempfile.TemporaryDirectory() as tmp:
             data = serving.save(Path(tmp) / "mlp", model, normalizer, classes)
             self.client.log_artifact(self.run_id, str(data / "model.npz"), "model_npz")
             probs = serving._load_pyfunc(str(data)).predict(example)
+            signature = ModelSignature(
+                Schema([TensorSpec(np.dtype(serving.SIGNATURE_DTYPE), (-1, example.shape[1]))]),
+                Schema([TensorSpec(probs.dtype, (-1, probs.shape[1]))]))
             # What mlflow.pyfunc.log_model does inside a fluent run, with this run and
             # client: the logged model is created here (in the run's experiment, with its
             # params), Model.log fills it and links it to the run.
             run = self.client.get_run(self.run_id)
-            logged = self.client.create_logged_model(
-                run.info.experiment_id, name=name, source_run_id=self.run_id,
-                params=run.data.params, tags=context_registry.resolve_tags())
-            with store.process_uri(self.client):
-                Model.log(
-                    artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=self.run_id,
-                    model_id=logged.model_id, loader_module="mlp.tracking.serving",
-                    data_path=str(data), code_paths=[str(Path(serving.__file__).parents[1])],
-                    signature=infer_signature(example, probs), input_example=example,
-                    pip_requirements=[f"numpy=={np.__version__}", f"tqdm=={version('tqdm')}"],
-                    # No metric is logged at this step: the model's metrics are the ones
-                    # logged with its id (log_metrics(model_id=...)), not the run's at 0.
-                    step=MODEL_STEP)
+            try:
+                logged = self.client.create_logged_model(
+                    run.info.experiment_id, name=name, source_run_id=self.run_id,
+                    params=run.data.params, tags=context_registry.resolve_tags())
+                with store.process_uri(self.client):
+                    Model.log(
+                        artifact_path=None, name=name, flavor=mlflow.pyfunc,
+                        run_id=self.run_id, model_id=logged.model_id,
+                        loader_module="mlp.tracking.serving", data_path=str(data),
+                        code_paths=[str(Path(serving.__file__).parents[1])],
+                        signature=signature, input_example=example,
+                        pip_requirements=[f"numpy=={np.__version__}"],
+                        # No metric is logged at this step: the model's metrics are the ones
+                        # logged with its id (log_metrics(model_id=...)), not the run's at 0.
+                        step=MODEL_STEP)
+            except MlflowException as e:
+                if refused(e):
+                    raise ModelRefused(f"the store refused the model {name!r}: "
+                                       f"{e.error_code}: {e.message}") from e
+                raise
         return logged.model_id
 
     def describe(self, text: str) -> None:
