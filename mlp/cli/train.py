@@ -292,10 +292,14 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
     that the run ends FAILED with that refusal as its error."""
     recorder.set_tags({"checkpoint": str(result.checkpoint),
                        "stopped_early": str(result.stopped_early).lower()})
+    compact = None  # the train vs validation curves, small, shown in the description
     if cfg.tracking.plots:
         with recorder.sink.unless_offline("the figures"):
             classes = splits.classes
-            recorder.log_figure(plots.curves_figure(result.history), "curves")
+            curves = plots.curves_figure(result.history)
+            recorder.log_figure(curves, "curves")
+            compact = tracking.artifact_link(recorder.run_id, recorder.log_figure(
+                curves, "curves_compact", dpi=tracking.COMPACT_DPI))
             recorder.log_figure(plots.confusion_figure(splits.y_test, result.test_pred,
                                                        classes), "confusion_matrix")
             recorder.log_figure(plots.per_class_figure(splits.y_test, result.test_pred,
@@ -318,7 +322,7 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
     with recorder.sink.unless_offline("the description"):
         recorder.describe(tracking.describe_run(
             OmegaConf.to_container(cfg, resolve=True), result,
-            recorder.client.get_run(recorder.run_id).data.tags, widths))
+            recorder.client.get_run(recorder.run_id).data.tags, widths, compact))
     if refusal is not None:
         raise refusal
 

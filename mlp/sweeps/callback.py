@@ -260,10 +260,12 @@ class SweepCallback(Callback):
         run_id = self.parent["run_id"]
         liveness.reap_dead_runs(client)  # a job killed outright did not end its run
         outcome = None
+        out_dir = Path(config.hydra.sweep.dir) / "report"
         try:
-            table = report.log_sweep_report(client, run_id)
+            table = report.log_sweep_report(client, run_id, out_dir)
             log.info("sweep report:\n%s", table)
             outcome = SweepOutcome.of(_whole_errors(client, table.rows))
+            log.info("%s", self._where_to_look(table, out_dir))
         except Exception as e:  # a report must never lose the sweep's results
             log.warning("could not build the sweep report: %s", e)
         try:
@@ -282,6 +284,30 @@ class SweepCallback(Callback):
             log.warning("could not read how the jobs ended: %s", outcome.error)
         _outcome = outcome
         self._end_if_running(outcome.status)
+
+    def _where_to_look(self, table: Any, out_dir: Path) -> str:
+        """The sweep's closing lines: the parent run and the chart view of its children in
+        the MLflow UI, the report on disk, the best model and the command that trains the
+        best configuration again."""
+        from mlp.sweeps import report
+        from mlp.tracking import masking
+        from mlp.tracking.recorder import how_to_view
+
+        parent = self.parent or {}
+        run_id = parent["run_id"]
+        lines = [f"sweep {parent['name']}: parent run {run_id}: " + how_to_view(
+                     masking.mask(parent["uri"]), parent["experiment_id"], run_id,
+                     children=True),
+                 f"report: {out_dir / 'report.html'} (also under the parent's Artifacts; "
+                 f"again with: mlp-report --experiment {table.experiment} "
+                 f"--sweep {parent['name']})"]
+        registered = self.client.get_run(run_id).data.tags.get("mlp.sweep.registered_model")
+        if registered:
+            lines.append(f"best model: models:/{registered.split(' ')[0]}")
+        if table.best is not None and table.best["overrides"]:
+            lines.append(f"best configuration ({table.best['run']}): "
+                         + report.reproduce_command(table.best["overrides"]))
+        return "\n".join(lines)
 
     def _end_if_running(self, status: str) -> None:
         """End the parent (its outcome, or KILLED when the process exits mid-sweep)."""

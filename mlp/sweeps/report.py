@@ -24,7 +24,6 @@ import re
 import shlex
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from mlp.config.schema import is_bookkeeping
 from mlp.sweeps import figures as plots
 from mlp.tracking import keys
 from mlp.tracking.keys import CONFIG_HASH_TAG, PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_TAG
+from mlp.tracking.recorder import COMPACT_DPI, artifact_link
 
 METRIC_COLUMNS = ("val_acc", "test_acc", "gap_acc", "gradcheck", "duration_s")
 NUMBER_COLUMNS = {"val_acc", "test_acc", "gap_acc", "duration_s"}  # right-aligned
@@ -388,15 +388,7 @@ def _shared_params(runs: Sequence[Run], swept: Sequence[str]) -> dict[str, str]:
 
 
 OVERVIEW = ("val_acc_heatmap", "top_curves")  # the figures shown in the parent's description
-OVERVIEW_DPI = 60  # small enough for two side by side above the table
 DESCRIPTION_LIMIT = 6000  # MLflow keeps a tag up to 8000 characters; the outcome comes first
-
-
-def artifact_link(run_id: str, path: str) -> str:
-    """The URL of a run's artifact relative to the MLflow UI's page (its server's
-    `get-artifact` route), for a Markdown image in a description: MLflow keeps a tag up
-    to 8000 characters, too few for an image inline."""
-    return f"get-artifact?path={urllib.parse.quote(path)}&run_uuid={run_id}"
 
 
 def _describe_sweep(report: Report, parent: Run, figs: Iterable[str],
@@ -543,7 +535,7 @@ def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Seque
         for name in overview:
             (Path(tmp) / "overview").mkdir(exist_ok=True)
             (Path(tmp) / "overview" / f"{name}.png").write_bytes(
-                plots.png(figs[name], dpi=OVERVIEW_DPI))
+                plots.png(figs[name], dpi=COMPACT_DPI))
         client.log_artifacts(parent_run_id, tmp)
     logged = parent.data.params
     params = [Param(k, v) for k, v in _shared_params(runs, report.swept).items()
@@ -573,11 +565,16 @@ def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Seque
     return registration
 
 
-def log_sweep_report(client: MlflowClient, parent_run_id: str) -> Report:
+def log_sweep_report(client: MlflowClient, parent_run_id: str, out_dir: Path | None = None
+                     ) -> Report:
     """Build the report of the sweep under `parent_run_id` and log it on that run (see
-    `log_on_parent`). Returns the report."""
+    `log_on_parent`), and write it to `out_dir` too when given (`write_report`). Returns
+    the report."""
     parent = client.get_run(parent_run_id)
     experiment = client.get_experiment(parent.info.experiment_id).name
     report, runs = make_report(client, experiment, parent_run_id)
-    log_on_parent(client, parent, report, runs, figures(client, runs, report))
+    figs = figures(client, runs, report)
+    if out_dir is not None:
+        write_report(report, figs, out_dir)
+    log_on_parent(client, parent, report, runs, figs)
     return report

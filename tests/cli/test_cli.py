@@ -84,16 +84,19 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
     assert m[metrics.ACC_BEST_VAL] == max(val) == val[best - 1]
     assert 0 < m[metrics.GRADCHECK_MAX] < 1e-7
     assert m[metrics.GRADCHECK_MAX + metrics.LOG10] == pytest.approx(
-        np.log10(m[metrics.GRADCHECK_MAX]))
+        np.log10(m[metrics.GRADCHECK_MAX]), abs=0.005)
     assert not any(k.startswith("system/") for k in m)  # tracking.system_metrics=false
     tags = run.data.tags
     assert tags["gradcheck.passed"] == "true"
     assert float(tags["gradcheck.max_rel_error"]) == pytest.approx(m[metrics.GRADCHECK_MAX],
-                                                                    rel=1e-6)
+                                                                    rel=1e-2)
     assert tags["data.archive_sha256"]
     assert "mlp.command" in tags and "data=synthetic" in tags["mlp.overrides"]
     assert "Test accuracy" in tags["mlflow.note.content"]
     assert "gradient check **passed**" in tags["mlflow.note.content"]
+    # the train vs validation curves inline, from a small copy of plots/curves.png
+    assert (f"![train vs validation](get-artifact?path=plots/curves_compact.png&run_uuid={rid})"
+            in tags["mlflow.note.content"])
 
     inputs = {t.value: d.dataset for d in run.inputs.dataset_inputs for t in d.tags
               if t.key == "mlflow.data.context"}
