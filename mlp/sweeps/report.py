@@ -408,12 +408,12 @@ def _describe_sweep(report: Report, parent: Run, figs: Iterable[str],
              + ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items())) + ")."]
     if report.best is not None:
         b = report.best
-        lines.append(f"Best: **{b['run']}**: val_acc {cell('val_acc', b['val_acc'])}, "
-                     f"test_acc {cell('test_acc', b['test_acc'])}"
-                     + (f"; {registration}" if registration else "") + ".")
-    if figs:
-        lines.append(" ".join(f"![{name}]({artifact_link(parent.info.run_id, path)})"
-                              for name, path in ((n, f"overview/{n}.png") for n in figs)))
+        lines.append(f"Best: **{b['run']}**: validation {cell('val_acc', b['val_acc'])}, "
+                     f"test {cell('test_acc', b['test_acc'])}"
+                     + (f"; `{registration}`" if registration else "") + ".")
+    if figs:  # first, so that they show above the Overview's fold
+        lines.insert(0, " ".join(f"![{name}]({artifact_link(parent.info.run_id, path)})"
+                                 for name, path in ((n, f"overview/{n}.png") for n in figs)))
     columns = ["run", *report.swept, "val_acc", "test_acc", "gap_acc", "gradcheck", "status"]
     table = ["| " + " | ".join(c.rsplit(".", 1)[-1] for c in columns) + " |",
              "| " + " | ".join("---:" if c in NUMBER_COLUMNS else "---" for c in columns) + " |"]

@@ -301,7 +301,7 @@ def test_log_sweep_report_puts_the_report_on_the_parent(client, store):
     assert {m.step for m in client.get_metric_history(store["parent"], keys.ACC_TEST)} == {3}
     assert parent.data.params == {k: v for k, v in COMMON.items()}  # the shared config
     note = parent.data.tags["mlflow.note.content"]
-    assert "Best: **relu-h100-lr0.01-reg0.0001**" in note
+    assert "Best: **relu-h100-lr0.01-reg0.0001**: validation 0.5200, test 0.5100" in note
     # the comparison itself: the figures inline, then the children's table, best first
     for name in ("val_acc_heatmap", "top_curves"):
         assert (f"![{name}](get-artifact?path=overview/{name}.png&run_uuid={store['parent']})"
