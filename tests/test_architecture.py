@@ -29,6 +29,17 @@ def test_importing_the_core_loads_nothing_but_numpy():
     assert out.strip() == ""
 
 
+def test_the_served_model_loads_nothing_but_numpy_and_the_standard_library():
+    """A model carries the `mlp` package and is served where only mlflow and NumPy are
+    installed: the import chain of its loader module may not reach tqdm or anything else."""
+    code = ("import sys; before = set(sys.modules); import mlp.tracking.serving; print(' '.join("
+            "sorted({m.split('.')[0] for m in set(sys.modules) - before} "
+            "- set(sys.stdlib_module_names) - {'mlp', 'numpy'})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == ""
+
+
 def test_the_public_face():
     import mlp
 

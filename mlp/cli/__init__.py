@@ -5,3 +5,10 @@ the exit codes (`exits`).
 
 May import: everything.
 """
+
+import os
+
+# Before any command imports mlflow, which sets its loggers' level once, at import: its INFO
+# lines (database tables created, migrations) would drown the command's own output.
+# MLFLOW_LOGGING_LEVEL=INFO brings them back.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

@@ -148,7 +148,7 @@ def train(cfg: DictConfig) -> float:
         if job.parent is not None and not isinstance(e, _pruned()):
             log.error("job failed, the sweep goes on: %s: %s", type(e).__name__, e)
             return math.nan
-        if isinstance(e, DivergenceError | exits.GradcheckFailed):
+        if isinstance(e, DivergenceError | exits.GradcheckFailed | tracking.ModelRefused):
             print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
             sys.exit(exits.EXIT_GRADCHECK if isinstance(e, exits.GradcheckFailed)
                      else exits.EXIT_FAILED)
@@ -297,13 +297,19 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                   name: str) -> None:
     """Figures, the model, the final metrics (linked to the model and the test split) and
     the description of a finished training. With the store gone, the metrics and tags go
-    to the run's spool and the rest is named in a warning (`Sink.unless_offline`)."""
+    to the run's spool and the rest is named in a warning (`Sink.unless_offline`); a model
+    the store refuses (`tracking.ModelRefused`) is raised once the rest is recorded, so
+    that the run ends FAILED with that refusal as its error."""
     recorder.set_tags({"checkpoint": str(result.checkpoint),
                        "stopped_early": str(result.stopped_early).lower()})
+    compact = None  # the train vs validation curves, small, shown in the description
     if cfg.tracking.plots:
         with recorder.sink.unless_offline("the figures"):
             classes = splits.classes
-            recorder.log_figure(plots.curves_figure(result.history), "curves")
+            curves = plots.curves_figure(result.history)
+            recorder.log_figure(curves, "curves")
+            compact = tracking.artifact_link(recorder.run_id, recorder.log_figure(
+                curves, "curves_compact", dpi=tracking.COMPACT_DPI))
             recorder.log_figure(plots.confusion_figure(splits.y_test, result.test_pred,
                                                        classes), "confusion_matrix")
             recorder.log_figure(plots.per_class_figure(splits.y_test, result.test_pred,
@@ -311,18 +317,24 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
             recorder.log_figure(plots.weights_figure(
                 trainer.normalizer.image_weights(trainer.model.params["W1"])),
                 "first_layer_weights")
-    model_id = None
+    model_id = refusal = None
     if cfg.tracking.log_model:
-        with recorder.sink.unless_offline("the model"):
-            model_id = recorder.log_model(trainer.model, trainer.normalizer, splits.classes,
-                                          name, example=np.asarray(splits.X_test[:3]))
+        try:
+            with recorder.sink.unless_offline("the model"):
+                model_id = recorder.log_model(trainer.model, trainer.normalizer,
+                                              splits.classes, name,
+                                              example=np.asarray(splits.X_test[:3]))
+        except tracking.ModelRefused as e:  # the rest is recorded, then the run fails
+            refusal = e
     recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
                          step=result.best_epoch, model_id=model_id, dataset=datasets["test"])
     widths = [trainer.model.arch.input_dim, *cfg.model.hidden_sizes, len(splits.classes)]
     with recorder.sink.unless_offline("the description"):
         recorder.describe(tracking.describe_run(
             OmegaConf.to_container(cfg, resolve=True), result,
-            recorder.client.get_run(recorder.run_id).data.tags, widths))
+            recorder.client.get_run(recorder.run_id).data.tags, widths, compact))
+    if refusal is not None:
+        raise refusal
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mlp.conf", config_name="config")

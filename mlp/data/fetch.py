@@ -22,8 +22,6 @@ import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
 from mlp.data.cifar import DataError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -114,6 +112,10 @@ def locked(path: Path) -> Iterator[None]:
 
 def _download_once(url: str, part: Path, progress: bool, desc: str) -> None:
     """One request: append to `part` from where it ends (HTTP Range) or rewrite it whole."""
+    # Imported here: a served model carries mlp.data, and must load where only mlflow and
+    # NumPy are installed (mlp.tracking.serving).
+    from tqdm import tqdm
+
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "mlp-lab"})
     if offset:

@@ -335,10 +335,12 @@ class SweepCallback(Callback):
         run_id = self.parent["run_id"]
         liveness.reap_dead_runs(client)  # a job killed outright did not end its run
         outcome = None
+        out_dir = Path(config.hydra.sweep.dir) / "report"
         try:
-            table = report.log_sweep_report(client, run_id)
+            table = report.log_sweep_report(client, run_id, out_dir)
             log.info("sweep report:\n%s", table)
             outcome = SweepOutcome.of(_whole_errors(client, table.rows))
+            log.info("%s", self._where_to_look(table, out_dir))
         except Exception as e:  # a report must never lose the sweep's results
             log.warning("could not build the sweep report: %s", e)
         try:
@@ -357,6 +359,30 @@ class SweepCallback(Callback):
             log.warning("could not read how the jobs ended: %s", outcome.error)
         _outcome = outcome
         self._end_if_running(outcome.status)
+
+    def _where_to_look(self, table: Any, out_dir: Path) -> str:
+        """The sweep's closing lines: the parent run and the chart view of its children in
+        the MLflow UI, the report on disk, the best model and the command that trains the
+        best configuration again."""
+        from mlp.sweeps import report
+        from mlp.tracking import masking
+        from mlp.tracking.recorder import how_to_view
+
+        parent = self.parent or {}
+        run_id = parent["run_id"]
+        lines = [f"sweep {parent['name']}: parent run {run_id}: " + how_to_view(
+                     masking.mask(parent["uri"]), parent["experiment_id"], run_id,
+                     children=True),
+                 f"report: {out_dir / 'report.html'} (also under the parent's Artifacts; "
+                 f"again with: mlp-report --experiment {table.experiment} "
+                 f"--sweep {parent['name']})"]
+        registered = self.client.get_run(run_id).data.tags.get("mlp.sweep.registered_model")
+        if registered:
+            lines.append(f"best model: models:/{registered.split(' ')[0]}")
+        if table.best is not None and table.best["overrides"]:
+            lines.append(f"best configuration ({table.best['run']}): "
+                         + report.reproduce_command(table.best["overrides"]))
+        return "\n".join(lines)
 
     def _end_if_running(self, status: str) -> None:
         """End the parent (its outcome, or KILLED when the process exits mid-sweep)."""
@@ -380,8 +406,10 @@ def _whole_errors(client: Any, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 
 def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
-    """The sweep preset's name (or the experiment preset's) when the sweep uses one, else
-    `<swept keys>-<time>` (`reg-lr-2026-12-01_23-50-54`)."""
+    """The search's name, the same for every sweep of it: the sweep preset's name (or the
+    experiment preset's) when the sweep uses one, else its swept keys (`reg-lr`). The
+    sweeps of one search share a registered model (`report.registered_name`), and
+    `mlp-report --sweep <name>` reads the latest."""
     for group in ("hparams_search", "experiment"):
         for override in overrides:
             key, _, value = override.partition("=")
@@ -389,8 +417,7 @@ def _sweep_name(config: DictConfig, overrides: list[str]) -> str:
                 return value
     params = config.hydra.sweeper.get("params")
     swept = swept_keys(overrides, OmegaConf.to_container(params) if params else {})
-    keys = "-".join(key.rsplit(".", 1)[-1] for key in swept) or "multirun"
-    return f"{keys}-" + "_".join(Path(config.hydra.sweep.dir).parts[-2:])
+    return "-".join(key.rsplit(".", 1)[-1] for key in swept) or "multirun"
 
 
 def earlier_attempts(client: MlflowClient, experiment_id: str, config_hash: str,

@@ -182,9 +182,10 @@ def activation_figure(rows: Sequence[dict], swept: Sequence[str]) -> Figure | No
     return fig
 
 
-def png(fig: Figure) -> bytes:
+def png(fig: Figure, dpi: int = FIGURE_DPI) -> bytes:
+    """The figure as PNG bytes at `dpi`."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
+    fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
 
 

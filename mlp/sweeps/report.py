@@ -37,6 +37,7 @@ from mlp.config.schema import is_bookkeeping
 from mlp.sweeps import figures as plots
 from mlp.tracking import keys
 from mlp.tracking.keys import CONFIG_HASH_TAG, PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_TAG
+from mlp.tracking.recorder import COMPACT_DPI, artifact_link
 
 METRIC_COLUMNS = ("val_acc", "test_acc", "gap_acc", "gradcheck", "duration_s")
 NUMBER_COLUMNS = {"val_acc", "test_acc", "gap_acc", "duration_s"}  # right-aligned
@@ -386,99 +387,194 @@ def _shared_params(runs: Sequence[Run], swept: Sequence[str]) -> dict[str, str]:
     return {k: v for k, v in shared.items() if k not in swept}
 
 
-def _describe_sweep(report: Report, parent: Run, figs: Mapping[str, Figure],
-                    registered: str | None) -> str:
-    """The parent's description (Markdown): what was swept, the best result, where the
-    figures are."""
+OVERVIEW = ("val_acc_heatmap", "top_curves")  # the figures shown in the parent's description
+DESCRIPTION_LIMIT = 6000  # MLflow keeps a tag up to 8000 characters; the outcome comes first
+
+
+def _describe_sweep(report: Report, parent: Run, figs: Iterable[str],
+                    registration: Registration | None) -> str:
+    """The parent's description (Markdown), the comparison on the Overview: what was
+    swept, the best result and where its model went, the compact figures `figs` (names
+    logged under overview/), then the table of the children, best first, with why a
+    failed one failed; rows that do not fit in DESCRIPTION_LIMIT are counted instead."""
     tags = parent.data.tags
-    keys = tags.get(SWEPT_TAG, "").split() or report.swept
-    space = " x ".join(f"`{k}` in {tags.get(f'{SWEPT_TAG}.{k}', '?')}" for k in keys)
+    swept = tags.get(SWEPT_TAG, "").split() or report.swept
+    space = " x ".join(f"`{k}` in {tags.get(f'{SWEPT_TAG}.{k}', '?')}" for k in swept)
     counts: dict[str, int] = {}
     for row in report.rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-    lines = [f"Sweep **{tags.get(SWEEP_NAME_TAG, parent.info.run_name)}** over {space or 'nothing'}"
-             f": {len(report.rows)} runs ("
+    lines = [f"Sweep **{tags.get(SWEEP_NAME_TAG, parent.info.run_name)}** over "
+             f"{space or 'nothing'}: {len(report.rows)} runs ("
              + ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items())) + ")."]
     if report.best is not None:
         b = report.best
-        lines.append(f"Best: **{b['run']}**: validation accuracy {_percent(b['val_acc'])}, "
-                     f"test accuracy {_percent(b['test_acc'])}" + (f", registered as `{registered}`"
-                                                       if registered else "") + ".")
-    if figs:
-        lines.append("Figures (Artifacts): " + ", ".join(f"`{n}.png`" for n in figs)
-                     + "; the table with the figures: `report.html`.")
-    return "\n\n".join(lines)
+        lines.append(f"Best: **{b['run']}**: validation {cell('val_acc', b['val_acc'])}, "
+                     f"test {cell('test_acc', b['test_acc'])}"
+                     + (f"; `{registration}`" if registration else "") + ".")
+    if figs:  # first, so that they show above the Overview's fold
+        lines.insert(0, " ".join(f"![{name}]({artifact_link(parent.info.run_id, path)})"
+                                 for name, path in ((n, f"overview/{n}.png") for n in figs)))
+    columns = ["run", *report.swept, "val_acc", "test_acc", "gap_acc", "gradcheck", "status"]
+    table = ["| " + " | ".join(c.rsplit(".", 1)[-1] for c in columns) + " |",
+             "| " + " | ".join("---:" if c in NUMBER_COLUMNS else "---" for c in columns) + " |"]
+    rows = []
+    for row in report.rows:
+        cells = {c: cell(c, row[c]) for c in columns}
+        if row is report.best:
+            cells["run"] = f"**{cells['run']}**"
+        if row.get("error"):
+            cells["status"] += f": {row['error']}"
+        rows.append("| " + " | ".join(cells[c].replace("|", "\\|") for c in columns) + " |")
+
+    def text(shown: int) -> str:
+        tail = ("Every run with the figures: `report.html`, `report.md` (Artifacts)."
+                if shown == len(rows) else f"{len(rows) - shown} more runs, and the figures: "
+                "`report.html`, `report.md` (Artifacts).")
+        return "\n\n".join([*lines, "\n".join(table + rows[:shown]), tail])
+
+    shown = len(rows)
+    while shown and len(text(shown)) > DESCRIPTION_LIMIT:
+        shown -= 1
+    return text(shown)
 
 
-def _percent(value: float | None) -> str:
-    """A share as a percentage, or `-` for a value the run did not record."""
-    return "-" if value is None else f"{value:.2%}"
+@dataclass
+class Registration:
+    """Where a sweep's best model went: registered model `name`, its `version` (validation
+    accuracy `val_acc`), the version that was @champion before (`previous`, None when
+    there was none or it was this one) with its validation accuracy (`previous_val`), and
+    whether this version is @champion now (`won`)."""
+
+    name: str
+    version: str
+    val_acc: float
+    previous: str | None
+    previous_val: float | None
+    won: bool
+
+    @property
+    def champion(self) -> str | None:
+        """The version that is @champion after this sweep."""
+        return self.version if self.won else self.previous
+
+    def __str__(self) -> str:
+        """`mlp-lab-mlp-lab-lr_reg version 3 (val 0.4520) is @champion, beating version 2
+        (val 0.4310)`, or `...; @champion stays with version 2 (val 0.4610)`."""
+        this = f"{self.name} version {self.version} (val {self.val_acc:.4f})"
+        if self.previous is None:
+            return f"{this} is @{CHAMPION}"
+        before = f"version {self.previous} (" + (
+            "no val_acc" if self.previous_val is None else f"val {self.previous_val:.4f}") + ")"
+        if self.won:
+            return f"{this} is @{CHAMPION}, beating {before}"
+        return f"{this}; @{CHAMPION} stays with {before}"
 
 
-def _register_best(client: MlflowClient, report: Report, name: str) -> str | None:
-    """Register the best run's model under `name` with the alias `champion`; returns
-    `name@champion (version N)`, or None when the best run logged no model."""
-    if report.best is None:
+def registered_name(experiment: str, search: str) -> str:
+    """The registered model of a search in an experiment, one for every sweep of it:
+    `mlp-lab-<experiment>-<search>`, with what MLflow refuses in a name replaced."""
+    from mlp.tracking.recorder import model_name
+
+    return model_name(f"mlp-lab-{experiment}-{search}")
+
+
+def _register_best(client: MlflowClient, report: Report, name: str) -> Registration | None:
+    """Register the best run's model as a version of `name` (created the first time; the
+    version the run already has when a sweep is run again) and move the alias @champion
+    to it when its validation accuracy beats the current champion's (or there is none).
+    None when no run finished or the best run logged no model."""
+    if report.best is None or report.best["val_acc"] is None:
         return None
+    best = report.best
     parent = client.get_run(report.parent_run_id) if report.parent_run_id else None
     experiment_ids = [parent.info.experiment_id] if parent else []
     models = client.search_logged_models(
-        experiment_ids, filter_string=f"source_run_id = '{report.best['run_id']}'")
+        experiment_ids, filter_string=f"source_run_id = '{best['run_id']}'")
     if not models:
         return None
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=(
+            f"The best model of each sweep {name} (experiment {report.experiment}), one version "
+            f"a sweep; @{CHAMPION} is the best of them by validation accuracy."))
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise  # a registered model that exists gets a new version
-    model_id = models[0].model_id
-    version = client.create_model_version(name, f"models:/{model_id}", model_id=model_id)
-    client.update_registered_model(name, description=(
-        f"The best models of sweep {name.removeprefix(report.experiment + '-')} (experiment "
-        f"{report.experiment}); @{CHAMPION} is the best by validation accuracy."))
-    client.set_registered_model_alias(name, CHAMPION, version.version)
-    client.update_model_version(name, version.version, description=(
-        f"The best run of sweep {name}: {report.best['run']} (run {report.best['run_id']})."))
-    return f"{name}@{CHAMPION} (version {version.version})"
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{best['run_id']}'")
+    # The logged model's own location as the source: a `models:/<id>` source would be
+    # looked up through MLflow's process-wide store, not this client's.
+    version = existing[0] if existing else client.create_model_version(
+        name, models[0].artifact_location, run_id=best["run_id"], model_id=models[0].model_id,
+        description=f"The best run of a sweep: {best['run']} (run {best['run_id']}), "
+                    f"validation accuracy {best['val_acc']:.4f}.")
+    previous = current if current is not None and current.version != version.version else None
+    previous_val = (client.get_run(previous.run_id).data.metrics.get(keys.ACC_BEST_VAL)
+                    if previous is not None else None)
+    won = previous is None or previous_val is None or best["val_acc"] > previous_val
+    if won:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return Registration(name, str(version.version), best["val_acc"],
+                        previous and str(previous.version), previous_val, won)
 
 
 def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Sequence[Run],
-                   figs: Mapping[str, Figure]) -> None:
-    """The parent summarizes its sweep: the shared config as params, the best child's
-    metrics under the children's keys, the figures as top-level artifacts beside
-    report.html / report.md, the best model registered, and a description."""
+                  figs: Mapping[str, Figure]) -> Registration | None:
+    """The parent is the sweep's comparison: the shared config as params, the best child's
+    metrics under the children's keys at the best child's last epoch (where its curves
+    end in the charts, not a stray point at step 0), the figures as top-level artifacts
+    beside report.html / report.md and small copies under overview/, the best model
+    registered (`_register_best`, tag mlp.sweep.registered_model), and a description with
+    the table and the small figures (`_describe_sweep`). Returns the registration."""
     parent_run_id = parent.info.run_id
+    overview = [name for name in OVERVIEW if name in figs]
     with tempfile.TemporaryDirectory() as tmp:
         write_report(report, figs, Path(tmp))
+        for name in overview:
+            (Path(tmp) / "overview").mkdir(exist_ok=True)
+            (Path(tmp) / "overview" / f"{name}.png").write_bytes(
+                plots.png(figs[name], dpi=COMPACT_DPI))
         client.log_artifacts(parent_run_id, tmp)
     logged = parent.data.params
     params = [Param(k, v) for k, v in _shared_params(runs, report.swept).items()
               if k not in logged]
     for i in range(0, len(params), 100):
         client.log_batch(parent_run_id, params=params[i:i + 100])
-    registered = None
+    registration = None
     if report.best is not None:
         best = client.get_run(report.best["run_id"])
+        last = max((m.step for m in client.get_metric_history(best.info.run_id, keys.ACC_VAL)),
+                   default=0)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, best.data.metrics[k], now, 0)
+        metrics = [Metric(k, best.data.metrics[k], now, last)
                    for k in sorted(best.data.metrics, key=keys.reading_order)
                    if not k.startswith("system/")]
         tags = [RunTag("mlp.sweep.best_run_id", best.info.run_id),
                 RunTag("mlp.sweep.best_run_name", best.info.run_name or "")]
         client.log_batch(parent_run_id, metrics=metrics, tags=tags)
-        name = f"{report.experiment}-{parent.data.tags.get(SWEEP_NAME_TAG, parent.info.run_name)}"
-        registered = _register_best(client, report, name)
-        if registered:
-            client.set_tag(parent_run_id, "mlp.sweep.registered_model", registered)
-    client.set_tag(parent_run_id, "mlflow.note.content",
-                   _describe_sweep(report, client.get_run(parent_run_id), figs, registered))
+        search = parent.data.tags.get(SWEEP_NAME_TAG, parent.info.run_name)
+        registration = _register_best(client, report, registered_name(report.experiment, search))
+        if registration:
+            client.set_tag(parent_run_id, "mlp.sweep.registered_model",
+                           f"{registration.name}@{CHAMPION} (version {registration.champion})")
+            client.set_tag(parent_run_id, "mlp.sweep.model_version", registration.version)
+    client.set_tag(parent_run_id, "mlflow.note.content", _describe_sweep(
+        report, client.get_run(parent_run_id), overview, registration))
+    return registration
 
 
-def log_sweep_report(client: MlflowClient, parent_run_id: str) -> Report:
+def log_sweep_report(client: MlflowClient, parent_run_id: str, out_dir: Path | None = None
+                     ) -> Report:
     """Build the report of the sweep under `parent_run_id` and log it on that run (see
-    `log_on_parent`). Returns the report."""
+    `log_on_parent`), and write it to `out_dir` too when given (`write_report`). Returns
+    the report."""
     parent = client.get_run(parent_run_id)
     experiment = client.get_experiment(parent.info.experiment_id).name
     report, runs = make_report(client, experiment, parent_run_id)
-    log_on_parent(client, parent, report, runs, figures(client, runs, report))
+    figs = figures(client, runs, report)
+    if out_dir is not None:
+        write_report(report, figs, out_dir)
+    log_on_parent(client, parent, report, runs, figs)
     return report

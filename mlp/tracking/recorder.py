@@ -30,12 +30,14 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import contextlib
 import platform
+import re
 import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -47,8 +49,9 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, infer_signature
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking.context import registry as context_registry
+from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from mlp.config import schema as configlib
@@ -66,19 +69,36 @@ DATASET_TRIES = 3  # log_inputs under parallel jobs: see RunRecorder.log_dataset
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
-def how_to_view(uri: str, experiment_id: str, run_id: str) -> str:
-    """What to run and open to see a run in the MLflow UI. `workflowType=machine_learning`
-    opens the model-training view: MLflow 3.17's UI starts in its GenAI view whatever the
-    experiment's kind tag says."""
+def how_to_view(uri: str, experiment_id: str, run_id: str, children: bool = False) -> str:
+    """What to run and open to see a run in the MLflow UI, and the experiment's runs best
+    first, or with `children` (a sweep's parent) the chart view of its children's curves
+    overlaid. `workflowType=machine_learning` opens the model-training view: MLflow
+    3.17's UI starts in its GenAI view whatever the experiment's kind tag says."""
     view = "workflowType=machine_learning"
     run = f"#/experiments/{experiment_id}/runs/{run_id}?{view}"
-    table = (f"#/experiments/{experiment_id}/runs?{view}"
-             "&orderByKey=metrics.%60acc%2Fbest_val%60&orderByAsc=false")
+    if children:
+        what = "its children's curves overlaid"
+        others = (f"#/experiments/{experiment_id}/runs?{view}&compareRunsMode=CHART&searchFilter="
+                  + urllib.parse.quote(f"tags.mlflow.parentRunId = '{run_id}'"))
+    else:
+        what = "all runs, best first"
+        others = (f"#/experiments/{experiment_id}/runs?{view}"
+                  "&orderByKey=metrics.%60acc%2Fbest_val%60&orderByAsc=false")
     if uri.startswith(("http://", "https://")):
         base = uri.rstrip("/")
-        return f"open {base}/{run}\n  all runs, best first: {base}/{table}"
+        return f"open {base}/{run}\n  {what}: {base}/{others}"
     return (f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{run}\n"
-            f"  all runs, best first: http://127.0.0.1:5000/{table}")
+            f"  {what}: http://127.0.0.1:5000/{others}")
+
+
+COMPACT_DPI = 60  # figures shown inline in a description, above the point where it folds
+
+
+def artifact_link(run_id: str, path: str) -> str:
+    """The URL of a run's artifact relative to the MLflow UI's page (its server's
+    `get-artifact` route), for a Markdown image in a description: MLflow keeps a tag up
+    to 8000 characters, too few for an image inline as base64."""
+    return f"get-artifact?path={urllib.parse.quote(path)}&run_uuid={run_id}"
 
 
 def run_params(resolved: Mapping[str, Any]) -> dict[str, str]:
@@ -129,9 +149,11 @@ def run_name(cfg: Mapping[str, Any]) -> str:
 
 
 def describe_run(resolved: Mapping[str, Any], result: Any, tags: Mapping[str, str],
-                 widths: list[int]) -> str:
-    """The run's description (Markdown): what was trained (layer widths, input to
-    classes) on what, the result, and the gradient check's verdict."""
+                 widths: list[int], figure: str | None = None) -> str:
+    """The run's description (Markdown): the result (test and best validation accuracy,
+    the train - validation gap at the best epoch, the gradient check's verdict), the
+    train vs validation curves `figure` (a URL, `artifact_link`) when given, then what was
+    trained (layer widths, input to classes) on what."""
     m, o, d, t = resolved["model"], resolved["optim"], resolved["data"], resolved["trainer"]
     widths = "-".join(str(w) for w in widths)
     extras = [x for x in (m["norm"] and f"{m['norm']} norm",
@@ -143,16 +165,36 @@ def describe_run(resolved: Mapping[str, Any], result: Any, tags: Mapping[str, st
     check_text = ("not run" if check is None else
                   f"{'**passed**' if check == 'true' else '**FAILED**'} (max relative error "
                   f"{float(tags['gradcheck.max_rel_error']):.1e})")
-    return (
+    result_text = (
         f"Test accuracy **{result.test_acc:.2%}** · best validation {result.best_val_acc:.2%} "
         f"at epoch {result.best_epoch} of {result.epochs_run}"
         f"{' (stopped early)' if result.stopped_early else ''} · train - validation gap "
-        f"{gap * 100:+.1f} points there · gradient check {check_text}\n\n"
+        f"{gap * 100:+.1f} points there · gradient check {check_text}")
+    what = (
         f"{m['activation']} {widths}{', ' + ', '.join(extras) if extras else ''}, "
         f"{m['loss']} loss, L2 reg {short_number(m['reg'])}; {o['name']} lr "
         f"{short_number(o['lr'])} ({o['schedule']['name']} schedule), batch {t['batch_size']}; "
         f"{tags.get('data.n_train', '?')} {d['name']} training images (validation "
         f"{tags.get('data.n_val', '?')}, test {tags.get('data.n_test', '?')}).")
+    shown = [f"![train vs validation]({figure})"] if figure else []
+    return "\n\n".join([result_text, *shown, what])
+
+
+class ModelRefused(RuntimeError):
+    """The store refused a model (HTTP 4xx: an invalid name, a missing permission): an
+    error in what was sent, reported as such, not as an outage of the store."""
+
+
+def refused(error: MlflowException) -> bool:
+    """Whether the store answered `error` with a 4xx refusal rather than failing."""
+    return 400 <= error.get_http_status_code() < 500
+
+
+def model_name(name: str) -> str:
+    """A model name MLflow accepts whatever the run's name: letters, digits, `-` and `_`
+    (MLflow 3.17 refuses `.` among others), each other run of characters becoming one
+    `_`: `reg=0.00507361 lr=0.0119698` -> `reg_0_00507361_lr_0_0119698`."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "model"
 
 
 def _git(*args: str, cwd: Path) -> str | None:
@@ -196,8 +238,10 @@ def sci(x: float) -> str:
 
 
 def _log10(x: float) -> float:
-    """log10 of an error, with exact zeros drawn at -20 (below any float64 error)."""
-    return float(np.log10(x)) if x > 0 else -20.0
+    """log10 of an error to 2 decimals (-9.44: readable in a table cell, where the raw
+    error's exponent is cut off), with exact zeros drawn at -20 (below any float64
+    error)."""
+    return round(float(np.log10(x)), 2) if x > 0 else -20.0
 
 
 def _package_version() -> str:
@@ -301,7 +345,7 @@ class RunRecorder:
     def log_gradcheck(self, report: GradcheckReport) -> None:
         """The gradient check at its real values: metrics `rel_error/max` and
         `rel_error/<param>` (step 0), their log10 for charts that stay readable at 1e-12,
-        tags `gradcheck.passed` and `gradcheck.max_rel_error` (scientific notation), the
+        tags `gradcheck.passed` and `gradcheck.max_rel_error` (3 significant digits), the
         per-parameter table with errors as scientific strings (the UI's table shows them
         as written; numbers would be rounded to 10 decimals, i.e. to 0) and the report as
         JSON at full precision."""
@@ -315,45 +359,64 @@ class RunRecorder:
         self._deferred += _points(metrics, 0)
         self.set_tags({"gradcheck.passed": str(report.passed).lower(),
                        "gradcheck.verdict": report.verdict,
-                       "gradcheck.max_rel_error": sci(report.max_rel_error)})
+                       # short enough for a cell of the runs table (3.61e-10)
+                       "gradcheck.max_rel_error": f"{report.max_rel_error:.2e}"})
         rows = [{k: sci(v) if isinstance(v, float) else v for k, v in row.items()}
                 for row in report.table()]
         table = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
         self.client.log_table(self.run_id, table, "gradcheck/table.json")
         self.client.log_dict(self.run_id, report.to_dict(), "gradcheck/report.json")
 
-    def log_figure(self, figure: Any, name: str) -> None:
-        """A matplotlib figure as plots/<name>.png."""
-        self.client.log_figure(self.run_id, figure, f"plots/{name}.png")
+    def log_figure(self, figure: Any, name: str, dpi: int | None = None) -> str:
+        """A matplotlib figure as plots/<name>.png (at `dpi`, else matplotlib's); returns
+        that path."""
+        path = f"plots/{name}.png"
+        self.client.log_figure(self.run_id, figure, path,
+                               save_kwargs=None if dpi is None else {"dpi": dpi})
+        return path
 
     def log_model(self, model: MLP, normalizer: Normalizer, classes: tuple[str, ...],
                   name: str, example: Array) -> str:
-        """The parameters (.npz) and a servable MLflow pyfunc model named `name`: raw
-        N x 3072 pixels in (uint8, or floats on the same scale), N x 10 class
-        probabilities out, with a signature and `example` (a few uint8 images) as its
-        input example; it carries the `mlp` package as code and needs NumPy only
-        (`mlp.serving`). Returns the logged model's id."""
+        """The parameters (.npz) and a servable MLflow pyfunc model named after `name`
+        (`model_name`): raw N x 3072 pixels on the 0-255 scale in, N x 10 class
+        probabilities out (`mlp.tracking.serving`), with a float64 tensor signature
+        (`serving.SIGNATURE_DTYPE` says why) and `example` (a few images) as its input
+        example; it carries the `mlp` package as code and requires NumPy only. Returns the
+        logged model's id. Raises `ModelRefused` when the store refuses the model (a 4xx:
+        nothing a retry or the spool would change)."""
+        example = np.asarray(example, dtype=serving.SIGNATURE_DTYPE)
+        name = model_name(name)
         with tempfile.TemporaryDirectory() as tmp:
             data = serving.save(Path(tmp) / "mlp", model, normalizer, classes)
             self.client.log_artifact(self.run_id, str(data / "model.npz"), "model_npz")
             probs = serving._load_pyfunc(str(data)).predict(example)
+            signature = ModelSignature(
+                Schema([TensorSpec(np.dtype(serving.SIGNATURE_DTYPE), (-1, example.shape[1]))]),
+                Schema([TensorSpec(probs.dtype, (-1, probs.shape[1]))]))
             # What mlflow.pyfunc.log_model does inside a fluent run, with this run and
             # client: the logged model is created here (in the run's experiment, with its
             # params), Model.log fills it and links it to the run.
             run = self.client.get_run(self.run_id)
-            logged = self.client.create_logged_model(
-                run.info.experiment_id, name=name, source_run_id=self.run_id,
-                params=run.data.params, tags=context_registry.resolve_tags())
-            with store.process_uri(self.client):
-                Model.log(
-                    artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=self.run_id,
-                    model_id=logged.model_id, loader_module="mlp.tracking.serving",
-                    data_path=str(data), code_paths=[str(Path(serving.__file__).parents[1])],
-                    signature=infer_signature(example, probs), input_example=example,
-                    pip_requirements=[f"numpy=={np.__version__}", f"tqdm=={version('tqdm')}"],
-                    # No metric is logged at this step: the model's metrics are the ones
-                    # logged with its id (log_metrics(model_id=...)), not the run's at 0.
-                    step=MODEL_STEP)
+            try:
+                logged = self.client.create_logged_model(
+                    run.info.experiment_id, name=name, source_run_id=self.run_id,
+                    params=run.data.params, tags=context_registry.resolve_tags())
+                with store.process_uri(self.client):
+                    Model.log(
+                        artifact_path=None, name=name, flavor=mlflow.pyfunc,
+                        run_id=self.run_id, model_id=logged.model_id,
+                        loader_module="mlp.tracking.serving", data_path=str(data),
+                        code_paths=[str(Path(serving.__file__).parents[1])],
+                        signature=signature, input_example=example,
+                        pip_requirements=[f"numpy=={np.__version__}"],
+                        # No metric is logged at this step: the model's metrics are the ones
+                        # logged with its id (log_metrics(model_id=...)), not the run's at 0.
+                        step=MODEL_STEP)
+            except MlflowException as e:
+                if refused(e):
+                    raise ModelRefused(f"the store refused the model {name!r}: "
+                                       f"{e.error_code}: {e.message}") from e
+                raise
         return logged.model_id
 
     def describe(self, text: str) -> None:

@@ -3,7 +3,8 @@
 A model logged by mlp-lab is an MLflow pyfunc model whose `loader_module` is this module
 and which carries the `mlp` package as its code (`code_paths`), so it loads, predicts
 and serves (`mlflow models serve -m models:/<name>@champion --env-manager local`) where
-mlp-lab is not installed: it needs NumPy only. Its data directory holds the trained
+mlp-lab is not installed: its whole import chain (this module, `mlp.core`, `mlp.data`)
+needs NumPy and the standard library only. Its data directory holds the trained
 parameters (`model.npz`), the training split's normalizer (`normalizer.npz`, with its
 whitening projection when the run whitened) and the class names (`classes.json`).
 """
@@ -20,6 +21,15 @@ from mlp.core.model import MLP
 from mlp.data import Normalizer
 
 Array = np.ndarray
+
+SIGNATURE_DTYPE = np.float64
+"""The dtype of the model's input signature, a tensor (-1, 3072). The scoring server casts
+a request's JSON numbers to it: whole numbers and floats on the 0-255 scale arrive as
+they were sent, and floats on a 0-1 scale arrive as such and are refused here (a uint8
+signature would truncate them to 0 and answer 200). MLflow checks a tensor's dtype
+strictly, so in Python `load_model(...).predict` takes float64 arrays
+(`X.astype(np.float64)` for uint8 images)."""
+SCALE = 255
 
 
 def softmax(scores: Array) -> Array:
@@ -38,11 +48,23 @@ class PixelClassifier:
     def predict(self, model_input: Any, params: dict | None = None) -> Array:
         """model_input: (N, 3072) pixels, uint8 or floats on the 0-255 scale (an array, a
         list of rows or a DataFrame); returns (N, 10) class probabilities (float64, each
-        row sums to 1), columns in the order of `classes`."""
+        row sums to 1), columns in the order of `classes`. Raises ValueError (the scoring
+        server answers 400 with it) for another shape, values outside 0-255, and a float
+        batch whose largest value is at most 1: images on a 0-1 scale, which would be
+        classified as nearly black."""
         X = np.asarray(getattr(model_input, "values", model_input))
         if X.ndim != 2 or X.shape[1] != self.normalizer.in_dim:
             raise ValueError(f"input has shape {X.shape}: expected (N, "
-                             f"{self.normalizer.in_dim}) pixel values")
+                             f"{self.normalizer.in_dim}) pixel values on the 0-{SCALE} scale")
+        if X.dtype.kind not in "uif":
+            raise ValueError(f"input has dtype {X.dtype}: expected pixel values, uint8 or "
+                             f"floats on the 0-{SCALE} scale")
+        if X.size and not (np.isfinite(X).all() and X.min() >= 0 and X.max() <= SCALE):
+            raise ValueError(f"pixel values range over [{X.min()}, {X.max()}]: expected "
+                             f"uint8 or floats on the 0-{SCALE} scale")
+        if X.dtype.kind == "f" and X.size and X.max() <= 1:
+            raise ValueError(f"pixel values are all within [0, 1]: expected the 0-{SCALE} "
+                             f"scale (multiply images on a 0-1 scale by {SCALE})")
         return softmax(self.model.scores(self.normalizer(X, np.float64)))
 
 

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from mlp import data as datalib
 from mlp.tracking import keys as metrics
+from mlp.tracking import recorder
 
 pytestmark = pytest.mark.e2e
 
@@ -83,16 +84,19 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
     assert m[metrics.ACC_BEST_VAL] == max(val) == val[best - 1]
     assert 0 < m[metrics.GRADCHECK_MAX] < 1e-7
     assert m[metrics.GRADCHECK_MAX + metrics.LOG10] == pytest.approx(
-        np.log10(m[metrics.GRADCHECK_MAX]))
+        np.log10(m[metrics.GRADCHECK_MAX]), abs=0.005)
     assert not any(k.startswith("system/") for k in m)  # tracking.system_metrics=false
     tags = run.data.tags
     assert tags["gradcheck.passed"] == "true"
     assert float(tags["gradcheck.max_rel_error"]) == pytest.approx(m[metrics.GRADCHECK_MAX],
-                                                                    rel=1e-6)
+                                                                    rel=1e-2)
     assert tags["data.archive_sha256"]
     assert "mlp.command" in tags and "data=synthetic" in tags["mlp.overrides"]
     assert "Test accuracy" in tags["mlflow.note.content"]
     assert "gradient check **passed**" in tags["mlflow.note.content"]
+    # the train vs validation curves inline, from a small copy of plots/curves.png
+    assert (f"![train vs validation](get-artifact?path=plots/curves_compact.png&run_uuid={rid})"
+            in tags["mlflow.note.content"])
 
     inputs = {t.value: d.dataset for d in run.inputs.dataset_inputs for t in d.tags
               if t.key == "mlflow.data.context"}
@@ -109,7 +113,7 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
         assert path in artifacts, (path, sorted(artifacts))
 
     models = client.search_logged_models([run.info.experiment_id])
-    assert len(models) == 1 and models[0].name == run.info.run_name
+    assert len(models) == 1 and models[0].name == recorder.model_name(run.info.run_name)
     linked = {x.key: x for x in models[0].metrics}
     assert set(linked) == {metrics.ACC_TEST, metrics.LOSS_TEST}
     assert linked[metrics.ACC_TEST].value == m[metrics.ACC_TEST]
@@ -127,14 +131,14 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
         "import sys, numpy as np, mlflow\n"
         "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
         "print(model.metadata.signature.inputs.to_json())\n"
-        "np.save('probs.npy', model.predict(np.load('x.npy')))\n")
+        "np.save('probs.npy', model.predict(np.load('x.npy').astype(np.float64)))\n")
     loaded = subprocess.run(
         [sys.executable, "-c", script, models[0].model_uri], cwd=elsewhere, timeout=120,
         capture_output=True, text=True,
         env=run_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
                        "PYTHONSAFEPATH": "1"})
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert '"uint8"' in loaded.stdout and "3072" in loaded.stdout
+    assert '"float64"' in loaded.stdout and "3072" in loaded.stdout
     probs = np.load(elsewhere / "probs.npy")
     assert probs.shape == (100, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-12)

@@ -1,5 +1,7 @@
-"""The best model of a sweep, registered as @champion, served by `mlflow models serve` from a
-directory outside the repository, answers REST /invocations with class probabilities."""
+"""The best model of a sweep, registered as @champion, loads and serves where only mlflow and
+NumPy are installed: a fresh virtualenv with exactly those two, from a directory outside
+the repository. Over REST it answers pixels on the 0-255 scale (whole numbers or floats)
+with class probabilities, and refuses floats on a 0-1 scale with a 400 naming the scale."""
 
 from __future__ import annotations
 
@@ -7,13 +9,16 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
-from conftest import BIN, free_port, tool
+from conftest import free_port, tool
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.serve]
@@ -24,16 +29,31 @@ SWEEP = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=
          "gradcheck.enabled=false", "tracking.plots=false", "optim.lr=0.01,0.03"]
 
 
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtualenv with exactly mlflow (this version) and NumPy: no mlp-lab, no tqdm."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"mlflow=={mlflow.__version__}",
+                    "numpy"], check=True, timeout=900)
+    missing = subprocess.run([str(venv / "bin" / "python"), "-c", "import tqdm"],
+                             capture_output=True)
+    assert missing.returncode != 0, "the bare venv must not have tqdm"
+    return venv / "bin" / "python"
 
 
-def _post(url: str, body: dict) -> dict:
+def _post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
-def test_the_champion_serves_class_probabilities(tmp_path: Path, run_env: dict):
+def test_the_champion_loads_and_serves_with_only_mlflow_and_numpy(tmp_path: Path, run_env: dict,
+                                                                  bare_python: Path):
     out = subprocess.run([tool("mlp-train"), "-m", *SWEEP], cwd=tmp_path, env=run_env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -46,17 +66,30 @@ def test_the_champion_serves_class_probabilities(tmp_path: Path, run_env: dict):
 
     elsewhere = tmp_path / "serving"  # no mlp-lab source here: the model carries its code
     elsewhere.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 3072))
+    np.save(elsewhere / "x.npy", pixels.astype(np.float64))
+    bin_dir = bare_python.parent
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
+           "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONSAFEPATH": "1"}
+    loaded = subprocess.run(
+        [str(bare_python), "-c", "import sys, numpy as np, mlflow\n"
+         "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+         "np.save('probs.npy', model.predict(np.load('x.npy')))\n", f"models:/{name}@champion"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    in_python = np.load(elsewhere / "probs.npy")
+    assert in_python.shape == (3, 10)
+
     port = free_port()
-    # As with an activated virtualenv: the server starts `uvicorn` from PATH.
-    env = run_env | {"MLFLOW_TRACKING_URI": uri, "PYTHONSAFEPATH": "1",
-                     "PATH": f"{BIN}{os.pathsep}{run_env.get('PATH', '')}"}
     server = subprocess.Popen(
-        [tool("mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
         cwd=elsewhere, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
+    url = f"http://127.0.0.1:{port}/invocations"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
@@ -65,13 +98,18 @@ def test_the_champion_serves_class_probabilities(tmp_path: Path, run_env: dict):
                 assert server.poll() is None, server.stderr.read()[-3000:]
                 assert time.monotonic() < deadline, "mlflow models serve did not start"
                 time.sleep(1)
-        pixels = np.random.default_rng(0).integers(0, 256, (3, 3072)).tolist()
-        answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": pixels})
+        whole = _post(url, {"inputs": pixels.tolist()})
+        floats = _post(url, {"inputs": (pixels + 0.25).clip(0, 255).tolist()})
+        unit_scale = _post(url, {"inputs": (pixels / 255).tolist()})
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-    probs = np.asarray(answer["predictions"])
+    assert whole[0] == 200 and floats[0] == 200, (whole, floats)
+    probs = np.asarray(whole[1]["predictions"])
     assert probs.shape == (3, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-9)
-    assert (probs >= 0).all()
+    np.testing.assert_allclose(probs, in_python, rtol=1e-12)
+    assert np.asarray(floats[1]["predictions"]).shape == (3, 10)
+    assert unit_scale[0] == 400
+    assert "expected the 0-255 scale" in json.dumps(unit_scale[1])

@@ -288,16 +288,46 @@ def test_log_sweep_report_puts_the_report_on_the_parent(client, store):
     report = rp.log_sweep_report(client, store["parent"])
     assert report.best["run_id"] == store["lr_reg"]["0.01", "0.0001"]
     assert _artifacts(client, store["parent"], None) == {
-        "report.md", "report.html", "val_acc_heatmap.png", "top_curves.png"}
+        "report.md", "report.html", "val_acc_heatmap.png", "top_curves.png", "overview"}
+    assert _artifacts(client, store["parent"], "overview") == {
+        "overview/val_acc_heatmap.png", "overview/top_curves.png"}
     parent = client.get_run(store["parent"])
     assert parent.data.tags["mlp.sweep.best_run_id"] == report.best["run_id"]
     assert parent.data.tags["mlp.sweep.best_run_name"] == "relu-h100-lr0.01-reg0.0001"
     best = client.get_run(report.best["run_id"])
     assert parent.data.metrics == best.data.metrics  # the children's keys, the best's values
     assert parent.data.metrics[keys.ACC_BEST_VAL] == pytest.approx(0.52)
+    # at the best child's last epoch, where its curves end, not at step 0
+    assert {m.step for m in client.get_metric_history(store["parent"], keys.ACC_TEST)} == {3}
     assert parent.data.params == {k: v for k, v in COMMON.items()}  # the shared config
-    assert "Best: **relu-h100-lr0.01-reg0.0001**" in parent.data.tags["mlflow.note.content"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Best: **relu-h100-lr0.01-reg0.0001**: validation 0.5200, test 0.5100" in note
+    # the comparison itself: the figures inline, then the children's table, best first
+    for name in ("val_acc_heatmap", "top_curves"):
+        assert (f"![{name}](get-artifact?path=overview/{name}.png&run_uuid={store['parent']})"
+                in note)
+    rows = [line for line in note.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| run | reg | lr | val_acc | test_acc | gap_acc | gradcheck | status |"
+    assert rows[2] == ("| **relu-h100-lr0.01-reg0.0001** | 0.0001 | 0.01 | 0.5200 | 0.5100 | "
+                       "+0.0600 | good 1.0e-09 | FINISHED |")
+    assert [row.split(" | ")[3] for row in rows[2:]] == ["0.5200", "0.4500", "0.4000", "0.3500"]
     assert parent.info.status == "RUNNING"  # ending the parent is the sweep's job
+
+
+def test_the_parents_table_names_why_a_child_failed_and_fits_in_a_tag(client, store,
+                                                                       monkeypatch):
+    rp.log_sweep_report(client, store["act_parent"])
+    note = client.get_run(store["act_parent"]).data.tags["mlflow.note.content"]
+    rows = [line for line in note.splitlines() if line.startswith("| ")]
+    assert rows[-1].endswith("| FAILED: loss exploded at epoch 1 |")  # failed runs last
+    assert len(rows) == 2 + 4
+    monkeypatch.setattr(rp, "DESCRIPTION_LIMIT", len(note) - 60)  # a sweep of many runs
+    rp.log_sweep_report(client, store["act_parent"])
+    short = client.get_run(store["act_parent"]).data.tags["mlflow.note.content"]
+    assert len(short) <= len(note) - 60
+    shown = [line for line in short.splitlines() if line.startswith("| ")][2:]
+    assert shown == rows[2:2 + len(shown)] and len(shown) < 4
+    assert f"{4 - len(shown)} more runs, and the figures" in short
 
 
 def test_a_sweep_whose_jobs_all_ran_elsewhere_gets_an_empty_report(client, store):

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
 from omegaconf import OmegaConf
 
 from mlp.config import schema as configlib
 from mlp.core.gradcheck import check_model
 from mlp.core.model import MLP
+from mlp.data import Normalizer
 from mlp.tracking import keys, store
 from mlp.tracking import recorder as tracking
 
@@ -72,8 +74,10 @@ def test_the_stored_gradient_check_equals_the_computed_one(tmp_path: Path):
         assert run.data.metrics[keys.GRADCHECK_PREFIX + name] == pytest.approx(error, rel=1e-6)
     assert run.data.metrics[keys.GRADCHECK_MAX] == pytest.approx(report.max_rel_error,
                                                                  rel=1e-6)
-    assert float(run.data.tags["gradcheck.max_rel_error"]) == pytest.approx(
-        report.max_rel_error, rel=1e-6)
+    # the tag and the log10 are short enough for a cell of the runs table
+    assert run.data.tags["gradcheck.max_rel_error"] == f"{report.max_rel_error:.2e}"
+    assert run.data.metrics[keys.GRADCHECK_MAX + keys.LOG10] == round(
+        np.log10(report.max_rel_error), 2)
     table = json.loads(Path(client.download_artifacts(recorder.run_id, "gradcheck/table.json",
                                                       str(tmp_path))).read_text())
     stored = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
@@ -143,6 +147,10 @@ def test_the_view_hint_opens_the_model_training_view():
     remote = tracking.how_to_view("http://host:5000/", "2", "r").splitlines()
     assert remote[0] == "open http://host:5000/#/experiments/2/runs/r?workflowType=machine_learning"
     assert remote[1].startswith("  all runs, best first: http://host:5000/#/experiments/2/runs?")
+    sweep = tracking.how_to_view("http://host:5000", "2", "p", children=True).splitlines()
+    assert sweep[1] == ("  its children's curves overlaid: http://host:5000/#/experiments/2/runs?"
+                        "workflowType=machine_learning&compareRunsMode=CHART&searchFilter="
+                        "tags.mlflow.parentRunId%20%3D%20%27p%27")
 
 
 def test_a_wrong_fused_l2_fails_the_runs_logged_gradient_check(tmp_path: Path, monkeypatch):
@@ -168,3 +176,42 @@ def test_a_wrong_fused_l2_fails_the_runs_logged_gradient_check(tmp_path: Path, m
     recorder.finish("FINISHED")
     tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(recorder.run_id).data.tags
     assert tags["gradcheck.passed"] == "false"
+
+
+def _tiny_model() -> tuple[MLP, Normalizer, np.ndarray]:
+    X = np.random.default_rng(0).integers(0, 256, (20, 3072)).astype(np.uint8)
+    return MLP(3072, [4], 10), Normalizer().fit(X), X[:3]
+
+
+def test_a_run_named_by_dotted_values_gets_its_model(tmp_path: Path):
+    """An Optuna trial's name (`reg=0.00507361 lr=0.0119698`) has dots, which MLflow
+    refuses in a model name: the model is logged under the sanitized name."""
+    recorder = _start(tmp_path, "reg=0.00507361 lr=0.0119698")
+    model, normalizer, example = _tiny_model()
+    model_id = recorder.log_model(model, normalizer, tuple("abcdefghij"),
+                                  "reg=0.00507361 lr=0.0119698", example)
+    recorder.finish("FINISHED")
+    logged = recorder.client.get_logged_model(model_id)
+    assert logged.name == "reg_0_00507361_lr_0_0119698"
+    assert logged.source_run_id == recorder.run_id
+
+
+@pytest.mark.parametrize(("code", "refusal"), [("INVALID_PARAMETER_VALUE", True),
+                                               ("INTERNAL_ERROR", False)])
+def test_a_model_the_store_refuses_is_an_error_not_an_outage(tmp_path: Path, monkeypatch,
+                                                             code, refusal):
+    recorder = _start(tmp_path, "refused")
+
+    def refuse(*args, **kwargs):
+        raise MlflowException("Invalid model name", getattr(databricks_pb2, code))
+
+    monkeypatch.setattr(recorder.client, "create_logged_model", refuse)
+    model, normalizer, example = _tiny_model()
+    expected = tracking.ModelRefused if refusal else MlflowException
+    with pytest.raises(expected) as raised:
+        recorder.log_model(model, normalizer, tuple("abcdefghij"), "m", example)
+    recorder.finish("FINISHED")
+    assert isinstance(raised.value, MlflowException) != refusal  # an outage stays MLflow's
+    if refusal:
+        assert str(raised.value) == ("the store refused the model 'm': "
+                                     "INVALID_PARAMETER_VALUE: Invalid model name")
