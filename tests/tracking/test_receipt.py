@@ -128,8 +128,10 @@ def test_an_unexpected_error_in_the_sender_thread_is_logged_and_spooled(
     nobody read and the batch was lost."""
     recorder = _recorder(tmp_path)
     monkeypatch.setattr(recorder.sink, "RETRY_AFTER", 0.0)
-    # reach caplog whatever logging config an earlier in-process run left on "mlp"
+    # reach caplog whatever logging config an earlier in-process run (Hydra's dictConfig)
+    # left on "mlp": propagating, not disabled
     monkeypatch.setattr(logging.getLogger("mlp"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("mlp"), "disabled", False)
     _FailingBatches(monkeypatch, lambda n: n == 2, error=TypeError)
     with caplog.at_level(logging.ERROR, logger="mlp"), pytest.warns(UserWarning, match="kept in"):
         _train(recorder, 3)
