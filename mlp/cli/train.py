@@ -31,6 +31,7 @@ from mlp.tracking import keys as metrics
 from mlp.tracking import liveness, masking, plots
 from mlp.tracking import recorder as tracking
 from mlp.tracking import spool as spoollib
+from mlp.tracking.store import StoreError
 from mlp.training import console
 from mlp.training.trainer import DivergenceError, Interrupted, Trainer, TrainResult
 
@@ -90,8 +91,10 @@ class Job:
 def train(cfg: DictConfig) -> float:
     """One training run, recorded in MLflow; returns the best validation accuracy.
 
-    Alone, every problem exits non-zero with a message (2: config, data or a checkpoint
-    that cannot be resumed, 1: failure, 3: failed gradient check, 130: interrupted). As a
+    Alone, every problem exits non-zero with a message (2: config, data, a checkpoint
+    that cannot be resumed or a store that cannot create the run, before training; 1:
+    failure, a full disk under the spool included; 3: failed gradient check; 130:
+    interrupted). As a
     job of a sweep (`-m`), the run is a child of the sweep's parent run, a config that
     already finished in the experiment is skipped, one that was killed is resumed into the
     same run (from its own checkpoint: another run's is refused), its checkpoints go to
@@ -128,8 +131,14 @@ def train(cfg: DictConfig) -> float:
     except ValueError as e:
         return job.cannot_start(cfg, e, "invalid configuration", config_hash)
 
-    recorder, name = _start_recording(cfg, resolved, job, (client, experiment_id), splits,
-                                      trainer, config_hash, continued)
+    try:
+        recorder, name = _start_recording(cfg, resolved, job, (client, experiment_id), splits,
+                                          trainer, config_hash, continued)
+    except StoreError as e:  # the run could not be created: nothing is trained
+        print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
+        if job.parent is None:
+            sys.exit(exits.EXIT_CONFIG)
+        return math.nan
     archive = build.archive_override(cfg, job.overrides)
     try:
         with recorder.finishing(killed=(Interrupted, KeyboardInterrupt, *_pruned())):
@@ -144,6 +153,11 @@ def train(cfg: DictConfig) -> float:
         if job.parent is not None and not isinstance(e, _pruned()):
             log.error("job failed, the sweep goes on: %s: %s", type(e).__name__, e)
             return math.nan
+        if isinstance(e, spoollib.SpoolError):
+            ckpt = trainer.checkpoint_path()
+            print(masking.mask(f"mlp-lab: {e}\ntraining stopped; its last checkpoint, "
+                               f"{ckpt}, resumes it with trainer.resume={ckpt}"), file=sys.stderr)
+            sys.exit(exits.EXIT_FAILED)
         if isinstance(e, DivergenceError | exits.GradcheckFailed):
             print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
             sys.exit(exits.EXIT_GRADCHECK if isinstance(e, exits.GradcheckFailed)

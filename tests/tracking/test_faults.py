@@ -18,6 +18,7 @@ SIGTERM-resumed run (test_cli.py::test_sigterm_kills_the_run_and_resume_finishes
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 from conftest import free_port, tool
 from helpers import QUICK, listing, member, mlp_train, runs_of, write_tar
@@ -35,9 +38,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
 
 from mlp import data
 from mlp.cli import sync
+from mlp.config import schema as configlib
+from mlp.core.gradcheck import check_model
+from mlp.core.model import MLP
 from mlp.tracking import keys as metrics
 from mlp.tracking import liveness, reproduce, spool, store
 from mlp.tracking import recorder as tracking
@@ -225,6 +232,133 @@ def test_results_the_store_refuses_at_the_end_do_not_fail_a_trained_run(tmp_path
     with pytest.raises(MlflowException), bare.sink.unless_offline("figures"):
         raise MlflowException("without a spool nothing is kept: the error stands")
     bare.finish("FAILED")
+
+
+def test_an_epoch_is_stored_or_on_disk_when_on_epoch_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The trainer writes the epoch's checkpoint when on_epoch returns: by then the epoch's
+    points are in the store, or, with the store down, in the spool (no flush asked)."""
+    uri, recorder = _recorder(tmp_path, "durable")
+    recorder.on_step(10, 0.5, 0.1)
+    recorder.on_epoch(1, {"val_acc": 0.1})
+    client = MlflowClient(uri)
+    assert len(client.get_metric_history(recorder.run_id, metrics.ACC_VAL)) == 1
+    assert len(client.get_metric_history(recorder.run_id, metrics.LOSS_BATCH)) == 1
+    _Outage(monkeypatch)
+    recorder.on_step(20, 0.4, 0.1)
+    with pytest.warns(UserWarning, match="kept in"):
+        recorder.on_epoch(2, {"val_acc": 0.2})
+    kept = spool.Spool(tmp_path / "ckpt" / spool.SPOOL_NAME).read()
+    assert {(r["key"], r["step"]) for r in kept if r["kind"] == "metric"} == {
+        (metrics.ACC_VAL, 2), (metrics.LOSS_BATCH, 20)}
+
+
+def test_the_gradient_check_is_recorded_when_it_ends(tmp_path: Path):
+    uri, recorder = _recorder(tmp_path, "gradcheck")
+    net = MLP(input_dim=6, hidden_sizes=[5], num_classes=3, reg=0.1, dtype="float64", seed=1)
+    rng = np.random.default_rng(0)
+    recorder.log_gradcheck(check_model(net, rng.standard_normal((4, 6)), np.array([0, 1, 2, 1])))
+    stored = MlflowClient(uri).get_run(recorder.run_id).data.metrics
+    assert metrics.GRADCHECK_MAX in stored and len([k for k in stored
+                                                    if k.startswith("rel_error/")]) >= 7
+
+
+def test_a_resumed_run_does_not_log_again_the_points_it_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Killed after epoch 3 was recorded (epoch 2 stored, 3 in the spool) but before its
+    checkpoint: the resume re-runs epoch 3 from the checkpoint of epoch 2."""
+    uri, first = _recorder(tmp_path, "resumed")
+    _epochs(first, 1, 2)
+    outage = _Outage(monkeypatch)
+    with pytest.warns(UserWarning, match="kept in"):
+        _epochs(first, 3, 3)
+    outage.end()
+    again = tracking.start_run(first.client, "unused on a resume", "resumed",
+                               {"mlp.attempt": "2"}, run_id=first.run_id, log_every_steps=1,
+                               spool_path=first.sink.spool.path)
+    _epochs(again, 3, 4)
+    again.finish("FINISHED")
+    client = MlflowClient(uri)
+    for key, expected in (("val", [1, 2, 3, 4]), (metrics.LOSS_BATCH, [10, 20, 30, 40])):
+        assert sorted(p.step for p in client.get_metric_history(first.run_id, key)) == expected
+    assert client.get_run(first.run_id).data.tags["mlp.attempt"] == "2"
+
+
+def test_a_store_failing_while_the_run_is_created(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    """Creating the run is tried OPEN_TRIES times; then a StoreError that names the store
+    and says that nothing was trained (mlp-train: exit 2, test_cli)."""
+    monkeypatch.setattr(tracking, "OPEN_WAIT", 0.0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, experiment = store.connect(uri, "create")
+    real, calls = MlflowClient.create_run, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= fails:
+            raise MlflowException("API request failed: 503 Service Unavailable")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", failing)
+    fails = tracking.OPEN_TRIES - 1
+    recorder = tracking.start_run(client, experiment, "late", {})
+    assert len(calls) == tracking.OPEN_TRIES
+    recorder.finish("FINISHED")
+    calls.clear()
+    fails = tracking.OPEN_TRIES
+    with pytest.raises(store.StoreError, match=rf"{uri} does not answer: could not create the "
+                       rf"run after {tracking.OPEN_TRIES} tries.*nothing was trained"):
+        tracking.start_run(client, experiment, "never", {})
+
+
+def test_params_config_datasets_and_tags_do_not_stop_a_run_when_the_store_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Once the run exists: params and tags are spooled like metric points, the files and
+    datasets are named in a warning, and mlp-sync sends what was spooled."""
+    uri, recorder = _recorder(tmp_path, "start")
+    outage = _Outage(monkeypatch)
+    refused = MlflowException("API request failed: 503 Service Unavailable")
+    for name in ("log_artifact", "log_artifacts", "log_dict", "log_text", "log_inputs",
+                 "log_table"):
+        monkeypatch.setattr(MlflowClient, name, lambda *a, **k: (_ for _ in ()).throw(refused))
+    resolved = OmegaConf.to_container(OmegaConf.structured(configlib.Config))
+    with pytest.warns(UserWarning) as caught:
+        recorder.log_config(resolved, ["optim.lr=0.1"], tmp_path)
+        recorder.log_datasets({"train": mlflow.data.from_numpy(np.zeros((2, 3)), name="d")})
+        recorder.on_epoch(1, {"val_acc": 0.3})
+    said = " ".join(str(w.message) for w in caught)
+    assert "the config files not recorded" in said and "the datasets not recorded" in said
+    assert "kept in" in said
+    kinds = [r["kind"] for r in spool.Spool(tmp_path / "ckpt" / spool.SPOOL_NAME).read()]
+    assert kinds.count("param") == len(tracking.run_params(resolved)) and "metric" in kinds
+    outage.end()
+    assert sync.main([str(tmp_path / "ckpt")]) == 0
+    assert "params" in capsys.readouterr().out
+    run = MlflowClient(uri).get_run(recorder.run_id)
+    assert run.data.params == tracking.run_params(resolved)
+    assert run.data.metrics[metrics.ACC_VAL] == 0.3
+
+
+def test_a_full_disk_under_the_spool_ends_the_run_failed(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """The store fails and the spool cannot be written: the epoch is not durable, so
+    on_epoch raises (before the trainer writes the checkpoint); the run ends FAILED with
+    the error as tags once the store answers."""
+    uri, recorder = _recorder(tmp_path, "full")
+    outage = _Outage(monkeypatch)
+
+    def full(self, records):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool.Spool, "_append", full)
+    with pytest.raises(spool.SpoolError, match="the disk is full"), recorder.finishing():
+        try:
+            recorder.on_epoch(1, {"val_acc": 0.3})
+        finally:
+            outage.end()  # the store answers again when the run ends
+    run = MlflowClient(uri).get_run(recorder.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error.type"] == "SpoolError"
 
 
 def test_mlp_sync_keeps_what_it_cannot_send_and_says_so(
