@@ -276,9 +276,10 @@ class RunRecorder:
         """Record metrics now (final numbers), waiting until they are stored; linked to a
         logged model and the dataset they were measured on when given (the spool keeps
         them without the link)."""
-        points = _points(metrics, step, model_id=model_id,
-                         dataset_name=dataset.name if dataset is not None else None,
-                         dataset_digest=dataset.digest if dataset is not None else None)
+        points = self._new(_points(
+            metrics, step, model_id=model_id,
+            dataset_name=dataset.name if dataset is not None else None,
+            dataset_digest=dataset.digest if dataset is not None else None))
         if model_id is None and dataset is None:
             self.sink.add(points)
             self.sink.flush(wait=True)
