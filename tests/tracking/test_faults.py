@@ -516,13 +516,12 @@ def test_a_sigkilled_run_is_marked_killed_by_the_next_run(tmp_path: Path, run_en
                              f"trainer.checkpoint_dir={ckpt}"], cwd=tmp_path, env=run_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for((ckpt / "last.npz").exists)
-    # The epoch's record (metrics and heartbeat) is sent from a helper thread after the
-    # checkpoint is written: kill once it has arrived.
-    _wait_for(lambda: liveness.HEARTBEAT_TAG in runs_of(tmp_path / "mlflow.db")[1][0].data.tags)
     proc.kill()
     proc.wait()
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs] == ["RUNNING"]
+    # the epoch's record (metrics and heartbeat) is stored before its checkpoint is written
+    assert liveness.HEARTBEAT_TAG in runs[0].data.tags
     out = mlp_train([*QUICK, *LEAN, "trainer.epochs=1"], tmp_path, run_env)
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = runs_of(tmp_path / "mlflow.db")
@@ -716,3 +715,93 @@ def test_sigkill_at_any_moment_and_resume_lose_nothing_and_double_nothing(tmp_pa
     compared, diffs = reproduce.compare_runs(client, reference.info.run_id,
                                              resumed.info.run_id)
     assert diffs == [] and compared > 1000
+
+
+# mlp-train with a store that fails at chosen calls: `python -c FAULTY <fault> overrides...`
+FAULTY = """
+import errno, sys
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlp.tracking import recorder, spool
+
+def refuse(*args, **kwargs):
+    raise MlflowException("API request failed: 503 Service Unavailable")
+
+def failing(name, when):
+    real = getattr(MlflowClient, name)
+    def call(self, *args, **kwargs):
+        return refuse() if when(*args, **kwargs) else real(self, *args, **kwargs)
+    setattr(MlflowClient, name, call)
+
+def once(test):
+    left = [1]
+    return lambda *a, **k: bool(left and test(*a, **k) and left.pop())
+
+fault = sys.argv.pop(1)
+recorder.OPEN_WAIT = 0.0
+if fault == "create":  # the run cannot be created
+    failing("create_run", lambda *a, **k: True)
+elif fault == "start":  # the first write after creating it, the config files, the datasets
+    failing("log_batch", once(lambda *a, **k: True))
+    failing("log_dict", lambda *a, **k: True)
+    failing("log_inputs", lambda *a, **k: True)
+elif fault == "disk":  # epoch 2's points are refused and the disk under the spool is full
+    failing("log_batch", once(lambda *a, metrics=(), **k: any(
+        m.key == "acc/val" and m.step == 2 for m in metrics)))
+    def full(self, records):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    spool.Spool._append = full
+from mlp.cli.train import train_main
+sys.argv[0] = "mlp-train"
+train_main()
+"""
+
+
+def _faulty_train(fault: str, args: list[str], cwd: Path, env: dict
+                  ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FAULTY, fault, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.e2e
+def test_a_run_the_store_cannot_create_exits_2_before_training(tmp_path: Path,
+                                                              run_env: dict):
+    ckpt = tmp_path / "ckpt"
+    out = _faulty_train("create", [*QUICK, *LEAN, f"trainer.checkpoint_dir={ckpt}"],
+                        tmp_path, run_env)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "does not answer: could not create the run after" in out.stderr
+    assert "nothing was trained" in out.stderr and "Traceback" not in out.stderr
+    assert not (ckpt / "last.npz").exists()
+
+
+@pytest.mark.e2e
+def test_a_store_failing_as_the_run_starts_does_not_stop_training(tmp_path: Path,
+                                                                  run_env: dict):
+    """Params, tags and the gradient check's points refused at the start are spooled and
+    sent at the end; the config files and datasets are named in warnings."""
+    out = _faulty_train("start", [*QUICK, "tracking.plots=false", "tracking.log_model=false"],
+                        tmp_path, run_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "the config files not recorded" in out.stderr
+    assert "the datasets not recorded" in out.stderr and "Traceback" not in out.stderr
+    client, (run,) = runs_of(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden_sizes"] == "[32]"
+    assert metrics.GRADCHECK_MAX in run.data.metrics
+    assert steps(client, run, metrics.ACC_VAL) == [1, 2]
+
+
+@pytest.mark.e2e
+def test_a_full_disk_under_the_spool_ends_the_run_with_a_message_and_its_checkpoint(
+        tmp_path: Path, run_env: dict):
+    ckpt = tmp_path / "ckpt"
+    out = _faulty_train("disk", [*QUICK, *LEAN, "trainer.epochs=3",
+                                 f"trainer.checkpoint_dir={ckpt}"], tmp_path, run_env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "the disk is full" in out.stderr and "Traceback" not in out.stderr
+    assert f"trainer.resume={ckpt / 'last.npz'}" in out.stderr
+    client, (run,) = runs_of(tmp_path / "mlflow.db")
+    assert run.info.status == "FAILED" and run.data.tags["error.type"] == "SpoolError"
+    assert steps(client, run, metrics.ACC_VAL) == [1]  # epoch 2 is neither stored nor done
+    assert (ckpt / "last.npz").exists()
