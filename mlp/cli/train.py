@@ -94,13 +94,12 @@ def train(cfg: DictConfig) -> float:
     Alone, every problem exits non-zero with a message (2: config, data, a checkpoint
     that cannot be resumed or a store that cannot create the run, before training; 1:
     failure, a full disk under the spool included; 3: failed gradient check; 130:
-    interrupted). As a
-    job of a sweep (`-m`), the run is a child of the sweep's parent run, a config that
-    already finished in the experiment is skipped, one that was killed is resumed into the
-    same run (from its own checkpoint: another run's is refused), its checkpoints go to
-    its own subfolder of trainer.checkpoint_dir when that is set, and a job that fails is
-    recorded FAILED and returns NaN so that the sweep goes on (and exits 1 at its end,
-    see `train_main`); only an interruption stops the sweep.
+    interrupted). As a job of a sweep (`-m`), the run is a child of the sweep's parent
+    run, a config that already finished in the experiment is skipped, one that was killed
+    is resumed into the same run (from its own checkpoint: another run's is refused), its
+    checkpoints go to its own subfolder of trainer.checkpoint_dir when that is set, and a
+    job that fails is recorded FAILED and returns NaN so that the sweep goes on (and exits
+    1 at its end, see `train_main`); only an interruption stops the sweep.
     """
     job = Job.from_hydra()
     try:

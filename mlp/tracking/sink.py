@@ -85,8 +85,10 @@ class Sink:
             points.sort(key=lambda point: self._order(point.key))
         if points or tags or params:
             self._sending = self._sender.submit(self._send, points, tags, params)
-        if wait and self._sending is not None:
-            self._sending.result()
+        if wait:
+            sending, self._sending = self._sending, None  # its error is raised once
+            if sending is not None:
+                sending.result()
             if strict:
                 self._send(*self._take(), strict=True)
 
