@@ -32,6 +32,7 @@ from mlp.tracking import cluster, liveness, masking, plots, receipt
 from mlp.tracking import keys as metrics
 from mlp.tracking import recorder as tracking
 from mlp.tracking import spool as spoollib
+from mlp.tracking.store import StoreError
 from mlp.training import console
 from mlp.training.trainer import DivergenceError, Interrupted, Trainer, TrainResult
 
@@ -93,14 +94,15 @@ def train(cfg: DictConfig) -> float:
 
     Before its own work it sends the spools of the experiment's incomplete runs that are
     on this machine (`receipt.repair_incomplete`). Alone, every problem exits non-zero
-    with a message (2: config, data or a checkpoint that cannot be resumed, 1: failure, 3:
-    failed gradient check, 4: trained but the record is incomplete, 130: interrupted). As a
-    job of a sweep (`-m`), the run is a child of the sweep's parent run, a config that
-    already finished in the experiment is skipped, one that was killed is resumed into the
-    same run (from its own checkpoint: another run's is refused), its checkpoints go to
-    its own subfolder of trainer.checkpoint_dir when that is set, and a job that fails is
-    recorded FAILED and returns NaN so that the sweep goes on (and exits 1 at its end,
-    see `train_main`); only an interruption stops the sweep.
+    with a message (2: config, data, a checkpoint that cannot be resumed or a store that
+    cannot create the run, before training; 1: failure, a full disk under the spool
+    included; 3: failed gradient check; 4: trained but the record is incomplete; 130:
+    interrupted). As a job of a sweep (`-m`), the run is a child of the sweep's parent
+    run, a config that already finished in the experiment is skipped, one that was killed
+    is resumed into the same run (from its own checkpoint: another run's is refused), its
+    checkpoints go to its own subfolder of trainer.checkpoint_dir when that is set, and a
+    job that fails is recorded FAILED and returns NaN so that the sweep goes on (and exits
+    1 at its end, see `train_main`); only an interruption stops the sweep.
     """
     job = Job.from_hydra()
     try:
@@ -132,8 +134,14 @@ def train(cfg: DictConfig) -> float:
     except ValueError as e:
         return job.cannot_start(cfg, e, "invalid configuration", config_hash)
 
-    recorder, name = _start_recording(cfg, resolved, job, (client, experiment_id), splits,
-                                      trainer, config_hash, continued)
+    try:
+        recorder, name = _start_recording(cfg, resolved, job, (client, experiment_id), splits,
+                                          trainer, config_hash, continued)
+    except StoreError as e:  # the run could not be created: nothing is trained
+        print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
+        if job.parent is None:
+            sys.exit(exits.EXIT_CONFIG)
+        return math.nan
     archive = build.archive_override(cfg, job.overrides)
     try:
         with recorder.finishing(killed=(Interrupted, KeyboardInterrupt, *_pruned())):
@@ -148,6 +156,11 @@ def train(cfg: DictConfig) -> float:
         if job.parent is not None and not isinstance(e, _pruned()):
             log.error("job failed, the sweep goes on: %s: %s", type(e).__name__, e)
             return math.nan
+        if isinstance(e, spoollib.SpoolError):
+            ckpt = trainer.checkpoint_path()
+            print(masking.mask(f"mlp-lab: {e}\ntraining stopped; its last checkpoint, "
+                               f"{ckpt}, resumes it with trainer.resume={ckpt}"), file=sys.stderr)
+            sys.exit(exits.EXIT_FAILED)
         if isinstance(e, DivergenceError | exits.GradcheckFailed | tracking.ModelRefused):
             print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
             sys.exit(exits.EXIT_GRADCHECK if isinstance(e, exits.GradcheckFailed)

@@ -42,6 +42,7 @@ GRADCHECK_PREFIX = "rel_error/"
 GRADCHECK_MAX = "rel_error/max"
 GRADCHECK_KINKS = "rel_error/kinks"
 LOG10 = "_log10"  # suffix of a gradient-check error's log10
+SYSTEM_PREFIX = "system/"  # MLflow's system metrics: sampled by wall time, not by step
 
 # Tags that sweeps, reports and skipping/resuming read back.
 PARENT_TAG = "mlflow.parentRunId"

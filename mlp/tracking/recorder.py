@@ -17,6 +17,29 @@ run produced: at its end the run reads the store back and compares (`receipt`): 
 or `incomplete: <n> points, <m> tags in <spool file>`, what `mlp-sync` (or the next
 `mlp-train` against the store) sends. `mlp-train` exits 4 for a run that trained but whose
 record is incomplete (`cli.exits`).
+
+Durable before acknowledged. An epoch's points (its metrics, and the batch losses logged
+during it) are in the store or on disk in the run's spool when `on_epoch` returns, which
+the trainer calls before it writes the epoch's checkpoint: a process killed at any moment
+resumes from a checkpoint whose epochs are all recorded. A kill between the two re-runs an
+epoch the record already holds; the resumed run is given the (key, step) points its run
+holds, in the store or in the spool (`start_run`), and does not log them again. The
+gradient check's points go the same way when the check ends.
+
+What needs the store, and what does not. Creating a run needs it: MLflow gives the run id,
+and a run cannot be made locally and handed over later. `start_run` therefore tries to
+create (or, on a resume, reopen) the run OPEN_TRIES times with growing waits (~15 s, each
+HTTP call bounded by `store.HTTP_POLICY`); if the store still does not answer, it raises
+StoreError naming the store, and `mlp-train` exits 2 before training, without a traceback.
+(A creation whose answer was lost can leave an extra RUNNING run: it carries the process
+tags, and the next command marks it KILLED, `liveness`.) Once the run exists, nothing else
+stops training: params and tags go through the sink like metric points (spooled when the
+store fails), and the config files, the datasets and the gradient-check artifacts, which
+have no place in the spool, are named in a warning when the store does not take them.
+
+MLflow's system-metrics sampler (`SystemMetricsMonitor`, MLflow 3.17) stops for good at
+its first failed call (reading the run's status or logging a sample): after a store
+outage a run has no `system/*` points until its end. It is MLflow's code and left as is.
 """
 
 from __future__ import annotations
@@ -39,7 +62,7 @@ import tempfile
 import time
 import urllib.parse
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -47,7 +70,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking.context import registry as context_registry
@@ -59,6 +82,7 @@ from mlp.core.gradcheck import GradcheckReport
 from mlp.core.model import MLP
 from mlp.data import Normalizer
 from mlp.tracking import keys, liveness, masking, receipt, serving, store
+from mlp.tracking import spool as spoollib
 from mlp.tracking.sink import Sink
 
 Array = np.ndarray
@@ -66,6 +90,7 @@ Array = np.ndarray
 FINGERPRINT_TAGS = ("archive_sha256", "n_train", "n_val", "n_test")
 MODEL_STEP = -1  # the step a model is logged at: one where the run logs no metric
 DATASET_TRIES = 3  # log_inputs under parallel jobs: see RunRecorder.log_datasets
+OPEN_TRIES, OPEN_WAIT = 4, 2.0  # creating or reopening a run: waits of 2, 4 and 8 s
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -262,19 +287,21 @@ class RunRecorder:
 
     Per-step `batch_loss` is kept every `log_every_steps` steps; each epoch's metrics go to
     the run's `sink` with the heartbeat tag (`liveness`), which sends them once per epoch
-    (and keeps what the store does not take: `sink.Sink`). Everything else is written
-    through `client`, the store the command opened. With `monitor` (MLflow's system
-    metrics sampler) running, it is stopped when the run ends.
+    and waits until they are stored or spooled (see the module docstring). `held`: the
+    (key, step) points the run already holds (a resumed run), not logged again. Everything
+    else is written through `client`, the store the command opened. With `monitor`
+    (MLflow's system metrics sampler) running, it is stopped when the run ends.
     """
 
     def __init__(self, client: MlflowClient, run_id: str, log_every_steps: int = 10,
-                 spool_path: Path | None = None, monitor: Any = None) -> None:
+                 spool_path: Path | None = None, monitor: Any = None,
+                 held: set[tuple[str, int]] | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.log_every_steps = log_every_steps
         self.sink = Sink(client, run_id, spool_path, order=keys.reading_order)
         self._monitor = monitor
-        self._deferred: list[Metric] = []  # the gradient check's metrics (log_gradcheck)
+        self._held = held or set()
         self._earlier: dict[str, int] = {}  # points the store held when the run was reopened
         self.receipt: receipt.Receipt | None = None  # set by finish
 
@@ -282,12 +309,19 @@ class RunRecorder:
 
     def on_step(self, step: int, loss: float, lr: float) -> None:
         if step % self.log_every_steps == 0:
-            self.sink.add(_points({keys.LOSS_BATCH: loss}, step))
+            self.sink.add(self._new(_points({keys.LOSS_BATCH: loss}, step)))
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.sink.add(_points({keys.mlflow_key(k): v for k, v in metrics.items()}, epoch),
-                      liveness.heartbeat())
-        self.sink.flush()
+        """The epoch's points and the heartbeat, stored or spooled before returning."""
+        self.sink.add(self._new(_points({keys.mlflow_key(k): v for k, v in metrics.items()},
+                                        epoch)), liveness.heartbeat())
+        self.sink.flush(wait=True)
+
+    def _new(self, points: list[Metric]) -> list[Metric]:
+        """The points the run does not hold yet (all of them, but in a resumed run)."""
+        if not self._held:
+            return points
+        return [p for p in points if (p.key, p.step) not in self._held]
 
     # -- metrics ------------------------------------------------------------------------
 
@@ -296,9 +330,10 @@ class RunRecorder:
         """Record metrics now (final numbers), waiting until they are stored; linked to a
         logged model and the dataset they were measured on when given (the spool keeps
         them without the link)."""
-        points = _points(metrics, step, model_id=model_id,
-                         dataset_name=dataset.name if dataset is not None else None,
-                         dataset_digest=dataset.digest if dataset is not None else None)
+        points = self._new(_points(
+            metrics, step, model_id=model_id,
+            dataset_name=dataset.name if dataset is not None else None,
+            dataset_digest=dataset.digest if dataset is not None else None))
         if model_id is None and dataset is None:
             self.sink.add(points)
             self.sink.flush(wait=True)
@@ -312,16 +347,16 @@ class RunRecorder:
         """The config keys that act in the run as params, the bookkeeping keys as tags, and
         the whole resolved config under config/ with Hydra's own files (secrets masked:
         `masking`)."""
-        params = [Param(k, masking.mask(v)) for k, v in run_params(resolved).items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.sink.add(params={k: masking.mask(v) for k, v in run_params(resolved).items()})
         self.set_tags(bookkeeping_tags(resolved))
-        self.client.log_dict(self.run_id, masking.mask_tree(dict(resolved)),
-                             "config/resolved.yaml")
-        self.client.log_text(self.run_id, masking.mask("\n".join(overrides) + "\n"),
-                             "config/overrides.txt")
-        if hydra_dir is not None and hydra_dir.is_dir():
-            self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
+        with self.sink.unless_offline("the config files", kept=f"Hydra keeps them in "
+                                      f"{hydra_dir}; the params and tags are recorded"):
+            self.client.log_dict(self.run_id, masking.mask_tree(dict(resolved)),
+                                 "config/resolved.yaml")
+            self.client.log_text(self.run_id, masking.mask("\n".join(overrides) + "\n"),
+                                 "config/overrides.txt")
+            if hydra_dir is not None and hydra_dir.is_dir():
+                self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
 
     def log_datasets(self, datasets: Mapping[str, Any]) -> None:
         """The splits as the run's inputs: {context ("train", "validation", "test"): an
@@ -333,14 +368,16 @@ class RunRecorder:
         # sweep that log the same splits at the same moment collide on its key (the server
         # answers BAD_REQUEST, "duplicate key ... dataset_pk"). The loser's transaction is
         # rolled back whole, and its next try finds the winner's datasets.
-        for attempt in range(DATASET_TRIES):
-            try:
-                self.client.log_inputs(self.run_id, datasets=inputs)
-                return
-            except MlflowException:
-                if attempt == DATASET_TRIES - 1:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        with self.sink.unless_offline("the datasets", kept="their fingerprint is in the "
+                                      "run's data.* tags"):
+            for attempt in range(DATASET_TRIES):
+                try:
+                    self.client.log_inputs(self.run_id, datasets=inputs)
+                    return
+                except MlflowException:
+                    if attempt == DATASET_TRIES - 1:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
 
     def log_gradcheck(self, report: GradcheckReport) -> None:
         """The gradient check at its real values: metrics `rel_error/max` and
@@ -354,9 +391,8 @@ class RunRecorder:
         errors[keys.GRADCHECK_MAX] = report.max_rel_error
         metrics = errors | {k + keys.LOG10: _log10(v) for k, v in errors.items()}
         metrics[keys.GRADCHECK_KINKS] = report.kinks
-        # Sent when the run ends, after the learning curves, so that they do not head the
-        # run's metrics table; the tags and artifacts below hold the values meanwhile.
-        self._deferred += _points(metrics, 0)
+        # Stored (or spooled) now, with the tags: a resume does not run the check again.
+        self.sink.add(_points(metrics, 0))
         self.set_tags({"gradcheck.passed": str(report.passed).lower(),
                        "gradcheck.verdict": report.verdict,
                        # short enough for a cell of the runs table (3.61e-10)
@@ -364,8 +400,10 @@ class RunRecorder:
         rows = [{k: sci(v) if isinstance(v, float) else v for k, v in row.items()}
                 for row in report.table()]
         table = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
-        self.client.log_table(self.run_id, table, "gradcheck/table.json")
-        self.client.log_dict(self.run_id, report.to_dict(), "gradcheck/report.json")
+        with self.sink.unless_offline("the gradient check's table", kept="its numbers are "
+                                      "in the run's rel_error/* metrics and gradcheck.* tags"):
+            self.client.log_table(self.run_id, table, "gradcheck/table.json")
+            self.client.log_dict(self.run_id, report.to_dict(), "gradcheck/report.json")
 
     def log_figure(self, figure: Any, name: str, dpi: int | None = None) -> str:
         """A matplotlib figure as plots/<name>.png (at `dpi`, else matplotlib's); returns
@@ -448,11 +486,13 @@ class RunRecorder:
 
     def clear_tags(self, keys_: tuple[str, ...]) -> None:
         """Delete these tags where the run has them (an earlier attempt's error, when a
-        resume continues the run)."""
-        present = self.client.get_run(self.run_id).data.tags
-        for key in keys_:
-            if key in present:
-                self.client.delete_tag(self.run_id, key)
+        resume continues the run); a store that fails leaves them, with a warning."""
+        with self.sink.unless_offline("clearing the earlier attempt's tags",
+                                      kept=f"{', '.join(keys_)} may stay on the run"):
+            present = self.client.get_run(self.run_id).data.tags
+            for key in keys_:
+                if key in present:
+                    self.client.delete_tag(self.run_id, key)
 
     def count_stored(self) -> None:
         """Count the points the store holds of a run reopened to be continued: its receipt
@@ -468,14 +508,12 @@ class RunRecorder:
         return receipt.Expected(points, tuple(sorted(self.sink.produced_tags)))
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
-        """End the run FINISHED, FAILED (with the error as tags) or KILLED: the gradient
-        check's metrics after the learning curves, then the sink's end (`Sink.end`: what
-        the store does not take is kept and named), then the receipt (`mlp.record`, kept in
-        `receipt`)."""
+        """End the run FINISHED, FAILED (with the error as tags) or KILLED through the
+        sink's end (`Sink.end`: what the store does not take is kept and named), then the
+        receipt (`mlp.record`, kept in `receipt`)."""
         if status not in STATUSES:
             raise ValueError(f"status={status!r}: expected FINISHED, FAILED or KILLED")
-        deferred, self._deferred = self._deferred, []
-        self.sink.add(deferred, None if error is None else {
+        self.sink.add(tags=None if error is None else {
             "error.type": type(error).__name__,
             "error.message": masking.mask(str(error)[:5000])})
         try:
@@ -500,21 +538,27 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping
               parent_run_id: str | None = None, system_metrics: bool = False,
               spool_path: Path | None = None) -> RunRecorder:
     """Start a run in `experiment_id` of the client's store (or reopen `run_id` as RUNNING
-    to continue it after a resume), as a child of `parent_run_id` when given, sampling CPU
-    and memory as `system/*` metrics when `system_metrics`, and return its recorder
-    (keeping what the store does not take in `spool_path`, when given). A new run gets
-    MLflow's context tags (user, source, git, $MLFLOW_RUN_CONTEXT) as `mlflow.start_run`
-    gives them."""
+    to continue it after a resume, with the points it holds), as a child of
+    `parent_run_id` when given, sampling CPU and memory as `system/*` metrics when
+    `system_metrics`, and return its recorder (keeping what the store does not take in
+    `spool_path`, when given). A new run gets MLflow's context tags (user, source, git,
+    $MLFLOW_RUN_CONTEXT) as `mlflow.start_run` gives them. StoreError when the store does
+    not answer after OPEN_TRIES tries (see the module docstring)."""
     tags = {key: masking.mask(value) for key, value in tags.items()}
     if parent_run_id is not None:
         tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    resumed = run_id is not None
+    resumed, held = run_id is not None, set()
     if resumed:
-        client.update_run(run_id, status="RUNNING")
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        def reopen() -> str:
+            client.update_run(run_id, status="RUNNING")
+            held.update(_held_points(client, run_id, spool_path))
+            return run_id
+
+        _opening(client, f"reopen run {run_id}", reopen)
     else:
-        run_id = client.create_run(experiment_id, run_name=name, tags=context_registry
-                                   .resolve_tags(tags | {MLFLOW_RUN_NAME: name})).info.run_id
+        run_id = _opening(client, "create the run", lambda: client.create_run(
+            experiment_id, run_name=name,
+            tags=context_registry.resolve_tags(tags | {MLFLOW_RUN_NAME: name})).info.run_id)
     monitor = None
     if system_metrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -522,7 +566,40 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping
         monitor = SystemMetricsMonitor(run_id, resume_logging=resumed,
                                        tracking_uri=client.tracking_uri)
         monitor.start()
-    return RunRecorder(client, run_id, log_every_steps, spool_path, monitor)
+    recorder = RunRecorder(client, run_id, log_every_steps, spool_path, monitor, held)
+    if resumed:
+        recorder.set_tags(tags)
+    return recorder
+
+
+def _opening(client: MlflowClient, what: str, call: Callable[[], str]) -> str:
+    """`call()`, tried OPEN_TRIES times with waits of OPEN_WAIT, then twice, four times as
+    long while the store fails; then StoreError saying that nothing was trained."""
+    for attempt in range(OPEN_TRIES - 1):
+        with contextlib.suppress(*store.STORE_ERRORS):
+            return call()
+        time.sleep(OPEN_WAIT * 2 ** attempt)
+    try:
+        return call()
+    except store.STORE_ERRORS as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise store.StoreError(masking.mask(
+            f"the MLflow store {client.tracking_uri} does not answer: could not {what} "
+            f"after {OPEN_TRIES} tries ({type(e).__name__}: {first}); nothing was trained: "
+            f"run the command again when the store answers")) from e
+
+
+def _held_points(client: MlflowClient, run_id: str, spool_path: Path | None
+                 ) -> set[tuple[str, int]]:
+    """The (key, step) points run `run_id` holds: in the store, and in its spool when it
+    has one (a resume whose store did not take the spool yet)."""
+    stored = client.get_run(run_id).data.metrics
+    held = {(m.key, m.step) for key in stored if not key.startswith(keys.SYSTEM_PREFIX)
+            for m in client.get_metric_history(run_id, key)}
+    if spool_path is not None:
+        held |= {(r["key"], r["step"]) for r in spoollib.Spool(spool_path).read()
+                 if r["kind"] == "metric" and r["run_id"] == run_id}
+    return held
 
 
 def split_datasets(splits: Any, name: str, source: str) -> dict[str, Any]:

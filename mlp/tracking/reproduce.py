@@ -49,7 +49,7 @@ PROVENANCE_TAGS = ("data.archive_sha256", "mlp.numpy", "mlp.blas", "mlp.python")
 # Metrics that measure the machine, not the computation: under their old and new names.
 _TIMING = {metrics.EPOCH_TIME, metrics.IMAGES_PER_SEC}
 NOT_COMPARED = _TIMING | {old for old, new in metrics.EPOCH_KEYS.items() if new in _TIMING}
-NOT_COMPARED_PREFIX = "system/"
+NOT_COMPARED_PREFIX = metrics.SYSTEM_PREFIX
 
 
 class ReproduceError(RuntimeError):

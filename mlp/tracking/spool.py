@@ -14,6 +14,7 @@ with sorted keys), so that a line torn by a crash or damaged on disk is recogniz
 
     {"crc":<crc32>,"record":{"key":"acc/val","kind":"metric","step":3,"timestamp":<ms>,...}}
     {"crc":<crc32>,"record":{"key":"mlp.heartbeat","kind":"tag","value":"1764632500",...}}
+    {"crc":<crc32>,"record":{"key":"optim.lr","kind":"param","value":"0.001",...}}
     {"crc":<crc32>,"record":{"end_time":<ms>,"kind":"status","status":"FINISHED",...}}
 
 Lines without a frame (a bare record, as the previous version wrote them) are read too. A
@@ -34,8 +35,9 @@ Records are sent in file order (metrics and tags batched with `log_batch`, a sta
 `set_terminated`); what was sent leaves the file, which is removed once empty. Sending is
 idempotent: a metric point the run already holds in the store (same key, step, timestamp
 and value: a spool sent twice, a batch whose answer was lost) is not sent again; tags and
-statuses are set, not added. Appends and sends hold a lock beside the file
-(`<spool>.lock`), so a run and `mlp-sync` can share it.
+statuses are set, not added, and a param logged again with its value is no change.
+Appends and sends hold a lock beside the file (`<spool>.lock`), so a run and `mlp-sync`
+can share it.
 """
 
 from __future__ import annotations
@@ -54,17 +56,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, Param, RunTag
 
 from mlp.tracking import secrets, store
 
 log = logging.getLogger("mlp")
 
 SPOOL_NAME = "tracking-spool.jsonl"
-BATCH_METRICS, BATCH_TAGS = 1000, 100  # MLflow's limits for one log_batch
+BATCH_METRICS, BATCH_TAGS = 1000, 100  # MLflow's limits for one log_batch (params: 100)
 # The fields every record has, and those of each kind.
 FIELDS = {"metric": {"key", "value", "step", "timestamp"}, "tag": {"key", "value"},
-          "status": {"status", "end_time"}}
+          "param": {"key", "value"}, "status": {"status", "end_time"}}
 COMMON = {"uri", "run_id", "kind"}
 
 
@@ -100,10 +102,12 @@ def metric_records(uri: str, run_id: str, points: Iterable[Metric]) -> list[dict
             for p in points]
 
 
-def tag_records(uri: str, run_id: str, tags: Mapping[str, str]) -> list[dict]:
-    """The records of tags of run `run_id` in the store `uri` (without its credentials)."""
+def tag_records(uri: str, run_id: str, tags: Mapping[str, str], kind: str = "tag"
+                ) -> list[dict]:
+    """The records of tags (or with kind="param", params) of run `run_id` in the store
+    `uri` (without its credentials)."""
     uri = secrets.without_credentials(uri)
-    return [{"uri": uri, "run_id": run_id, "kind": "tag", "key": k, "value": str(v)}
+    return [{"uri": uri, "run_id": run_id, "kind": kind, "key": k, "value": str(v)}
             for k, v in tags.items()]
 
 
@@ -146,14 +150,16 @@ class Sent:
 
     metric: int = 0
     tag: int = 0
+    param: int = 0
     status: int = 0
     runs: set[str] = field(default_factory=set)
     already: int = 0
     damaged: list[Damaged] = field(default_factory=list)
 
     def __str__(self) -> str:
-        text = (f"{self.metric} metric points, {self.tag} tags and {self.status} final "
-                f"statuses of {len(self.runs)} run(s)")
+        params = f", {self.param} params" if self.param else ""
+        text = (f"{self.metric} metric points, {self.tag} tags{params} and {self.status} "
+                f"final statuses of {len(self.runs)} run(s)")
         if self.already:
             text += f" ({self.already} metric points were already stored: not sent again)"
         return text
@@ -319,24 +325,29 @@ def _send_one_call(client: MlflowClient, records: list[dict], start: int, sent: 
         return start + 1
     metrics: list[Metric] = []
     tags: list[RunTag] = []
+    params: list[Param] = []
     end = start
     while end < len(records):
         r = records[end]
         if (r["kind"] == "status" or r["run_id"] != run_id or r["uri"] != target
-                or len(metrics) == BATCH_METRICS or len(tags) == BATCH_TAGS):
+                or len(metrics) == BATCH_METRICS or len(tags) == BATCH_TAGS
+                or len(params) == BATCH_TAGS):
             break
         if r["kind"] == "tag":
             tags.append(RunTag(r["key"], r["value"]))
+        elif r["kind"] == "param":
+            params.append(Param(r["key"], r["value"]))
         elif stored[point := _point(r["key"], r["step"], r["timestamp"], r["value"])] > 0:
             stored[point] -= 1
             sent.already += 1
         else:
             metrics.append(Metric(r["key"], r["value"], r["timestamp"], r["step"]))
         end += 1
-    if metrics or tags:
-        client.log_batch(run_id, metrics=metrics, tags=tags)
+    if metrics or tags or params:
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
     sent.metric += len(metrics)
     sent.tag += len(tags)
+    sent.param += len(params)
     sent.runs.add(run_id)
     return end
 

@@ -56,7 +56,10 @@ class Interrupted(Exception):
 
 
 class Observer(Protocol):
-    """What the loop reports. Implementations must not raise on transient trouble."""
+    """What the loop reports. Implementations must not raise on transient trouble.
+
+    `on_epoch` is called before the epoch's checkpoint is written: what an observer keeps
+    of the epoch when it returns is kept whatever happens to the process afterwards."""
 
     def on_step(self, step: int, loss: float, lr: float) -> None: ...
 
@@ -167,9 +170,12 @@ class Trainer:
                 metrics = self._train_epoch()
                 self._keep_if_best(metrics["val_acc"])
                 metrics |= {"best_val_acc": st.best_val_acc, "best_epoch": st.best_epoch}
-                saved = self.save_checkpoint()
+                # Observers first: the epoch's record is durable before the checkpoint that
+                # marks the epoch done, so a crash between them re-runs an epoch already
+                # recorded (the recorder does not log its points twice), never skips one.
                 for observer in self.observers:
                     observer.on_epoch(st.epoch, metrics)
+                saved = self.save_checkpoint()
                 if self._signal is not None:
                     raise Interrupted(self._signal, saved)
                 if self.s.patience is not None and st.bad_epochs >= self.s.patience:

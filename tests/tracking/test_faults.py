@@ -18,6 +18,7 @@ SIGTERM-resumed run (test_cli.py::test_sigterm_kills_the_run_and_resume_finishes
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -29,6 +30,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 from conftest import free_port, tool
 from helpers import (
@@ -46,9 +49,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
 
 from mlp import data
 from mlp.cli import sync
+from mlp.config import schema as configlib
+from mlp.core.gradcheck import check_model
+from mlp.core.model import MLP
 from mlp.tracking import keys as metrics
 from mlp.tracking import liveness, reproduce, spool, store
 from mlp.tracking import recorder as tracking
@@ -236,6 +243,133 @@ def test_results_the_store_refuses_at_the_end_do_not_fail_a_trained_run(tmp_path
     with pytest.raises(MlflowException), bare.sink.unless_offline("figures"):
         raise MlflowException("without a spool nothing is kept: the error stands")
     bare.finish("FAILED")
+
+
+def test_an_epoch_is_stored_or_on_disk_when_on_epoch_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The trainer writes the epoch's checkpoint when on_epoch returns: by then the epoch's
+    points are in the store, or, with the store down, in the spool (no flush asked)."""
+    uri, recorder = _recorder(tmp_path, "durable")
+    recorder.on_step(10, 0.5, 0.1)
+    recorder.on_epoch(1, {"val_acc": 0.1})
+    client = MlflowClient(uri)
+    assert len(client.get_metric_history(recorder.run_id, metrics.ACC_VAL)) == 1
+    assert len(client.get_metric_history(recorder.run_id, metrics.LOSS_BATCH)) == 1
+    _Outage(monkeypatch)
+    recorder.on_step(20, 0.4, 0.1)
+    with pytest.warns(UserWarning, match="kept in"):
+        recorder.on_epoch(2, {"val_acc": 0.2})
+    kept = spool.Spool(tmp_path / "ckpt" / spool.SPOOL_NAME).read()
+    assert {(r["key"], r["step"]) for r in kept if r["kind"] == "metric"} == {
+        (metrics.ACC_VAL, 2), (metrics.LOSS_BATCH, 20)}
+
+
+def test_the_gradient_check_is_recorded_when_it_ends(tmp_path: Path):
+    uri, recorder = _recorder(tmp_path, "gradcheck")
+    net = MLP(input_dim=6, hidden_sizes=[5], num_classes=3, reg=0.1, dtype="float64", seed=1)
+    rng = np.random.default_rng(0)
+    recorder.log_gradcheck(check_model(net, rng.standard_normal((4, 6)), np.array([0, 1, 2, 1])))
+    stored = MlflowClient(uri).get_run(recorder.run_id).data.metrics
+    assert metrics.GRADCHECK_MAX in stored and len([k for k in stored
+                                                    if k.startswith("rel_error/")]) >= 7
+
+
+def test_a_resumed_run_does_not_log_again_the_points_it_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Killed after epoch 3 was recorded (epoch 2 stored, 3 in the spool) but before its
+    checkpoint: the resume re-runs epoch 3 from the checkpoint of epoch 2."""
+    uri, first = _recorder(tmp_path, "resumed")
+    _epochs(first, 1, 2)
+    outage = _Outage(monkeypatch)
+    with pytest.warns(UserWarning, match="kept in"):
+        _epochs(first, 3, 3)
+    outage.end()
+    again = tracking.start_run(first.client, "unused on a resume", "resumed",
+                               {"mlp.attempt": "2"}, run_id=first.run_id, log_every_steps=1,
+                               spool_path=first.sink.spool.path)
+    _epochs(again, 3, 4)
+    again.finish("FINISHED")
+    client = MlflowClient(uri)
+    for key, expected in (("val", [1, 2, 3, 4]), (metrics.LOSS_BATCH, [10, 20, 30, 40])):
+        assert sorted(p.step for p in client.get_metric_history(first.run_id, key)) == expected
+    assert client.get_run(first.run_id).data.tags["mlp.attempt"] == "2"
+
+
+def test_a_store_failing_while_the_run_is_created(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    """Creating the run is tried OPEN_TRIES times; then a StoreError that names the store
+    and says that nothing was trained (mlp-train: exit 2, test_cli)."""
+    monkeypatch.setattr(tracking, "OPEN_WAIT", 0.0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, experiment = store.connect(uri, "create")
+    real, calls = MlflowClient.create_run, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= fails:
+            raise MlflowException("API request failed: 503 Service Unavailable")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", failing)
+    fails = tracking.OPEN_TRIES - 1
+    recorder = tracking.start_run(client, experiment, "late", {})
+    assert len(calls) == tracking.OPEN_TRIES
+    recorder.finish("FINISHED")
+    calls.clear()
+    fails = tracking.OPEN_TRIES
+    with pytest.raises(store.StoreError, match=rf"{uri} does not answer: could not create the "
+                       rf"run after {tracking.OPEN_TRIES} tries.*nothing was trained"):
+        tracking.start_run(client, experiment, "never", {})
+
+
+def test_params_config_datasets_and_tags_do_not_stop_a_run_when_the_store_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Once the run exists: params and tags are spooled like metric points, the files and
+    datasets are named in a warning, and mlp-sync sends what was spooled."""
+    uri, recorder = _recorder(tmp_path, "start")
+    outage = _Outage(monkeypatch)
+    refused = MlflowException("API request failed: 503 Service Unavailable")
+    for name in ("log_artifact", "log_artifacts", "log_dict", "log_text", "log_inputs",
+                 "log_table"):
+        monkeypatch.setattr(MlflowClient, name, lambda *a, **k: (_ for _ in ()).throw(refused))
+    resolved = OmegaConf.to_container(OmegaConf.structured(configlib.Config))
+    with pytest.warns(UserWarning) as caught:
+        recorder.log_config(resolved, ["optim.lr=0.1"], tmp_path)
+        recorder.log_datasets({"train": mlflow.data.from_numpy(np.zeros((2, 3)), name="d")})
+        recorder.on_epoch(1, {"val_acc": 0.3})
+    said = " ".join(str(w.message) for w in caught)
+    assert "the config files not recorded" in said and "the datasets not recorded" in said
+    assert "kept in" in said
+    kinds = [r["kind"] for r in spool.Spool(tmp_path / "ckpt" / spool.SPOOL_NAME).read()]
+    assert kinds.count("param") == len(tracking.run_params(resolved)) and "metric" in kinds
+    outage.end()
+    assert sync.main([str(tmp_path / "ckpt")]) == 0
+    assert "params" in capsys.readouterr().out
+    run = MlflowClient(uri).get_run(recorder.run_id)
+    assert run.data.params == tracking.run_params(resolved)
+    assert run.data.metrics[metrics.ACC_VAL] == 0.3
+
+
+def test_a_full_disk_under_the_spool_ends_the_run_failed(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """The store fails and the spool cannot be written: the epoch is not durable, so
+    on_epoch raises (before the trainer writes the checkpoint); the run ends FAILED with
+    the error as tags once the store answers."""
+    uri, recorder = _recorder(tmp_path, "full")
+    outage = _Outage(monkeypatch)
+
+    def full(self, records):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool.Spool, "_append", full)
+    with pytest.raises(spool.SpoolError, match="the disk is full"), recorder.finishing():
+        try:
+            recorder.on_epoch(1, {"val_acc": 0.3})
+        finally:
+            outage.end()  # the store answers again when the run ends
+    run = MlflowClient(uri).get_run(recorder.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error.type"] == "SpoolError"
 
 
 def test_mlp_sync_keeps_what_it_cannot_send_and_says_so(
@@ -483,13 +617,12 @@ def test_a_sigkilled_run_is_marked_killed_by_the_next_run(tmp_path: Path, run_en
                              f"trainer.checkpoint_dir={ckpt}"], cwd=tmp_path, env=run_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for((ckpt / "last.npz").exists)
-    # The epoch's record (metrics and heartbeat) is sent from a helper thread after the
-    # checkpoint is written: kill once it has arrived.
-    _wait_for(lambda: liveness.HEARTBEAT_TAG in runs_of(tmp_path / "mlflow.db")[1][0].data.tags)
     proc.kill()
     proc.wait()
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs] == ["RUNNING"]
+    # the epoch's record (metrics and heartbeat) is stored before its checkpoint is written
+    assert liveness.HEARTBEAT_TAG in runs[0].data.tags
     out = mlp_train([*QUICK, *LEAN, "trainer.epochs=1"], tmp_path, run_env)
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = runs_of(tmp_path / "mlflow.db")
@@ -622,3 +755,154 @@ def test_sigterm_and_resume_give_the_numbers_of_an_uninterrupted_run(tmp_path: P
     (resumed,) = [r for r in runs if r.info.run_id != whole.info.run_id]
     compared, diffs = reproduce.compare_runs(client, whole.info.run_id, resumed.info.run_id)
     assert diffs == [] and compared > 50
+
+
+def _new_checkpoint(path: Path, since: int, proc: subprocess.Popen) -> int | None:
+    """Wait until `path` is written again after mtime `since`; its new mtime, or None when
+    the process ended first."""
+    while proc.poll() is None:
+        with contextlib.suppress(FileNotFoundError):
+            mtime = path.stat().st_mtime_ns
+            if mtime != since:
+                return mtime
+        time.sleep(0.002)
+    return None
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_and_resume_lose_nothing_and_double_nothing(tmp_path: Path,
+                                                                          run_env: dict):
+    """SIGKILL 0-300 ms after a checkpoint is written, six times in a row, each attempt
+    resumed from the last checkpoint as the README says (`trainer.resume=`): the run
+    ends with the very keys, steps and number of points per key of an uninterrupted run
+    of the same seed (values too, except the timings), gradient check included. Synthetic
+    data; ~1-2 min."""
+    epochs, ckpt = 80, tmp_path / "ckpt"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*QUICK, "tracking.plots=false", "tracking.log_model=false",
+            "trainer.prefetch=false", "tracking.log_every_steps=1", f"trainer.epochs={epochs}",
+            f"tracking.uri={uri}"]
+    whole = mlp_train(args, tmp_path, run_env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    client, (reference,) = runs_of(tmp_path / "mlflow.db")
+    mtime = 0
+    for attempt, delay in enumerate((0.0, 0.3, 0.01, 0.1, 0.05, 0.2)):
+        resume = [f"trainer.resume={ckpt / 'last.npz'}"] if attempt else []
+        proc = subprocess.Popen([tool("mlp-train"), *args, f"trainer.checkpoint_dir={ckpt}",
+                                 *resume], cwd=tmp_path, env=run_env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mtime = _new_checkpoint(ckpt / "last.npz", mtime, proc)
+        assert mtime is not None, "the run ended before it could be killed: raise epochs"
+        time.sleep(delay)
+        proc.kill()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    last = mlp_train([*args, f"trainer.checkpoint_dir={ckpt}",
+                      f"trainer.resume={ckpt / 'last.npz'}"], tmp_path, run_env)
+    assert last.returncode == 0, last.stderr[-3000:]
+    _, runs = runs_of(tmp_path / "mlflow.db")
+    (resumed,) = [r for r in runs if r.info.run_id != reference.info.run_id]
+    assert resumed.info.status == "FINISHED"
+
+    def points(run) -> dict[str, list[int]]:
+        return {key: sorted(p.step for p in client.get_metric_history(run.info.run_id, key))
+                for key in run.data.metrics if not key.startswith(metrics.SYSTEM_PREFIX)}
+
+    expected, got = points(reference), points(resumed)
+    assert got.keys() == expected.keys()
+    assert {k for k in got if k.startswith(metrics.GRADCHECK_PREFIX)}
+    lost_or_doubled = {k: (len(expected[k]), len(got[k])) for k in expected
+                       if got[k] != expected[k]}
+    assert lost_or_doubled == {}
+    compared, diffs = reproduce.compare_runs(client, reference.info.run_id,
+                                             resumed.info.run_id)
+    assert diffs == [] and compared > 1000
+
+
+# mlp-train with a store that fails at chosen calls: `python -c FAULTY <fault> overrides...`
+FAULTY = """
+import errno, sys
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlp.tracking import recorder, spool
+
+def refuse(*args, **kwargs):
+    raise MlflowException("API request failed: 503 Service Unavailable")
+
+def failing(name, when):
+    real = getattr(MlflowClient, name)
+    def call(self, *args, **kwargs):
+        return refuse() if when(*args, **kwargs) else real(self, *args, **kwargs)
+    setattr(MlflowClient, name, call)
+
+def once(test):
+    left = [1]
+    return lambda *a, **k: bool(left and test(*a, **k) and left.pop())
+
+fault = sys.argv.pop(1)
+recorder.OPEN_WAIT = 0.0
+if fault == "create":  # the run cannot be created
+    failing("create_run", lambda *a, **k: True)
+elif fault == "start":  # the first write after creating it, the config files, the datasets
+    failing("log_batch", once(lambda *a, **k: True))
+    failing("log_dict", lambda *a, **k: True)
+    failing("log_inputs", lambda *a, **k: True)
+elif fault == "disk":  # epoch 2's points are refused and the disk under the spool is full
+    failing("log_batch", once(lambda *a, metrics=(), **k: any(
+        m.key == "acc/val" and m.step == 2 for m in metrics)))
+    def full(self, records):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    spool.Spool._append = full
+from mlp.cli.train import train_main
+sys.argv[0] = "mlp-train"
+train_main()
+"""
+
+
+def _faulty_train(fault: str, args: list[str], cwd: Path, env: dict
+                  ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FAULTY, fault, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.e2e
+def test_a_run_the_store_cannot_create_exits_2_before_training(tmp_path: Path,
+                                                              run_env: dict):
+    ckpt = tmp_path / "ckpt"
+    out = _faulty_train("create", [*QUICK, *LEAN, f"trainer.checkpoint_dir={ckpt}"],
+                        tmp_path, run_env)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "does not answer: could not create the run after" in out.stderr
+    assert "nothing was trained" in out.stderr and "Traceback" not in out.stderr
+    assert not (ckpt / "last.npz").exists()
+
+
+@pytest.mark.e2e
+def test_a_store_failing_as_the_run_starts_does_not_stop_training(tmp_path: Path,
+                                                                  run_env: dict):
+    """Params, tags and the gradient check's points refused at the start are spooled and
+    sent at the end; the config files and datasets are named in warnings."""
+    out = _faulty_train("start", [*QUICK, "tracking.plots=false", "tracking.log_model=false"],
+                        tmp_path, run_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "the config files not recorded" in out.stderr
+    assert "the datasets not recorded" in out.stderr and "Traceback" not in out.stderr
+    client, (run,) = runs_of(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden_sizes"] == "[32]"
+    assert metrics.GRADCHECK_MAX in run.data.metrics
+    assert steps(client, run, metrics.ACC_VAL) == [1, 2]
+
+
+@pytest.mark.e2e
+def test_a_full_disk_under_the_spool_ends_the_run_with_a_message_and_its_checkpoint(
+        tmp_path: Path, run_env: dict):
+    ckpt = tmp_path / "ckpt"
+    out = _faulty_train("disk", [*QUICK, *LEAN, "trainer.epochs=3",
+                                 f"trainer.checkpoint_dir={ckpt}"], tmp_path, run_env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "the disk is full" in out.stderr and "Traceback" not in out.stderr
+    assert f"trainer.resume={ckpt / 'last.npz'}" in out.stderr
+    client, (run,) = runs_of(tmp_path / "mlflow.db")
+    assert run.info.status == "FAILED" and run.data.tags["error.type"] == "SpoolError"
+    assert steps(client, run, metrics.ACC_VAL) == [1]  # epoch 2 is neither stored nor done
+    assert (ckpt / "last.npz").exists()

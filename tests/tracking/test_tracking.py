@@ -5,6 +5,10 @@ test_store.py)."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +118,7 @@ def test_metrics_survive_a_failing_store(tmp_path: Path, monkeypatch: pytest.Mon
 
     def flaky(*args, **kwargs):
         if next(failures, False):
-            raise MlflowException("database is locked")
+            raise MlflowException("Connection refused")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(recorder.client, "log_batch", flaky)
@@ -215,3 +219,34 @@ def test_a_model_the_store_refuses_is_an_error_not_an_outage(tmp_path: Path, mon
     if refusal:
         assert str(raised.value) == ("the store refused the model 'm': "
                                      "INVALID_PARAMETER_VALUE: Invalid model name")
+
+
+def test_a_locked_sqlite_store_is_tried_again_not_spooled(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """A second connection holds an exclusive lock for 1 s, and the first write is told
+    "database is locked" (MLflow's SQLite sessions wait 20 s for a lock themselves, so the
+    error is what SQLite answers when it will not wait): the sink tries again, the point
+    is stored once, nothing is spooled, no outage is declared."""
+    db = tmp_path / "mlflow.db"
+    recorder = _start(tmp_path, "locked", spool_path=tmp_path / "ckpt" / "spool.jsonl")
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(1.0, holder.execute, ["COMMIT"]).start()
+    real, calls = recorder.client.log_batch, []
+
+    def locked_once(*args, **kwargs):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recorder.client, "log_batch", locked_once)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recorder.on_epoch(1, {"val_acc": 0.5})
+    holder.close()
+    assert len(calls) == 2 and not recorder.sink.offline()
+    assert not (tmp_path / "ckpt" / "spool.jsonl").exists()
+    recorder.finish("FINISHED")
+    history = MlflowClient(f"sqlite:///{db}").get_metric_history(recorder.run_id, keys.ACC_VAL)
+    assert [(p.step, p.value) for p in history] == [(1, 0.5)]
