@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlp.cli import build, exits
 from mlp.cli.train import Job
 from mlp.config import schema as configlib
-from mlp.tracking import masking
+from mlp.tracking import masking, names
 from mlp.tracking import recorder as tracking
 
 configlib.register()
@@ -29,7 +29,7 @@ def check(cfg: DictConfig) -> bool:
     client, experiment_id = exits.connect(cfg, job.launch_dir)
     tags = tracking.environment_tags(job.launch_dir, job.overrides, {}) | {
         "mlp.kind": "gradcheck"}
-    name = "gradcheck-" + (cfg.tracking.run_name or tracking.run_name(resolved))
+    name = "gradcheck-" + (cfg.tracking.run_name or names.run_name(resolved))
     recorder = tracking.start_run(client, experiment_id, name, tags)
     with recorder.finishing():
         recorder.log_config(resolved, job.overrides, job.output_dir / ".hydra")

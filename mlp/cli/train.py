@@ -28,7 +28,7 @@ from mlp import data as datalib
 from mlp.cli import build, exits
 from mlp.config import schema as configlib
 from mlp.sweeps import callback as sweeplib
-from mlp.tracking import cluster, liveness, masking, plots, receipt
+from mlp.tracking import cluster, liveness, masking, names, plots, receipt
 from mlp.tracking import keys as metrics
 from mlp.tracking import recorder as tracking
 from mlp.tracking import spool as spoollib
@@ -82,7 +82,7 @@ class Job:
         parent = self.parent
         return cfg.tracking.run_name or (
             sweeplib.child_name(parent["swept"], self.overrides)
-            if parent and parent.get("swept") else tracking.run_name(resolved))
+            if parent and parent.get("swept") else names.run_name(resolved))
 
     def command(self, extra: list[str]) -> str:
         """The mlp-train command line of this run, with `extra` overrides."""
@@ -156,16 +156,7 @@ def train(cfg: DictConfig) -> float:
         if job.parent is not None and not isinstance(e, _pruned()):
             log.error("job failed, the sweep goes on: %s: %s", type(e).__name__, e)
             return math.nan
-        if isinstance(e, spoollib.SpoolError):
-            ckpt = trainer.checkpoint_path()
-            print(masking.mask(f"mlp-lab: {e}\ntraining stopped; its last checkpoint, "
-                               f"{ckpt}, resumes it with trainer.resume={ckpt}"), file=sys.stderr)
-            sys.exit(exits.EXIT_FAILED)
-        if isinstance(e, DivergenceError | exits.GradcheckFailed | tracking.ModelRefused):
-            print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
-            sys.exit(exits.EXIT_GRADCHECK if isinstance(e, exits.GradcheckFailed)
-                     else exits.EXIT_FAILED)
-        raise
+        _exit_for(e, trainer)
     _summary(result, recorder.run_id,
              tracking.how_to_view(client.tracking_uri, experiment_id, recorder.run_id),
              job.command(archive))
@@ -175,6 +166,22 @@ def train(cfg: DictConfig) -> float:
         log.warning("run %s trained, but its record is %s", recorder.run_id,
                     recorder.receipt.tag())
     return result.best_val_acc
+
+
+def _exit_for(e: Exception, trainer: Trainer) -> None:
+    """A run alone that failed in a way one line can say: that line and its exit code (a
+    full disk under the spool, with the checkpoint that resumes it, a divergence, a model
+    the store refused: 1; a failed gradient check: 3). Any other error is raised as is."""
+    if isinstance(e, spoollib.SpoolError):
+        ckpt = trainer.checkpoint_path()
+        print(masking.mask(f"mlp-lab: {e}\ntraining stopped; its last checkpoint, "
+                           f"{ckpt}, resumes it with trainer.resume={ckpt}"), file=sys.stderr)
+        sys.exit(exits.EXIT_FAILED)
+    if isinstance(e, DivergenceError | exits.GradcheckFailed | tracking.ModelRefused):
+        print(masking.mask(f"mlp-lab: {e}"), file=sys.stderr)
+        sys.exit(exits.EXIT_GRADCHECK if isinstance(e, exits.GradcheckFailed)
+                 else exits.EXIT_FAILED)
+    raise e
 
 
 def _pruned() -> tuple[type[BaseException], ...]:

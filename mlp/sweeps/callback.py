@@ -88,7 +88,7 @@ def swept_keys(overrides: list[str], sweeper_params: dict[str, Any]) -> dict[str
 
 def child_name(swept: list[str], overrides: list[str]) -> str:
     """A sweep job's run name from its values of the swept keys: `lr=3e-3 reg=1e-4`."""
-    from mlp.tracking.recorder import short_number
+    from mlp.tracking.names import short_number
 
     given = {k.lstrip("+~"): v for k, _, v in (o.partition("=") for o in overrides)}
     parts = []

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mlp.tracking import keys
-from mlp.tracking.recorder import short_number
+from mlp.tracking.names import short_number
 
 FIGURE_DPI = 110
 

@@ -473,7 +473,7 @@ class Registration:
 def registered_name(experiment: str, search: str) -> str:
     """The registered model of a search in an experiment, one for every sweep of it:
     `mlp-lab-<experiment>-<search>`, with what MLflow refuses in a name replaced."""
-    from mlp.tracking.recorder import model_name
+    from mlp.tracking.names import model_name
 
     return model_name(f"mlp-lab-{experiment}-{search}")
 

@@ -53,7 +53,6 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import contextlib
 import platform
-import re
 import shlex
 import socket
 import subprocess
@@ -83,6 +82,7 @@ from mlp.core.model import MLP
 from mlp.data import Normalizer
 from mlp.tracking import keys, liveness, masking, receipt, serving, store
 from mlp.tracking import spool as spoollib
+from mlp.tracking.names import model_name, short_number
 from mlp.tracking.sink import Sink
 
 Array = np.ndarray
@@ -147,32 +147,6 @@ def _text(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def short_number(x: float) -> str:
-    """1e-3 -> '1e-3', 0.0005 -> '5e-4', 0 -> '0', 0.5 -> '0.5'."""
-    if x == 0:
-        return "0"
-    mantissa, exponent = f"{x:.0e}".split("e")
-    if float(f"{x:.0e}") == x and not 0.1 <= abs(x) < 1000:
-        return f"{mantissa}e{int(exponent)}"
-    return f"{x:g}"
-
-
-def run_name(cfg: Mapping[str, Any]) -> str:
-    """A run name that says what the run is, e.g. `relu-h100-lr1e-3-reg1e-4`, with `-bn`
-    or `-ln` (a norm), `-drop0.5` (dropout) and the loss when it is not softmax."""
-    m, o = cfg["model"], cfg["optim"]
-    hidden = "h" + "x".join(str(h) for h in m["hidden_sizes"]) if m["hidden_sizes"] else "linear"
-    lr, reg = short_number(o["lr"]), short_number(m["reg"])
-    name = f"{m['activation']}-{hidden}-lr{lr}-reg{reg}"
-    if m.get("norm") not in (None, "none"):
-        name += {"batch": "-bn", "layer": "-ln"}.get(m["norm"], f"-{m['norm']}")
-    if m.get("dropout"):
-        name += f"-drop{m['dropout']:g}"
-    if m["loss"] != "softmax":
-        name += f"-{m['loss']}"
-    return name
-
-
 def describe_run(resolved: Mapping[str, Any], result: Any, tags: Mapping[str, str],
                  widths: list[int], figure: str | None = None) -> str:
     """The run's description (Markdown): the result (test and best validation accuracy,
@@ -213,13 +187,6 @@ class ModelRefused(RuntimeError):
 def refused(error: MlflowException) -> bool:
     """Whether the store answered `error` with a 4xx refusal rather than failing."""
     return 400 <= error.get_http_status_code() < 500
-
-
-def model_name(name: str) -> str:
-    """A model name MLflow accepts whatever the run's name: letters, digits, `-` and `_`
-    (MLflow 3.17 refuses `.` among others), each other run of characters becoming one
-    `_`: `reg=0.00507361 lr=0.0119698` -> `reg_0_00507361_lr_0_0119698`."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "model"
 
 
 def _git(*args: str, cwd: Path) -> str | None:

@@ -31,11 +31,13 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from mlp import data as datalib
 from mlp.core.layers import Activation
 from mlp.core.model import MLP
 from mlp.core.optim import Optimizer, Schedule
 from mlp.core.step import step
+from mlp.data.batches import batches
+from mlp.data.normalize import Normalizer
+from mlp.data.splits import Splits
 from mlp.training import checkpoint
 from mlp.training.ema import EMA
 
@@ -132,7 +134,7 @@ class Trainer:
     """
 
     def __init__(self, model: MLP, optimizer: Optimizer, schedule: Schedule,
-                 splits: datalib.Splits, normalizer: datalib.Normalizer,
+                 splits: Splits, normalizer: Normalizer,
                  settings: TrainSettings, observers: Sequence[Observer] = (),
                  meta: dict | None = None) -> None:
         self.model = model
@@ -298,7 +300,7 @@ class Trainer:
         """`data.batches` of the training split from batch `first` on, normalized into the
         trainer's two reused arrays (a batch is valid until the next one is asked for)."""
         s = self.s
-        return datalib.batches(self.splits.X_train, self.splits.y_train, order, s.batch_size,
+        return batches(self.splits.X_train, self.splits.y_train, order, s.batch_size,
                                self.normalizer, self.dtype, first=first, seed=s.seed,
                                epoch=epoch, augment_pad=s.augment_pad,
                                augment_flip=s.augment_flip, prefetch=s.prefetch, out=self._bufs)

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from mlp import data as datalib
 from mlp.tracking import keys as metrics
-from mlp.tracking import recorder
+from mlp.tracking import names
 
 pytestmark = pytest.mark.e2e
 
@@ -113,7 +113,7 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
         assert path in artifacts, (path, sorted(artifacts))
 
     models = client.search_logged_models([run.info.experiment_id])
-    assert len(models) == 1 and models[0].name == recorder.model_name(run.info.run_name)
+    assert len(models) == 1 and models[0].name == names.model_name(run.info.run_name)
     linked = {x.key: x for x in models[0].metrics}
     assert set(linked) == {metrics.ACC_TEST, metrics.LOSS_TEST}
     assert linked[metrics.ACC_TEST].value == m[metrics.ACC_TEST]

@@ -12,7 +12,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from mlp.core.model import MLP
 from mlp.data import Normalizer
-from mlp.tracking import recorder, serving
+from mlp.tracking import names, recorder, serving
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowClient, str]:
     ("...", "model"),
 ])
 def test_a_model_is_named_as_mlflow_accepts_whatever_the_run_name(store, run, model):
-    assert recorder.model_name(run) == model
+    assert names.model_name(run) == model
     client, experiment = store
     assert client.create_logged_model(experiment, name=model).name == model
 

@@ -22,7 +22,7 @@ from mlp.config import schema as configlib
 from mlp.core.gradcheck import check_model
 from mlp.core.model import MLP
 from mlp.data import Normalizer
-from mlp.tracking import keys, store
+from mlp.tracking import keys, names, store
 from mlp.tracking import recorder as tracking
 
 
@@ -108,7 +108,7 @@ def test_the_stored_gradient_check_equals_the_computed_one(tmp_path: Path):
       "norm": "layer", "dropout": 0.0}, 1e-2, "relu-h64-lr1e-2-reg0-ln"),
 ])
 def test_run_name_says_what_differs(model: dict, lr: float, name: str):
-    assert tracking.run_name({"model": model, "optim": {"lr": lr}}) == name
+    assert names.run_name({"model": model, "optim": {"lr": lr}}) == name
 
 
 def test_metrics_survive_a_failing_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
