@@ -85,7 +85,9 @@ def overrides_for(resolved: Mapping[str, Any], uri: str, experiment: str,
                   output_dir: Path) -> list[str]:
     """`key=value` for every leaf of the recorded config, with OWN_KEYS, the store, the
     experiment and the Hydra output directory of the reproduction."""
-    leaves = configlib.flatten(resolved)
+    # An Optuna trial's `trial.*` say which study it reported to: how it was launched, not
+    # what it computed. The reproduction is a run of its own, reporting to no study.
+    leaves = {k: v for k, v in configlib.flatten(resolved).items() if not k.startswith("trial.")}
     leaves |= OWN_KEYS | {"tracking.uri": uri, "tracking.experiment": experiment}
     return [f"{k}={override_value(v)}" for k, v in leaves.items()] + [
         f"hydra.run.dir={override_value(str(output_dir))}"]
@@ -206,6 +208,11 @@ def reproduce(client: MlflowClient, run_id: str, workdir: Path, code_dir: Path
         run = client.get_run(run_id)
     except store.STORE_ERRORS as e:
         raise ReproduceError(f"no run {run_id} in {uri}: {e}") from e
+    if run.data.tags.get(metrics.SWEEP_TAG) == "true":
+        raise ReproduceError(
+            f"run {run_id} is a sweep's parent, not a training run: reproduce one of its "
+            f"children, or run the sweep again with: mlp-train -m "
+            f"{run.data.tags.get('mlp.sweep.overrides', '<its overrides>')}")
     resolved = recorded_config(client, run_id)
     experiment = client.get_experiment(run.info.experiment_id).name
     checks = code_checks(run.data.tags, code_dir)

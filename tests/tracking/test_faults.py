@@ -685,6 +685,21 @@ def test_compare_finds_every_different_or_missing_point(tmp_path: Path):
     assert reproduce.compare_runs(client, a, a) == (4, [])
 
 
+def test_a_trial_is_reproduced_as_a_run_of_its_own_and_a_parent_is_refused(tmp_path: Path):
+    """An Optuna trial's recorded `trial.*` (its study) are not passed on: the
+    reproduction reports to no study; a sweep's parent says how to run the sweep again."""
+    resolved = OmegaConf.to_container(OmegaConf.structured(configlib.Config))
+    resolved["trial"] = {"study": "s", "storage": "sqlite:///o.db", "id": 3}
+    args = reproduce.overrides_for(resolved, "sqlite:///x.db", "e", tmp_path)
+    assert not [a for a in args if a.startswith("trial.")] and "optim.lr=0.01" in args
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("e"), tags={
+        metrics.SWEEP_TAG: "true", "mlp.sweep.overrides": "optim.lr=0.01,0.1"}).info.run_id
+    with pytest.raises(reproduce.ReproduceError,
+                       match=r"sweep's parent.*mlp-train -m optim.lr=0.01,0.1"):
+        reproduce.reproduce(client, parent, tmp_path, tmp_path)
+
+
 @pytest.mark.slow
 def test_mlp_reproduce_on_a_real_run(tmp_path: Path, run_env: dict):
     out = mlp_train([*QUICK, "tracking.plots=false", "tracking.log_model=false"], tmp_path,
