@@ -358,8 +358,10 @@ def test_two_workers_share_one_sqlite_study(tmp_path: Path, run_env: dict, empty
     assert all(t.state == TrialState.COMPLETE for t in trials)
     ran = [line for out in outputs for line in out.splitlines() if "] trial #" in line]
     assert sorted(line.split("trial #")[1].split(":")[0] for line in ran) == ["0", "1", "2", "3"]
+    # each worker's sweep folder: its jobs' folders, and the report it wrote at its end
     job_dirs = [p.name for p in tmp_path.glob("multirun/*/*/*") if p.is_dir()]
-    assert sorted(job_dirs) == ["0", "1", "2", "3"]
+    assert sorted(d for d in job_dirs if d != "report") == ["0", "1", "2", "3"]
+    assert job_dirs.count("report") == 2
     _, runs = trial_runs(tmp_path)
     assert len(runs) == 4
 
