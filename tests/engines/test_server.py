@@ -22,6 +22,7 @@ from helpers import FAST, GRID
 from mlflow import MlflowClient
 
 from mlp.tracking import recorder as tracking
+from mlp.tracking import store
 
 pytestmark = pytest.mark.server
 
@@ -168,15 +169,14 @@ def test_parallel_jobs_logging_the_same_splits_all_record_them(
     # The store checks whether a dataset exists, then inserts it: 8 jobs logging the same
     # splits at the same moment collide on its key (most rounds, unguarded). Every run must
     # still end up with its three inputs.
-    experiment_id = tracking.connect(mlflow_server.url, "same-splits")  # as mlp-train does
-    client = MlflowClient(mlflow_server.url)
+    client, experiment_id = store.connect(mlflow_server.url, "same-splits")  # as mlp-train
     for round_ in range(4):
         splits = SimpleNamespace(
             fingerprint={"archive_sha256": f"{round_:012d}"}, X_train=np.zeros((4, 3)),
             y_train=np.zeros(4), X_val=np.zeros((2, 3)), y_val=np.zeros(2),
             X_test=np.zeros((2, 3)), y_test=np.zeros(2))
         datasets = tracking.split_datasets(splits, "synthetic", "/data/archive.tar.gz")
-        recorders = [tracking.RunRecorder(client.create_run(experiment_id).info.run_id)
+        recorders = [tracking.RunRecorder(client, client.create_run(experiment_id).info.run_id)
                      for _ in range(8)]
         errors = _log_together(recorders, datasets)
         assert errors == [], f"round {round_}: {errors[:1]}"
