@@ -26,6 +26,7 @@ from mlp import data as datalib
 from mlp.core import optim
 from mlp.core.model import MLP
 from mlp.tracking import recorder as tracking
+from mlp.tracking import store
 from mlp.training.trainer import Trainer, TrainSettings
 
 
@@ -93,11 +94,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         splits = load(args, Path(tmp))
         normalizer = datalib.Normalizer("channel").fit(splits.X_train)
-        experiment = tracking.connect(f"sqlite:///{tmp}/mlflow.db", "bench-tracking")
+        client, experiment = store.connect(f"sqlite:///{tmp}/mlflow.db", "bench-tracking")
         plain, tracked, inside = [], [], []
         for rep in range(args.reps):
             plain.append(fit(splits, normalizer, args.epochs, None))
-            recorder = Timed(tracking.start_run(experiment, f"rep{rep}", {}, log_every_steps=1))
+            recorder = Timed(tracking.start_run(client, experiment, f"rep{rep}", {},
+                                                 log_every_steps=1))
             tracked.append(fit(splits, normalizer, args.epochs, recorder))
             inside.append(recorder.seconds / tracked[-1])
     base, with_tracking = statistics.median(plain), statistics.median(tracked)
