@@ -18,15 +18,19 @@ def test_the_import_contracts_are_kept(monkeypatch, capsys):
     assert code == 0, capsys.readouterr().out
 
 
+def _printed_by(code: str) -> str:
+    """What `code` prints in a fresh interpreter (nothing imported before it)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_importing_the_core_loads_nothing_but_numpy():
     """`import mlp` and the whole core load no tqdm, MLflow, Hydra or data package."""
     code = ("import sys, mlp, mlp.core.model, mlp.core.gradcheck, mlp.core.step; "
             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'tqdm', 'mlflow', 'hydra', 'omegaconf', 'matplotlib'} or "
             "m.startswith(('mlp.data', 'mlp.training', 'mlp.tracking')))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == ""
+    assert _printed_by(code) == ""
 
 
 def test_the_served_model_loads_nothing_but_numpy_and_the_standard_library():
@@ -35,9 +39,7 @@ def test_the_served_model_loads_nothing_but_numpy_and_the_standard_library():
     code = ("import sys; before = set(sys.modules); import mlp.tracking.serving; print(' '.join("
             "sorted({m.split('.')[0] for m in set(sys.modules) - before} "
             "- set(sys.stdlib_module_names) - {'mlp', 'numpy'})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == ""
+    assert _printed_by(code) == ""
 
 
 def test_the_public_face():
