@@ -383,6 +383,13 @@ class Trainer:
                                      "norm": self.normalizer.check_state_dict},
                              run_id=run_id)
         groups, meta = ck.groups, ck.meta
+        if meta["epoch"] > self.s.epochs:
+            # Continuing would train past the asked-for end and record epochs no
+            # uninterrupted run of this config has.
+            raise checkpoint.CheckpointError(
+                f"{path}: holds {meta['epoch']} completed epochs, more than "
+                f"trainer.epochs={self.s.epochs}; resume with trainer.epochs of at least "
+                f"{meta['epoch'] + (meta['batch'] > 0)}")
         self.model.set_params(groups["param"], groups["buffer"])
         for name, value in groups["best"].items():
             self.best_params[name][...] = value

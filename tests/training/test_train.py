@@ -179,6 +179,17 @@ def test_resume_refuses_a_checkpoint_written_by_another_run(splits: datalib.Spli
     assert other.load_checkpoint(tmp_path / "last.npz", run_id="run-a")["run_id"] == "run-a"
 
 
+def test_resume_past_the_asked_for_epochs_is_refused(splits: datalib.Splits, tmp_path: Path):
+    make_trainer(splits, tmp_path, epochs=3).fit()
+    shorter = make_trainer(splits, epochs=2)
+    before = _trainer_state(shorter)
+    with pytest.raises(CheckpointError, match=r"3 completed epochs, more than "
+                                              r"trainer.epochs=2.*at least 3"):
+        shorter.load_checkpoint(tmp_path / "last.npz")
+    assert _same(_trainer_state(shorter), before)
+    make_trainer(splits, epochs=3).load_checkpoint(tmp_path / "last.npz")  # ends at once
+
+
 def test_resume_of_a_missing_file_is_a_clear_error(splits: datalib.Splits, tmp_path: Path):
     with pytest.raises(CheckpointError, match=r"nope\.npz: no such file"):
         make_trainer(splits).load_checkpoint(tmp_path / "nope.npz")
