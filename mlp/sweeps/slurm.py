@@ -149,6 +149,19 @@ class Job:
     def array_id(self) -> str:
         return self.id.split("_")[0]
 
+    @property
+    def tasks(self) -> int:
+        """How many array tasks the line stands for: 1, or the size of a pending range
+        such as `12_[0-3]`, `12_[1,4-6]` or `12_[0-9%2]` (`%2`: at most 2 at a time)."""
+        _, _, spec = self.id.partition("_[")
+        if not spec:
+            return 1
+        total = 0
+        for part in spec.rstrip("]").split("%")[0].split(","):
+            first, _, last = part.partition("-")
+            total += int(last or first) - int(first) + 1
+        return total
+
 
 def parse_squeue(text: str, folder: Path) -> list[Job]:
     """The jobs whose batch script lies in `folder` (a sweep's submitit folder), from the
@@ -162,10 +175,13 @@ def parse_squeue(text: str, folder: Path) -> list[Job]:
 
 
 def summary(jobs: list[Job]) -> str:
-    """'4 pending (PartitionConfig)', '1 running, 3 pending (Resources)', 'none queued'."""
+    """'4 pending (PartitionConfig)', '1 running, 3 pending (Resources)', 'none queued':
+    array tasks counted one by one, a pending range by its size."""
     if not jobs:
         return "none queued"
-    counts = Counter((j.state.lower(), j.reason if j.state == "PENDING" else "") for j in jobs)
+    counts: Counter = Counter()
+    for j in jobs:
+        counts[j.state.lower(), j.reason if j.state == "PENDING" else ""] += j.tasks
     return ", ".join(f"{n} {state}" + (f" ({reason})" if reason and reason != "None" else "")
                      for (state, reason), n in sorted(counts.items()))
 

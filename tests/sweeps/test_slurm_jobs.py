@@ -68,8 +68,14 @@ def test_squeue_lines_of_other_sweeps_are_not_ours(tmp_path: Path):
            f"13_0|RUNNING|None|{other}/.submission_file_y.sh\n")
     jobs = slurm.parse_squeue(out, mine)
     assert [j.id for j in jobs] == ["12_[2-3]", "12_0"] and {j.array_id for j in jobs} == {"12"}
-    assert slurm.summary(jobs) == "1 pending (Resources), 1 running"
+    assert slurm.summary(jobs) == "2 pending (Resources), 1 running"
     assert slurm.summary([]) == "none queued"
+
+
+@pytest.mark.parametrize(("job_id", "tasks"), [("12_3", 1), ("12", 1), ("12_[2-3]", 2),
+                                               ("12_[0-9%2]", 10), ("12_[1,4-6]", 4)])
+def test_a_pending_array_range_counts_its_tasks(job_id: str, tasks: int):
+    assert slurm.Job(job_id, "PENDING", "Priority").tasks == tasks
 
 
 class FakeCluster:
