@@ -46,6 +46,13 @@ FAST = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=1
 GRID = ["optim.lr=0.01,0.03", "model.reg=0,0.001"]
 
 
+def overriding(base: list[str], *changes: str) -> list[str]:
+    """`base` with each `key=value` of `changes` in place of the same key's (appended when
+    new): Hydra refuses a key given twice on one command line."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(changes)
+
+
 def sweep(args: list[str], cwd: Path, env: dict, timeout: float = 300
           ) -> subprocess.CompletedProcess:
     return subprocess.run([tool("mlp-train"), "-m", *args], cwd=cwd, env=env,

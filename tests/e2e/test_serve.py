@@ -19,14 +19,13 @@ import mlflow
 import numpy as np
 import pytest
 from conftest import free_port, tool
+from helpers import FAST, overriding
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.serve]
 
-SWEEP = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=100",
-         "data.val_size=60", "model.hidden_sizes=[16]", "trainer.epochs=2",
-         "trainer.batch_size=50", "trainer.train_eval_size=100", "trainer.progress=false",
-         "gradcheck.enabled=false", "tracking.plots=false", "optim.lr=0.01,0.03"]
+# the model logged this time (FAST leaves it out)
+SWEEP = overriding(FAST, "tracking.log_model=true", "optim.lr=0.01,0.03")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ optuna = pytest.importorskip("optuna")
 
 from conftest import tool  # noqa: E402
 from engine_fixtures import Postgres  # noqa: E402
+from helpers import FAST, overriding  # noqa: E402
 from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
 from hydra.core.utils import JobReturn, JobStatus  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -38,10 +39,7 @@ from hydra_plugins.mlp_optuna_sweeper._search_space import (  # noqa: E402
 )
 from mlp.sweeps import pruning  # noqa: E402
 
-QUICK = ["data=synthetic", "data.synthetic.n_train=300", "data.synthetic.n_test=100",
-         "data.val_size=60", "model.hidden_sizes=[16]", "trainer.epochs=3",
-         "trainer.batch_size=50", "trainer.train_eval_size=100", "trainer.progress=false",
-         "gradcheck.enabled=false", "tracking.plots=false", "tracking.log_model=false"]
+QUICK = overriding(FAST, "trainer.epochs=3")
 
 
 @pytest.fixture(scope="module")
@@ -415,8 +413,8 @@ def test_an_interrupted_postgresql_study_resumes(postgres: Postgres, tmp_path: P
     storage = postgres.create_database("optuna_resume")  # no password: PGPASSWORD has it
     monkeypatch.setenv("PGPASSWORD", postgres.password)
     env = dict(run_env, PGPASSWORD=postgres.password)
-    slow = [*QUICK, "data.synthetic.n_train=3000", "data.val_size=300",
-            "model.hidden_sizes=[64]", "trainer.epochs=25"]
+    slow = overriding(QUICK, "data.synthetic.n_train=3000", "data.val_size=300",
+                      "model.hidden_sizes=[64]", "trainer.epochs=25")
     args = [*_pg_sweep_args(storage, "resume", 3), "hydra.sweeper.sampler.seed=0"]
     first = sweep(args, tmp_path, env, empty_store, base=slow)
     try:
