@@ -7,7 +7,8 @@ that record is lost and the run's record is incomplete; 2 when a path holds no s
 
 After a spool is sent, each run it held is checked against what it produced (its
 `mlp.record.expected`) and tagged `mlp.record=complete` once the store holds everything
-(`receipt`); a run still incomplete is named, and mlp-sync exits 1.
+(`receipt`); a run still incomplete is named, and mlp-sync exits 1. A sweep parent of
+those runs says its outcome again (`mlp.sweep.outcome`, its description's first line).
 
 A spool keeps its store's URI without credentials. For a password-protected server give
 the login as MLflow reads it, in the environment:
@@ -26,6 +27,7 @@ import argparse
 import logging
 import sys
 
+from mlp.sweeps import callback
 from mlp.tracking import masking, receipt, store
 from mlp.tracking.spool import SPOOL_NAME, Sent, Spool, SpoolError, credentialed, find
 
@@ -82,18 +84,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def _recheck(runs: dict[str, str], uri: str | None) -> bool:
     """Check each run {run id: its recorded store} whose spool was sent and set its
-    `mlp.record`; whether every run with a receipt is complete."""
-    whole = True
+    `mlp.record`, then say the outcome again on the sweep parents of those runs (a sweep
+    that ended `1 of 4 incomplete` says `4 of 4 finished` once its jobs' records are
+    whole); whether every run with a receipt is complete."""
+    whole, parents = True, {}
     for run_id, recorded in runs.items():
         try:
-            done = receipt.recheck(store.open_client(uri or credentialed(recorded)), run_id)
+            client = store.open_client(uri or credentialed(recorded))
+            done = receipt.recheck(client, run_id)
+            parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
         except store.STORE_ERRORS as e:
             whole = False
             print(f"run {run_id}: its record could not be checked ({type(e).__name__})",
                   file=sys.stderr)
             continue
+        if parent:
+            parents[parent] = client
         if done is None:
             continue
         print(f"run {run_id}: record {done.tag()}")
         whole &= done.complete
+    for parent, client in parents.items():
+        try:
+            print(f"sweep parent {parent}: {callback.recheck_outcome(client, parent).tag()}")
+        except store.STORE_ERRORS as e:
+            whole = False
+            print(f"sweep parent {parent}: its outcome could not be updated "
+                  f"({type(e).__name__})", file=sys.stderr)
     return whole

@@ -61,6 +61,7 @@ log = logging.getLogger("mlp.sweep")
 
 PARENT_FILE = "mlflow_parent.json"
 OUTCOME_TAG = "mlp.sweep.outcome"  # on the parent: `4 of 4 finished`, `1 of 2 failed`
+OUTCOME_HEAD = "**Outcome: "  # the parent's description starts with its outcome
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def config_hash(resolved: dict[str, Any]) -> str:
@@ -348,12 +349,7 @@ class SweepCallback(Callback):
                 experiment = client.get_experiment(self.parent["experiment_id"]).name
                 outcome = SweepOutcome.of(_whole_errors(
                     client, report.build_report(client, experiment, run_id).rows))
-            note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
-            client.set_tag(run_id, OUTCOME_TAG, outcome.tag())
-            client.set_tag(run_id, "mlflow.note.content",
-                           f"**Outcome: {outcome.tag()}**" + "".join(
-                               f"\n- {line}" for line in outcome.failed + outcome.incomplete)
-                           + (f"\n\n{note}" if note else ""))
+            record_outcome(client, run_id, outcome)
         except Exception as e:  # the store is unreadable: nothing says the jobs succeeded
             outcome = SweepOutcome(error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
             log.warning("could not read how the jobs ended: %s", outcome.error)
@@ -391,6 +387,33 @@ class SweepCallback(Callback):
         client = self.client
         if client.get_run(self.parent["run_id"]).info.status == "RUNNING":
             client.set_terminated(self.parent["run_id"], status=status)
+
+
+def record_outcome(client: Any, run_id: str, outcome: SweepOutcome) -> None:
+    """Say `outcome` on the parent `run_id`: its OUTCOME_TAG and the first block of its
+    description (the outcome and one line per failed or incomplete job), in place of the
+    block an earlier outcome wrote."""
+    note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+    if note.startswith(OUTCOME_HEAD):
+        note = note.partition("\n\n")[2]
+    client.set_tag(run_id, OUTCOME_TAG, outcome.tag())
+    client.set_tag(run_id, "mlflow.note.content",
+                   f"{OUTCOME_HEAD}{outcome.tag()}**" + "".join(
+                       f"\n- {line}" for line in outcome.failed + outcome.incomplete)
+                   + (f"\n\n{note}" if note else ""))
+
+
+def recheck_outcome(client: Any, parent_run_id: str) -> SweepOutcome:
+    """The outcome of the sweep under `parent_run_id` read again from the store and
+    recorded (`record_outcome`): after `mlp-sync` has completed the record of its jobs."""
+    from mlp.sweeps import report
+
+    parent = client.get_run(parent_run_id)
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    outcome = SweepOutcome.of(_whole_errors(
+        client, report.build_report(client, experiment, parent_run_id).rows))
+    record_outcome(client, parent_run_id, outcome)
+    return outcome
 
 
 def _whole_errors(client: Any, rows: Sequence[Mapping[str, Any]]) -> list[dict]:

@@ -97,6 +97,34 @@ def test_a_partial_outage_ends_finished_with_an_incomplete_receipt_that_mlp_sync
     assert _counts(client, recorder.run_id) == _each(4)
 
 
+def test_mlp_sync_says_the_sweep_outcome_again_once_its_children_are_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    client, experiment = store.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "receipt")
+    parent = client.create_run(experiment, run_name="lr_reg",
+                               tags={"mlp.sweep": "true"}).info.run_id
+    recorder = tracking.start_run(client, experiment, "lr=0.1", {}, log_every_steps=1,
+                                  parent_run_id=parent,
+                                  spool_path=tmp_path / "ckpt" / spool.SPOOL_NAME)
+    monkeypatch.setattr(recorder.sink, "RETRY_AFTER", 0.0)
+    outage = _FailingBatches(monkeypatch, lambda n: n >= 2)
+    with pytest.warns(UserWarning, match="kept in"):
+        _train(recorder)
+        recorder.finish("FINISHED")
+    client.set_tag(parent, "mlflow.note.content", "Sweep **lr_reg**: the table")
+    ended = callback.recheck_outcome(client, parent)  # as the sweep's end records it
+    assert ended.tag() == "1 of 1 incomplete"
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert note.startswith("**Outcome: 1 of 1 incomplete**\n- lr=0.1: incomplete: ")
+
+    outage.fails = lambda n: False
+    assert sync.main([str(tmp_path / "ckpt")]) == 0
+    assert f"sweep parent {parent}: 1 of 1 finished" in capsys.readouterr().out
+    tags = client.get_run(parent).data.tags
+    assert tags[callback.OUTCOME_TAG] == "1 of 1 finished"
+    assert tags["mlflow.note.content"] == (
+        "**Outcome: 1 of 1 finished**\n\nSweep **lr_reg**: the table")  # replaced, once
+
+
 def test_a_store_gone_at_the_end_spools_the_receipt_too(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch):
     recorder = _recorder(tmp_path)
