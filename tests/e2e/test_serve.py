@@ -1,5 +1,6 @@
 """The best model of a sweep, registered as @champion, loads and serves where only mlflow and
-NumPy are installed: a fresh virtualenv with exactly those two, from a directory outside
+NumPy are installed: a fresh virtualenv with exactly those two and what they require (made
+offline from the installed distributions: no mlp-lab, no tqdm), from a directory outside
 the repository. Over REST it answers pixels on the 0-255 scale (whole numbers or floats)
 with class probabilities, and refuses floats on a 0-1 scale with a 400 naming the scale."""
 
@@ -10,17 +11,20 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 from conftest import free_port, tool
 from helpers import FAST, overriding
 from mlflow import MlflowClient
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.serve]
 
@@ -30,15 +34,67 @@ SWEEP = overriding(FAST, "tracking.log_model=true", "optim.lr=0.01,0.03")
 
 @pytest.fixture(scope="module")
 def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A virtualenv with exactly mlflow (this version) and NumPy: no mlp-lab, no tqdm."""
-    venv = tmp_path_factory.mktemp("bare") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"mlflow=={mlflow.__version__}",
-                    "numpy"], check=True, timeout=900)
-    missing = subprocess.run([str(venv / "bin" / "python"), "-c", "import tqdm"],
-                             capture_output=True)
+    """A virtualenv with exactly mlflow (this version), NumPy and what they require: no
+    mlp-lab, no tqdm. Made offline from this interpreter's installed distributions."""
+    python = bare_venv(tmp_path_factory.mktemp("bare") / "venv", ["mlflow", "numpy"])
+    missing = subprocess.run([str(python), "-c", "import tqdm"], capture_output=True)
     assert missing.returncode != 0, "the bare venv must not have tqdm"
-    return venv / "bin" / "python"
+    return python
+
+
+def bare_venv(where: Path, requirements: list[str]) -> Path:
+    """A venv at `where` holding `requirements` and their dependency closure (markers
+    evaluated here, no extras): each distribution's top-level entries symlinked from this
+    interpreter's site-packages, its console scripts written for the venv's python.
+    Returns that python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True,
+                   timeout=120)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(where)}))
+    python = where / "bin" / "python"
+    for dist in _closure(requirements):
+        for top in sorted({Path(f).parts[0] for f in dist.files or ()} - {".."}):
+            _link(Path(dist.locate_file(top)), site / top, dist)
+        for entry in dist.entry_points.select(group="console_scripts"):
+            script = where / "bin" / entry.name
+            script.write_text(f"#!{python}\nimport sys\nfrom importlib.metadata import "
+                              f"EntryPoint\nsys.exit(EntryPoint({entry.name!r}, "
+                              f"{entry.value!r}, 'console_scripts').load()())\n")
+            script.chmod(0o755)
+    return python
+
+
+def _closure(requirements: list[str]) -> list[metadata.Distribution]:
+    """The installed distributions that `requirements` need, transitively."""
+    seen: dict[str, metadata.Distribution] = {}
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen[name] = metadata.distribution(name)
+        todo += [Requirement(r) for r in seen[name].requires or ()]
+    return list(seen.values())
+
+
+def _link(src: Path, dst: Path, dist: metadata.Distribution, depth: int = 1) -> None:
+    """Symlink `src` at `dst`; a directory two distributions may share (a namespace package
+    such as `opentelemetry/util`) is made real, and only this distribution's entries under
+    it are linked in. `depth`: how many parts of the distribution's paths `src` spans."""
+    if not src.exists():
+        return
+    shared = src.is_dir() and not (src / "__init__.py").exists() and not (
+        src.suffix == ".libs" or src.name.endswith(".dist-info"))
+    if not shared:
+        if not dst.exists():
+            dst.symlink_to(src)
+        return
+    dst.mkdir(exist_ok=True)
+    below = {Path(f).parts[depth] for f in dist.files or ()
+             if len(Path(f).parts) > depth and Path(f).parts[depth - 1] == src.name
+             and dist.locate_file(Path(*Path(f).parts[:depth])) == src}
+    for name in sorted(below):
+        _link(src / name, dst / name, dist, depth + 1)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
