@@ -120,30 +120,56 @@ class Normalizer:
 
     def _fit_projection(self, X: np.ndarray) -> np.ndarray:
         """The whitening projection (3072, out_dim), float64, from the covariance of the
-        normalized rows of X uint8 (N, 3072), summed chunk by chunk into one (3072, 3072)
-        array: the peak is that, one product of the same size and a 25 MB chunk (then
-        `eigh`'s own work arrays), never a float64 copy of X."""
+        normalized rows of X uint8 (N, 3072): its eigendecomposition (`_eig_of_cov`), or,
+        from fewer images than pixels when the projection needs no eigenvector of the
+        covariance's null space, the SVD of those rows (`_eig_of_rows`: the same
+        eigenpairs, ~30x faster for 600 images)."""
         n, d = X.shape
-        inv_scale = 1.0 / self.scale
-        cov, product = np.zeros((d, d)), np.empty((d, d))
-        for start in range(0, n, _FIT_ROWS):
-            z = X[start : start + _FIT_ROWS].astype(np.float64)
-            z -= self.mean
-            z *= inv_scale
-            np.matmul(z.T, z, out=product)
-            cov += product
-        del product
-        cov /= n
-        s, U = np.linalg.eigh(cov)
-        del cov
         k = self.components or d
-        # eigh sorts ascending; a covariance of fewer images than pixels is singular and
-        # rounding leaves some of its zero eigenvalues slightly negative
-        s, U = np.maximum(s[::-1][:k], 0.0), U[:, ::-1][:, :k]
+        if n < d and (k <= n or (self.whiten == "zca" and k == d)):
+            s, U = self._eig_of_rows(X)
+        else:
+            s, U = self._eig_of_cov(X)
+        # eigh's rounding leaves some zero eigenvalues of a singular covariance negative
+        s, U = np.maximum(s[:k], 0.0), U[:, :k]
         projection = U / np.sqrt(s + self.eps)
         if self.whiten == "zca":
             projection = projection @ U.T
+            if U.shape[1] < k:  # U_k U_k^T / sqrt(s + eps) over the null space too (s = 0)
+                projection += (np.eye(d) - U @ U.T) / np.sqrt(self.eps)
         return np.ascontiguousarray(projection)
+
+    def _normalized_chunks(self, X: np.ndarray):
+        """The rows of X uint8 (N, 3072) normalized, float64, _FIT_ROWS at a time."""
+        inv_scale = 1.0 / self.scale
+        for start in range(0, len(X), _FIT_ROWS):
+            z = X[start : start + _FIT_ROWS].astype(np.float64)
+            z -= self.mean
+            z *= inv_scale
+            yield z
+
+    def _eig_of_cov(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The covariance's eigenvalues (d,) descending and eigenvectors (d, d), the
+        covariance summed chunk by chunk into one (3072, 3072) array: the peak is that, one
+        product of the same size and a 25 MB chunk (then `eigh`'s own work arrays), never a
+        float64 copy of X."""
+        d = X.shape[1]
+        cov, product = np.zeros((d, d)), np.empty((d, d))
+        for z in self._normalized_chunks(X):
+            np.matmul(z.T, z, out=product)
+            cov += product
+        del product
+        cov /= len(X)
+        s, U = np.linalg.eigh(cov)
+        return s[::-1], U[:, ::-1]
+
+    def _eig_of_rows(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The covariance's nonzero-rank eigenpairs from the SVD of the normalized rows Z
+        (N, d), N < d: Z = V S W^T gives cov = W (S^2 / N) W^T; (N,) descending, (d, N).
+        Holds Z in float64 (N x d, at most 75 MB)."""
+        Z = np.concatenate(list(self._normalized_chunks(X)))
+        _, S, Wt = np.linalg.svd(Z, full_matrices=False)
+        return S**2 / len(X), Wt.T
 
     def __call__(
         self, X: np.ndarray, dtype: DTypeLike = np.float32, out: np.ndarray | None = None
