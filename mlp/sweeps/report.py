@@ -523,11 +523,13 @@ def _register_best(client: MlflowClient, report: Report, name: str) -> Registrat
 def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Sequence[Run],
                   figs: Mapping[str, Figure]) -> Registration | None:
     """The parent is the sweep's comparison: the shared config as params, the best child's
-    metrics under the children's keys at the best child's last epoch (where its curves
-    end in the charts, not a stray point at step 0), the figures as top-level artifacts
-    beside report.html / report.md and small copies under overview/, the best model
-    registered (`_register_best`, tag mlp.sweep.registered_model), and a description with
-    the table and the small figures (`_describe_sweep`). Returns the registration."""
+    metrics under the children's keys, its curves' last values at its last epoch (where
+    its curves end in the charts, not a stray point at step 0) and its summary at
+    keys.SUMMARY_STEP as the children have it (bars in the charts), the figures as
+    top-level artifacts beside report.html / report.md and small copies under overview/,
+    the best model registered (`_register_best`, tag mlp.sweep.registered_model), and a
+    description with the table and the small figures (`_describe_sweep`). Returns the
+    registration."""
     parent_run_id = parent.info.run_id
     overview = [name for name in OVERVIEW if name in figs]
     with tempfile.TemporaryDirectory() as tmp:
@@ -548,7 +550,8 @@ def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Seque
         last = max((m.step for m in client.get_metric_history(best.info.run_id, keys.ACC_VAL)),
                    default=0)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, best.data.metrics[k], now, last)
+        metrics = [Metric(k, best.data.metrics[k], now,
+                          keys.SUMMARY_STEP if keys.is_summary(k) else last)
                    for k in sorted(best.data.metrics, key=keys.reading_order)
                    if not k.startswith("system/")]
         tags = [RunTag("mlp.sweep.best_run_id", best.info.run_id),
