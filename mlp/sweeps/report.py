@@ -394,9 +394,10 @@ DESCRIPTION_LIMIT = 6000  # MLflow keeps a tag up to 8000 characters; the outcom
 def _describe_sweep(report: Report, parent: Run, figs: Iterable[str],
                     registration: Registration | None) -> str:
     """The parent's description (Markdown), the comparison on the Overview: what was
-    swept, the best result and where its model went, the compact figures `figs` (names
-    logged under overview/), then the table of the children, best first, with why a
-    failed one failed; rows that do not fit in DESCRIPTION_LIMIT are counted instead."""
+    swept, the best result and where its model went (the lines above the Overview's fold),
+    the compact figures `figs` (names logged under overview/), then the table of the
+    children, best first, with why a failed one failed; rows that do not fit in
+    DESCRIPTION_LIMIT are counted instead."""
     tags = parent.data.tags
     swept = tags.get(SWEPT_TAG, "").split() or report.swept
     space = " x ".join(f"`{k}` in {tags.get(f'{SWEPT_TAG}.{k}', '?')}" for k in swept)
@@ -411,9 +412,11 @@ def _describe_sweep(report: Report, parent: Run, figs: Iterable[str],
         lines.append(f"Best: **{b['run']}**: validation {cell('val_acc', b['val_acc'])}, "
                      f"test {cell('test_acc', b['test_acc'])}"
                      + (f"; `{registration}`" if registration else "") + ".")
-    if figs:  # first, so that they show above the Overview's fold
-        lines.insert(0, " ".join(f"![{name}]({artifact_link(parent.info.run_id, path)})"
-                                 for name, path in ((n, f"overview/{n}.png") for n in figs)))
+    # The words first: MLflow 3.17 folds a description at 100 pixels ("Show more"), which
+    # leaves room for a few lines of text and for no figure.
+    if figs:
+        lines.append(" ".join(f"![{name}]({artifact_link(parent.info.run_id, path)})"
+                              for name, path in ((n, f"overview/{n}.png") for n in figs)))
     columns = ["run", *report.swept, "val_acc", "test_acc", "gap_acc", "gradcheck", "status"]
     table = ["| " + " | ".join(c.rsplit(".", 1)[-1] for c in columns) + " |",
              "| " + " | ".join("---:" if c in NUMBER_COLUMNS else "---" for c in columns) + " |"]
