@@ -20,7 +20,9 @@ them, not a panel over them nor the Overview's "Show more" fold clipping them):
   store holds (`acc/test`, as the description writes it) on the first screen;
 - the gradient check: its error is not zero in the store, and the child's first screen and
   its tags show it at that value;
-- the child's Model metrics: the learning curves' sections first (acc, loss).
+- the child's Model metrics: the learning curves' sections first (acc, loss);
+- the two Overviews again after one click on the description's "Show more" (MLflow 3.17
+  folds a description at 100 pixels), still without scrolling: <name>-show-more.png.
 
 The runs table is shot with the columns a reviewer adds once (printed; the only clicks).
 Exit 0 when every check holds, 1 otherwise, each failed check printed with why.
@@ -162,13 +164,14 @@ def on_first_screen(what: str, found: dict | None) -> Check:
     return Check(what, True, where)
 
 
-def look(page: Any, name: str, url: str, out: Path) -> str:
-    """Open `url` and wait for the page to settle, save what the window shows as
-    out/<name>.png; return the page's text."""
-    page.goto(url)  # the UI polls the server: it is never network-idle
-    page.wait_for_timeout(SETTLE_MS)
+def look(page: Any, name: str, url: str | None, out: Path) -> str:
+    """Open `url` (or stay on the page) and wait for the page to settle, save what the
+    window shows as out/<name>.png; return the page's text."""
+    if url is not None:
+        page.goto(url)  # the UI polls the server: it is never network-idle
+    page.wait_for_timeout(SETTLE_MS if url is not None else 2000)
     page.screenshot(path=out / f"{name}.png")
-    print(f"{out / name}.png  <-  {url}")
+    print(f"{out / name}.png  <-  {url or 'the page above'}")
     return page.locator("body").inner_text()
 
 
@@ -183,22 +186,32 @@ def shoot(pages: dict[str, str], out: Path, facts: dict[str, Any], window: dict[
         browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS)
         for name, url in pages.items():
             context = browser.new_context(viewport=window)
+            context.set_default_timeout(90_000)  # a loaded 2-core machine answers slowly
             page = context.new_page()
             if name == "1-runs-table":
                 page.goto(url)
-                page.get_by_role("button", name="Columns").click(timeout=60_000)
-                for column in COLUMNS:
-                    page.get_by_text(column, exact=True).first.click()
+                page.get_by_role("button", name="Columns").first.click()
+                for column in COLUMNS:  # in the open menu (the names show elsewhere too)
+                    page.locator(f"text='{column}' >> visible=true").first.click()
                 page.keyboard.press("Escape")
                 print(f"runs table: columns added as a reviewer does once: {', '.join(COLUMNS)}")
             text = look(page, name, url, out)
-            checks += CHECKS.get(name, lambda *_: [])(page, text, facts)
+            check = CHECKS.get(name)
+            if check is not None:
+                checks += check(page, text, facts, "on the first screen")
+            more = page.get_by_label("Expand description")
+            if name in UNFOLDED and more.count():
+                # Said in the checks' names: one click on "Show more", still no scrolling.
+                more.first.click()
+                text = look(page, f"{name}-show-more", None, out)
+                checks += check(page, text, facts, 'after one click on "Show more", '
+                                "without scrolling")
             context.close()
         browser.close()
     return checks
 
 
-def _parent_overview(page: Any, text: str, facts: dict) -> list[Check]:
+def _parent_overview(page: Any, text: str, facts: dict, when: str) -> list[Check]:
     # the description's images (MLflow drops their alt text): the compact figures
     shown = [on_first_screen("", box(page.locator(f"img[src*='overview/{name}.png']")))
              for name in ("val_acc_heatmap", "top_curves")]
@@ -208,15 +221,15 @@ def _parent_overview(page: Any, text: str, facts: dict) -> list[Check]:
     rows = [on_first_screen("", box(row)) for row in (header, best)]
     best_row = best.inner_text() if table.count() else ""
     return [
-        Check("the sweep parent's Overview: a comparison figure on the first screen",
+        Check(f"the sweep parent's Overview: a comparison figure {when}",
               figure.ok, figure.why),
-        Check("the sweep parent's Overview: the children's table (header, best run) on the "
-              "first screen", all(r.ok for r in rows) and facts["best_child"] in best_row,
+        Check(f"the sweep parent's Overview: the children's table (header, best run) {when}",
+              all(r.ok for r in rows) and facts["best_child"] in best_row,
               "; ".join(r.why for r in rows) + f"; best row: {best_row!r:.80}"),
     ]
 
 
-def _child_overview(page: Any, text: str, facts: dict) -> list[Check]:
+def _child_overview(page: Any, text: str, facts: dict, when: str) -> list[Check]:
     figure = on_first_screen("", box(page.locator("img[src*='plots/curves_compact.png']")))
     result = page.locator("p", has_text="Test accuracy")
     line = result.first.inner_text() if result.count() else ""
@@ -225,15 +238,15 @@ def _child_overview(page: Any, text: str, facts: dict) -> list[Check]:
     shown = on_first_screen("", box(result))
     tag = re.search(r"gradcheck\.max_rel_error\W+([0-9.e+-]+)", text)
     return [
-        Check("the child's Overview: the train vs validation figure on the first screen",
+        Check(f"the child's Overview: the train vs validation figure {when}",
               figure.ok, figure.why),
-        Check(f"the child's Overview: acc/test as stored ({test}) on the first screen",
+        Check(f"the child's Overview: acc/test as stored ({test}) {when}",
               shown.ok and test in line, f"{shown.why}; the line reads {line!r:.90}"),
-        Check("the gradient check: non-zero in the store, on the child's first screen and in "
-              "its tags at that value",
+        Check(f"the child's gradient check: non-zero in the store, and at that value in its "
+              f"description {when} and in its tags",
               facts["rel_error"] > 0 and shown.ok and error in line and tag is not None
               and float(tag.group(1)) == float(f"{facts['rel_error']:.2e}"),
-              f"rel_error/max {facts['rel_error']:.3e}; the first screen says "
+              f"rel_error/max {facts['rel_error']:.3e}; the description says "
               f"{error if error in line else 'no ' + repr(error)}; tag "
               f"{tag.group(1) if tag else 'not shown'}"),
     ]
@@ -244,12 +257,13 @@ def sections(text: str) -> list[str]:
     return [m.group(1) for m in re.finditer(r"^([\w./-]+)\n\((\d+)\)$", text, re.M)]
 
 
-def _child_metrics(page: Any, text: str, facts: dict) -> list[Check]:
+def _child_metrics(page: Any, text: str, facts: dict, when: str) -> list[Check]:
     order = sections(text)
     return [Check("the child's Model metrics: the learning curves first (acc, loss)",
                   order[:2] == ["acc", "loss"], f"sections {order}")]
 
 
+UNFOLDED = ("2-run-overview", "4-sweep-parent")  # pages looked at again after "Show more"
 CHECKS = {"2-run-overview": _child_overview, "3-run-metrics": _child_metrics,
           "4-sweep-parent": _parent_overview}
 
