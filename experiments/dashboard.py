@@ -1,16 +1,31 @@
-"""See the MLflow dashboard as a reviewer does: a small sweep, the UI, headless screenshots.
+"""See the MLflow dashboard as a first-time reviewer does: a small sweep, the UI, screenshots
+of what each page shows before any scrolling, and checks of that visible region.
 
     python experiments/dashboard.py [--archive cifar-10-python.tar.gz] [--out docs/dashboard]
+                                    [--store DIR] [--port PORT] [--window 1920x960]
 
-Trains a 2 x 2 sweep (learning rate x L2 strength) into a temporary SQLite store (on
-CIFAR-10 with --archive, 5,000 images; else on the synthetic set), starts the MLflow UI on
-127.0.0.1, and takes screenshots with headless Chromium (Debian's `chromium`, driven by
-Playwright): the experiment's runs table, one child run's
-overview and its model metrics, the sweep parent, the compare view of the children and
-the registered model (Playwright drives the system Chromium; no browser download).
-Then it checks in the rendered pages what a reviewer must see
-first: the learning curves (acc/, loss/) before the gradient check and the health charts,
-and gradient-check errors that are not zero. Exit 0 when every check holds, 1 otherwise.
+Trains a 2 x 2 sweep (learning rate x L2 strength) into a SQLite store (on CIFAR-10 with
+--archive, 5,000 images; else on the synthetic set; the data directory is mlp-train's own,
+`$MLP_LAB_DATA` when set), starts the MLflow UI on 127.0.0.1:PORT, and opens each page in
+a fresh headless Chromium profile (Debian's `chromium`, driven by Playwright; no browser
+download), as a first visit: nothing dismissed, MLflow's Assistant panel open where it
+opens by itself (a UI at 127.0.0.1). It saves what the window shows (1920 x 960, a browser
+maximized on a full-HD screen; --window) as docs/dashboard/*.png, and checks in that
+window, with the elements' boxes (inside the window, and what is drawn at their points is
+them, not a panel over them nor the Overview's "Show more" fold clipping them):
+
+- the sweep parent's Overview: a comparison figure and the children's table (its header and
+  best row) on the first screen;
+- the best child's Overview: the train vs validation figure, and the test accuracy the
+  store holds (`acc/test`, as the description writes it) on the first screen;
+- the gradient check: its error is not zero in the store, and the child's first screen and
+  its tags show it at that value;
+- the child's Model metrics: the learning curves' sections first (acc, loss);
+- the two Overviews again after one click on the description's "Show more" (MLflow 3.17
+  folds a description at 100 pixels), still without scrolling: <name>-show-more.png.
+
+The runs table is shot with the columns a reviewer adds once (printed; the only clicks).
+Exit 0 when every check holds, 1 otherwise, each failed check printed with why.
 """
 
 from __future__ import annotations
@@ -26,13 +41,55 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 EXPERIMENT = "dashboard-demo"
+# A browser maximized on a 1920 x 1080 screen. In a window narrower than ~1,660 px with the
+# Assistant panel open, MLflow 3.17 stacks a run's Overview in one column, its description
+# last, below the fold (--window 1500x1000 shows it).
+WINDOW = "1920x960"
+SETTLE_MS = 8000  # after loading, until charts and images are drawn (grey placeholders before)
+COLUMNS = ("acc/best_val", "acc/test", "acc/gap", "loss/val", "rel_error/max", "optim.lr",
+           "model.reg", "gradcheck.passed")  # what a reviewer adds once (Columns)
+
+# Where an element is drawn: its box against the window, and whether what the page draws
+# at its centre and near its corners is the element (not a panel over it, nor the fold of
+# a long description clipping it). Images: whether they loaded.
+BOX_JS = """el => {
+  const r = el.getBoundingClientRect(), vw = window.innerWidth, vh = window.innerHeight;
+  const inset = Math.min(3, r.width / 4, r.height / 4);
+  const points = [[r.left + r.width / 2, r.top + r.height / 2],
+                  [r.left + inset, r.top + inset], [r.right - inset, r.top + inset],
+                  [r.left + inset, r.bottom - inset], [r.right - inset, r.bottom - inset]];
+  let over = null;
+  for (const [x, y] of points) {
+    if (x < 0 || y < 0 || x >= vw || y >= vh) continue;
+    const hit = document.elementFromPoint(x, y);
+    if (!hit || !(hit === el || el.contains(hit))) {
+      over = hit ? (hit.getAttribute('aria-label') || hit.innerText || hit.tagName) : 'nothing';
+      over = String(over).replace(/\\s+/g, ' ').slice(0, 60);
+      break;
+    }
+  }
+  return {top: Math.round(r.top), bottom: Math.round(r.bottom), left: Math.round(r.left),
+          right: Math.round(r.right), vw, vh, over,
+          loaded: el.tagName !== 'IMG' || (el.complete && el.naturalWidth > 0)};
+}"""
+
+
+@dataclass
+class Check:
+    """One thing a reviewer must see: what, whether it holds, and why (a box, a value)."""
+
+    what: str
+    ok: bool
+    why: str
 
 
 def free_port() -> int:
@@ -43,14 +100,15 @@ def free_port() -> int:
 
 def make_sweep(work: Path, archive: str | None) -> None:
     """A 2 x 2 sweep into work/mlflow.db (children in parallel would race on 2 cores: the
-    basic launcher runs them one after the other)."""
+    basic launcher runs them one after the other); data where mlp-train keeps it."""
     data = ([f"data.archive={archive}", "data.limit=5000", "data.val_size=1000",
              "trainer.train_eval_size=1000", "trainer.epochs=6"] if archive
             else ["data=synthetic", "trainer.epochs=4", "trainer.batch_size=50"])
-    env = dict(os.environ, MLP_LAB_DATA=str(work / "data"), MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
     subprocess.run([str(BIN / "mlp-train"), "-m", *data, "optim.lr=3e-3,1e-2",
-                    "model.reg=1e-4,1e-2", f"tracking.experiment={EXPERIMENT}",
-                    "trainer.progress=false"], cwd=work, env=env, check=True, timeout=1800)
+                    "model.reg=1e-4,1e-2", f"tracking.uri=sqlite:///{work}/mlflow.db",
+                    f"tracking.experiment={EXPERIMENT}", "trainer.progress=false"],
+                   cwd=work, env=env, check=True, timeout=1800)
 
 
 def start_ui(work: Path, port: int) -> subprocess.Popen:
@@ -64,13 +122,16 @@ def start_ui(work: Path, port: int) -> subprocess.Popen:
         start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the MLflow UI exited with {server.returncode} (port {port} "
+                               "taken?)")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
                     return server
         except OSError:
             time.sleep(1)
-    server.kill()
+    os.killpg(server.pid, 15)
     raise RuntimeError("the MLflow UI did not answer /health within 180 s")
 
 
@@ -81,36 +142,136 @@ def _chromium() -> str:
     return browser
 
 
-COLUMNS = ("acc/best_val", "acc/test", "acc/gap", "loss/val", "rel_error/max", "optim.lr",
-           "model.reg", "gradcheck.passed")  # what a reviewer adds once (Columns)
+def box(locator: Any) -> dict | None:
+    """Where the first element of `locator` is drawn (BOX_JS), None when there is none."""
+    if locator.count() == 0:
+        return None
+    return locator.first.evaluate(BOX_JS)
 
 
-def shoot(pages: dict[str, str], out: Path) -> dict[str, str]:
-    """Open each page in headless Chromium as a reviewer would (the assistant panel closed,
-    the runs table with the key columns), save a full-page PNG and return the page's text."""
+def on_first_screen(what: str, found: dict | None) -> Check:
+    """Whether an element (its `box`) is drawn whole inside the window, uncovered."""
+    if found is None:
+        return Check(what, False, "not on the page")
+    b = found
+    where = f"box y {b['top']}..{b['bottom']}, x {b['left']}..{b['right']} in {b['vw']}x{b['vh']}"
+    if not b["loaded"]:
+        return Check(what, False, f"the image did not load ({where})")
+    if b["top"] < 0 or b["left"] < 0 or b["bottom"] > b["vh"] or b["right"] > b["vw"]:
+        return Check(what, False, f"not inside the window: {where}")
+    if b["over"] is not None:
+        return Check(what, False, f"covered or clipped by {b['over']!r} ({where})")
+    return Check(what, True, where)
+
+
+def look(page: Any, name: str, url: str | None, out: Path) -> str:
+    """Open `url` (or stay on the page) and wait for the page to settle, save what the
+    window shows as out/<name>.png; return the page's text."""
+    if url is not None:
+        page.goto(url)  # the UI polls the server: it is never network-idle
+    page.wait_for_timeout(SETTLE_MS if url is not None else 2000)
+    page.screenshot(path=out / f"{name}.png")
+    print(f"{out / name}.png  <-  {url or 'the page above'}")
+    return page.locator("body").inner_text()
+
+
+def shoot(pages: dict[str, str], out: Path, facts: dict[str, Any], window: dict[str, int]
+          ) -> list[Check]:
+    """Visit each page as a first-time visitor (a fresh browser profile each) in a window
+    of `window` pixels, save its first screen, and check what must be on it."""
     from playwright.sync_api import sync_playwright
 
-    texts = {}
+    checks: list[Check] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1000})
-        for i, (name, url) in enumerate(pages.items()):
-            page.goto(url)
-            page.wait_for_timeout(6000)
-            if i == 0:
-                close = page.get_by_role("button", name="Close")
-                if close.count():
-                    close.first.click()
-                page.get_by_role("button", name="Columns").click()
-                for column in COLUMNS:
-                    page.get_by_text(column, exact=True).first.click()
+        for name, url in pages.items():
+            context = browser.new_context(viewport=window)
+            context.set_default_timeout(90_000)  # a loaded 2-core machine answers slowly
+            page = context.new_page()
+            if name == "1-runs-table":
+                page.goto(url)
+                page.get_by_role("button", name="Columns").first.click()
+                for column in COLUMNS:  # in the open menu (the names show elsewhere too)
+                    page.locator(f"text='{column}' >> visible=true").first.click()
                 page.keyboard.press("Escape")
-            page.wait_for_timeout(4000)
-            page.screenshot(path=out / f"{name}.png")
-            texts[name] = page.locator("body").inner_text()
-            print(f"{out / name}.png  <-  {url}")
+                print(f"runs table: columns added as a reviewer does once: {', '.join(COLUMNS)}")
+            text = look(page, name, url, out)
+            check = CHECKS.get(name)
+            if check is not None:
+                checks += check(page, text, facts, "on the first screen")
+            more = page.get_by_label("Expand description")
+            if name in UNFOLDED and more.count():
+                # Said in the checks' names: one click on "Show more", still no scrolling
+                # (a click scrolls to what it clicks: only one on the first screen).
+                button = on_first_screen(f'{name}: "Show more" on the first screen',
+                                         box(more))
+                if button.ok:
+                    more.first.click()
+                    text = look(page, f"{name}-show-more", None, out)
+                    checks += check(page, text, facts, 'after one click on "Show more", '
+                                    "without scrolling")
+                else:
+                    checks.append(button)
+            context.close()
         browser.close()
-    return texts
+    return checks
+
+
+def _parent_overview(page: Any, text: str, facts: dict, when: str) -> list[Check]:
+    # the description's images (MLflow drops their alt text): the compact figures
+    shown = [on_first_screen("", box(page.locator(f"img[src*='overview/{name}.png']")))
+             for name in ("val_acc_heatmap", "top_curves")]
+    figure = next((c for c in shown if c.ok), shown[0])
+    table = page.locator("table").filter(has_text=facts["best_child"])
+    header, best = table.locator("tr").nth(0), table.locator("tr").nth(1)
+    rows = [on_first_screen("", box(row)) for row in (header, best)]
+    best_row = best.inner_text() if table.count() else ""
+    return [
+        Check(f"the sweep parent's Overview: a comparison figure {when}",
+              figure.ok, figure.why),
+        Check(f"the sweep parent's Overview: the children's table (header, best run) {when}",
+              all(r.ok for r in rows) and facts["best_child"] in best_row,
+              "; ".join(r.why for r in rows) + f"; best row: {best_row!r:.80}"),
+    ]
+
+
+def _child_overview(page: Any, text: str, facts: dict, when: str) -> list[Check]:
+    figure = on_first_screen("", box(page.locator("img[src*='plots/curves_compact.png']")))
+    result = page.locator("p", has_text="Test accuracy")
+    line = result.first.inner_text() if result.count() else ""
+    test = f"Test accuracy {facts['acc_test']:.2%}"
+    error = f"max relative error {facts['rel_error']:.1e}"
+    shown = on_first_screen("", box(result))
+    tag = re.search(r"gradcheck\.max_rel_error\W+([0-9.e+-]+)", text)
+    return [
+        Check(f"the child's Overview: the train vs validation figure {when}",
+              figure.ok, figure.why),
+        Check(f"the child's Overview: acc/test as stored ({test}) {when}",
+              shown.ok and test in line, f"{shown.why}; the line reads {line!r:.90}"),
+        Check(f"the child's gradient check: non-zero in the store, and at that value in its "
+              f"description {when} and in its tags",
+              facts["rel_error"] > 0 and shown.ok and error in line and tag is not None
+              and float(tag.group(1)) == float(f"{facts['rel_error']:.2e}"),
+              f"rel_error/max {facts['rel_error']:.3e}; the description says "
+              f"{error if error in line else 'no ' + repr(error)}; tag "
+              f"{tag.group(1) if tag else 'not shown'}"),
+    ]
+
+
+def sections(text: str) -> list[str]:
+    """The chart sections of a run's metrics page, in page order ("acc (5)" -> "acc")."""
+    return [m.group(1) for m in re.finditer(r"^([\w./-]+)\n\((\d+)\)$", text, re.M)]
+
+
+def _child_metrics(page: Any, text: str, facts: dict, when: str) -> list[Check]:
+    order = sections(text)
+    return [Check("the child's Model metrics: the learning curves first (acc, loss)",
+                  order[:2] == ["acc", "loss"], f"sections {order}")]
+
+
+UNFOLDED = ("2-run-overview", "4-sweep-parent")  # pages looked at again after "Show more"
+CHECKS = {"2-run-overview": _child_overview, "3-run-metrics": _child_metrics,
+          "4-sweep-parent": _parent_overview}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/dashboard", help="where the PNGs go")
     parser.add_argument("--store", help="a directory to keep the sweep in (reused when it "
                         "holds one; default: a temporary directory)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="the MLflow UI's port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--window", default=WINDOW, help=f"the browser window's inner size, "
+                        f"WIDTHxHEIGHT (default: {WINDOW})")
     args = parser.parse_args(argv)
+    width, _, height = args.window.partition("x")
+    window = {"width": int(width), "height": int(height)}
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     archive = str(Path(args.archive).resolve()) if args.archive else None
@@ -136,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         parent = next(r for r in runs if r.data.tags.get("mlp.sweep") == "true")
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         best = children[0]
+        facts = {"best_child": best.info.run_name, "acc_test": best.data.metrics["acc/test"],
+                 "rel_error": best.data.metrics["rel_error/max"]}
         registered = parent.data.tags.get("mlp.sweep.registered_model", "").split("@")[0]
-        port = free_port()
+        port = args.port or free_port()
         server = start_ui(work, port)
         base = f"http://127.0.0.1:{port}/#"
         view = "workflowType=machine_learning"
@@ -156,38 +325,13 @@ def main(argv: list[str] | None = None) -> int:
             "7-registered-model": f"{base}/models/{registered}?{view}",
         }
         try:
-            doms = shoot(pages, out)
+            checks = shoot(pages, out, facts, window)
         finally:
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
-    return check(doms)
-
-
-def sections(text: str) -> list[str]:
-    """The chart sections of a run's metrics page, in page order ("acc (5)" -> "acc")."""
-    return [m.group(1) for m in re.finditer(r"^([\w./-]+)\n\((\d+)\)$", text, re.M)]
-
-
-def check(texts: dict[str, str]) -> int:
-    """What a reviewer must see first, checked in the rendered pages' text."""
-    order = sections(texts["3-run-metrics"])
-    overview = texts["2-run-overview"]
-    checks = {
-        "learning curves come first on the metrics page (acc, loss, then the rest)":
-            order[:2] == ["acc", "loss"] and "rel_error" in order
-            and order.index("rel_error") < min(i for i, s in enumerate(order)
-                                               if s.startswith("weights")),
-        "the gradient-check error shows non-zero (e-1x) on the run overview":
-            re.search(r"gradcheck.max_rel_error\W+\d\.\d+e-1\d", overview) is not None,
-        "the run's description leads with the test accuracy":
-            "Test accuracy" in overview.split("Metrics")[0],
-        "the runs table shows acc/test, best run first": "acc/test" in texts["1-runs-table"],
-        "the parent has a description naming the best run": "Best:" in texts["4-sweep-parent"],
-    }
-    for what, ok in checks.items():
-        print(f"{'ok  ' if ok else 'FAIL'} {what}")
-    print(f"sections of the metrics page: {order}")
-    return 0 if all(checks.values()) else 1
+    for c in checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'} {c.what}: {c.why}")
+    return 0 if checks and all(c.ok for c in checks) else 1
 
 
 if __name__ == "__main__":

@@ -315,13 +315,16 @@ def _summary(result: TrainResult, run_id: str, view: str, reproduce: str) -> Non
 def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trainer,
                   splits: datalib.Splits, result: TrainResult, datasets: dict[str, Any],
                   name: str) -> None:
-    """Figures, the model, the final metrics (linked to the model and the test split) and
-    the description of a finished training. With the store gone, the metrics and tags go
+    """The summary of a finished training (the best validation accuracy and its epoch,
+    once), figures, the model, the test metrics (once, linked to the model and the test
+    split) and the description. With the store gone, the metrics and tags go
     to the run's spool and the rest is named in a warning (`Sink.unless_offline`); a model
     the store refuses (`tracking.ModelRefused`) is raised once the rest is recorded, so
     that the run ends FAILED with that refusal as its error."""
     recorder.set_tags({"checkpoint": str(result.checkpoint),
                        "stopped_early": str(result.stopped_early).lower()})
+    recorder.log_metrics({metrics.ACC_BEST_VAL: result.best_val_acc,
+                          metrics.BEST_EPOCH: result.best_epoch}, step=metrics.SUMMARY_STEP)
     compact = None  # the train vs validation curves, small, shown in the description
     if cfg.tracking.plots:
         with recorder.sink.unless_offline("the figures"):
@@ -347,7 +350,7 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
         except tracking.ModelRefused as e:  # the rest is recorded, then the run fails
             refusal = e
     recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
-                         step=result.best_epoch, model_id=model_id, dataset=datasets["test"])
+                         step=metrics.SUMMARY_STEP, model_id=model_id, dataset=datasets["test"])
     widths = [trainer.model.arch.input_dim, *cfg.model.hidden_sizes, len(splits.classes)]
     with recorder.sink.unless_offline("the description"):
         recorder.describe(tracking.describe_run(

@@ -394,9 +394,10 @@ DESCRIPTION_LIMIT = 6000  # MLflow keeps a tag up to 8000 characters; the outcom
 def _describe_sweep(report: Report, parent: Run, figs: Iterable[str],
                     registration: Registration | None) -> str:
     """The parent's description (Markdown), the comparison on the Overview: what was
-    swept, the best result and where its model went, the compact figures `figs` (names
-    logged under overview/), then the table of the children, best first, with why a
-    failed one failed; rows that do not fit in DESCRIPTION_LIMIT are counted instead."""
+    swept, the best result and where its model went (the lines above the Overview's fold),
+    the compact figures `figs` (names logged under overview/), then the table of the
+    children, best first, with why a failed one failed; rows that do not fit in
+    DESCRIPTION_LIMIT are counted instead."""
     tags = parent.data.tags
     swept = tags.get(SWEPT_TAG, "").split() or report.swept
     space = " x ".join(f"`{k}` in {tags.get(f'{SWEPT_TAG}.{k}', '?')}" for k in swept)
@@ -411,9 +412,11 @@ def _describe_sweep(report: Report, parent: Run, figs: Iterable[str],
         lines.append(f"Best: **{b['run']}**: validation {cell('val_acc', b['val_acc'])}, "
                      f"test {cell('test_acc', b['test_acc'])}"
                      + (f"; `{registration}`" if registration else "") + ".")
-    if figs:  # first, so that they show above the Overview's fold
-        lines.insert(0, " ".join(f"![{name}]({artifact_link(parent.info.run_id, path)})"
-                                 for name, path in ((n, f"overview/{n}.png") for n in figs)))
+    # The words first: MLflow 3.17 folds a description at 100 pixels ("Show more"), which
+    # leaves room for a few lines of text and for no figure.
+    if figs:
+        lines.append(" ".join(f"![{name}]({artifact_link(parent.info.run_id, path)})"
+                              for name, path in ((n, f"overview/{n}.png") for n in figs)))
     columns = ["run", *report.swept, "val_acc", "test_acc", "gap_acc", "gradcheck", "status"]
     table = ["| " + " | ".join(c.rsplit(".", 1)[-1] for c in columns) + " |",
              "| " + " | ".join("---:" if c in NUMBER_COLUMNS else "---" for c in columns) + " |"]
@@ -523,11 +526,13 @@ def _register_best(client: MlflowClient, report: Report, name: str) -> Registrat
 def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Sequence[Run],
                   figs: Mapping[str, Figure]) -> Registration | None:
     """The parent is the sweep's comparison: the shared config as params, the best child's
-    metrics under the children's keys at the best child's last epoch (where its curves
-    end in the charts, not a stray point at step 0), the figures as top-level artifacts
-    beside report.html / report.md and small copies under overview/, the best model
-    registered (`_register_best`, tag mlp.sweep.registered_model), and a description with
-    the table and the small figures (`_describe_sweep`). Returns the registration."""
+    metrics under the children's keys, its curves' last values at its last epoch (where
+    its curves end in the charts, not a stray point at step 0) and its summary at
+    keys.SUMMARY_STEP as the children have it (bars in the charts), the figures as
+    top-level artifacts beside report.html / report.md and small copies under overview/,
+    the best model registered (`_register_best`, tag mlp.sweep.registered_model), and a
+    description with the table and the small figures (`_describe_sweep`). Returns the
+    registration."""
     parent_run_id = parent.info.run_id
     overview = [name for name in OVERVIEW if name in figs]
     with tempfile.TemporaryDirectory() as tmp:
@@ -548,7 +553,8 @@ def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Seque
         last = max((m.step for m in client.get_metric_history(best.info.run_id, keys.ACC_VAL)),
                    default=0)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, best.data.metrics[k], now, last)
+        metrics = [Metric(k, best.data.metrics[k], now,
+                          keys.SUMMARY_STEP if keys.is_summary(k) else last)
                    for k in sorted(best.data.metrics, key=keys.reading_order)
                    if not k.startswith("system/")]
         tags = [RunTag("mlp.sweep.best_run_id", best.info.run_id),

@@ -10,6 +10,13 @@ learning curves first, train and validation of one quantity side by side (`acc/`
 name for it), the speed, and the training-health numbers of the cs231n notes (`units/`,
 `weights/`). System metrics (`system/`) have their own tab.
 
+A number a run has once (its summary: the best epoch, the test accuracy, the gradient
+check) is logged once, at step SUMMARY_STEP (0): MLflow 3.17's charts draw a key whose
+points all sit at step 0 as a bar labelled with its value, and a key with a point at a
+step >= 1 as a line over steps (a lone dot, for a single point), in the run's Model
+metrics tab and in the runs' chart view alike (`getBaseChartAndSectionConfigs` in the
+UI's JavaScript). Curves are logged per epoch, from step 1.
+
 | key | step | meaning |
 | --- | --- | --- |
 | `acc/train`, `acc/val` | epoch | accuracy on the fixed train subset / on validation |
@@ -17,12 +24,12 @@ name for it), the speed, and the training-health numbers of the cs231n notes (`u
 | `loss/train`, `loss/val` | epoch | mean data loss on the same images |
 | `loss/gap` | epoch | loss/val - loss/train |
 | `loss/batch` | global step | training loss (data + L2) of one minibatch |
-| `acc/test`, `loss/test` | best epoch | the test split, once, with the best epoch's params |
-| `acc/best_val`, `acc/best_val_epoch` | epoch | the best validation accuracy so far, its epoch |
+| `acc/best_val`, `acc/best_val_epoch` | 0, once | the run's best validation accuracy, its epoch |
+| `acc/test`, `loss/test` | 0, once | the test split, with the best epoch's params |
 | `opt/lr` | epoch | learning rate at the epoch's last step |
-| `rel_error/max`, `rel_error/<param>` | 0 | gradient check: worst relative error (total loss) |
-| `rel_error/..._log10` | 0 | the same as log10, readable in charts at 1e-12 |
-| `rel_error/kinks` | 0 | coordinates left out of the check because they cross a kink |
+| `rel_error/max`, `rel_error/<param>` | 0, once | gradient check: worst relative error |
+| `rel_error/..._log10` | 0, once | the same as log10 (-11.3), readable in a table cell |
+| `rel_error/kinks` | 0, once | coordinates left out of the check because they cross a kink |
 | `speed/epoch_s`, `speed/images_per_sec` | epoch | wall time of the epoch's steps |
 | `units/layer<k>/dead_frac` | epoch | fraction of units never active (ReLU family) |
 | `weights/<param>/norm`, `grad_norm`, `update_ratio` | epoch | cs231n's health numbers |
@@ -36,6 +43,7 @@ LOSS_TRAIN, LOSS_VAL, LOSS_GAP = "loss/train", "loss/val", "loss/gap"
 LOSS_BATCH = "loss/batch"
 ACC_TEST, LOSS_TEST = "acc/test", "loss/test"
 ACC_BEST_VAL, BEST_EPOCH = "acc/best_val", "acc/best_val_epoch"
+SUMMARY_STEP = 0  # the step of the numbers a run has once (see the module docstring)
 LR = "opt/lr"
 EPOCH_TIME, IMAGES_PER_SEC = "speed/epoch_s", "speed/images_per_sec"
 GRADCHECK_PREFIX = "rel_error/"
@@ -59,8 +67,14 @@ EPOCH_KEYS = {
     "train_acc": ACC_TRAIN, "val_acc": ACC_VAL, "gap_acc": ACC_GAP,
     "train_loss": LOSS_TRAIN, "val_loss": LOSS_VAL, "gap_loss": LOSS_GAP,
     "lr": LR, "epoch_time": EPOCH_TIME, "images_per_sec": IMAGES_PER_SEC,
-    "best_val_acc": ACC_BEST_VAL, "best_epoch": BEST_EPOCH,
 }
+# The numbers a run has once, at SUMMARY_STEP: its result, then its gradient check.
+SUMMARY = (ACC_BEST_VAL, BEST_EPOCH, ACC_TEST, LOSS_TEST)
+
+
+def is_summary(key: str) -> bool:
+    """Whether `key` is one of the numbers a run logs once, at SUMMARY_STEP."""
+    return key in SUMMARY or key.startswith(GRADCHECK_PREFIX)
 
 # The training loop's health numbers, `health/<param>/<what>` and `health/layer<k>/dead_frac`,
 # go to `weights/...` and `units/...`.

@@ -348,18 +348,18 @@ class RunRecorder:
 
     def log_gradcheck(self, report: GradcheckReport) -> None:
         """The gradient check at its real values: metrics `rel_error/max` and
-        `rel_error/<param>` (step 0), their log10 for charts that stay readable at 1e-12,
-        tags `gradcheck.passed` and `gradcheck.max_rel_error` (3 significant digits), the
-        per-parameter table with errors as scientific strings (the UI's table shows them
-        as written; numbers would be rounded to 10 decimals, i.e. to 0) and the report as
-        JSON at full precision."""
+        `rel_error/<param>` (once, at keys.SUMMARY_STEP), their log10 (readable in a table
+        cell at 1e-12), tags `gradcheck.passed` and `gradcheck.max_rel_error` (3
+        significant digits), the per-parameter table with errors as scientific strings (the
+        UI's table shows them as written; numbers would be rounded to 10 decimals, i.e. to
+        0) and the report as JSON at full precision."""
         errors = {f"{keys.GRADCHECK_PREFIX}{name}": err
                   for name, err in report.max_by_param("total").items()}
         errors[keys.GRADCHECK_MAX] = report.max_rel_error
         metrics = errors | {k + keys.LOG10: _log10(v) for k, v in errors.items()}
         metrics[keys.GRADCHECK_KINKS] = report.kinks
         # Stored (or spooled) now, with the tags: a resume does not run the check again.
-        self.sink.add(_points(metrics, 0))
+        self.sink.add(_points(metrics, keys.SUMMARY_STEP))
         self.set_tags({"gradcheck.passed": str(report.passed).lower(),
                        "gradcheck.verdict": report.verdict,
                        # short enough for a cell of the runs table (3.61e-10)

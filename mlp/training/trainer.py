@@ -171,7 +171,6 @@ class Trainer:
             while st.epoch < self.s.epochs:
                 metrics = self._train_epoch()
                 self._keep_if_best(metrics["val_acc"])
-                metrics |= {"best_val_acc": st.best_val_acc, "best_epoch": st.best_epoch}
                 # Observers first: the epoch's record is durable before the checkpoint that
                 # marks the epoch done, so a crash between them re-runs an epoch already
                 # recorded (the recorder does not log its points twice), never skips one.

@@ -297,15 +297,19 @@ def test_log_sweep_report_puts_the_report_on_the_parent(client, store):
     best = client.get_run(report.best["run_id"])
     assert parent.data.metrics == best.data.metrics  # the children's keys, the best's values
     assert parent.data.metrics[keys.ACC_BEST_VAL] == pytest.approx(0.52)
-    # at the best child's last epoch, where its curves end, not at step 0
-    assert {m.step for m in client.get_metric_history(store["parent"], keys.ACC_TEST)} == {3}
+    # the curves' last values at the best child's last epoch, where its curves end, not at
+    # step 0; its summary once at step 0, as the children have it (bars in the charts)
+    assert {m.step for m in client.get_metric_history(store["parent"], keys.ACC_VAL)} == {3}
+    for key in (keys.ACC_TEST, keys.ACC_BEST_VAL, keys.BEST_EPOCH, keys.GRADCHECK_MAX):
+        assert [m.step for m in client.get_metric_history(store["parent"], key)] == [0], key
     assert parent.data.params == {k: v for k, v in COMMON.items()}  # the shared config
     note = parent.data.tags["mlflow.note.content"]
     assert "Best: **relu-h100-lr0.01-reg0.0001**: validation 0.5200, test 0.5100" in note
-    # the comparison itself: the figures inline, then the children's table, best first
-    for name in ("val_acc_heatmap", "top_curves"):
-        assert (f"![{name}](get-artifact?path=overview/{name}.png&run_uuid={store['parent']})"
-                in note)
+    # the comparison itself: the words (above the Overview's fold), the figures inline, then
+    # the children's table, best first
+    figures = " ".join(f"![{name}](get-artifact?path=overview/{name}.png&run_uuid="
+                       f"{store['parent']})" for name in ("val_acc_heatmap", "top_curves"))
+    assert note.index("Sweep ") < note.index("Best: ") < note.index(figures) < note.index("| run")
     rows = [line for line in note.splitlines() if line.startswith("| ")]
     assert rows[0] == "| run | reg | lr | val_acc | test_acc | gap_acc | gradcheck | status |"
     assert rows[2] == ("| **relu-h100-lr0.01-reg0.0001** | 0.0001 | 0.01 | 0.5200 | 0.5100 | "

@@ -48,12 +48,12 @@ def _train(recorder: tracking.RunRecorder, last: int = 4, first: int = 1) -> Non
     for epoch in range(first, last + 1):
         recorder.on_step(epoch * 10, 1.0 / epoch, 0.1)
         recorder.on_epoch(epoch, {"val_acc": epoch / 10, "train_acc": epoch / 8,
-                                  "best_val_acc": epoch / 10})
+                                  "gap_acc": epoch / 40})
         recorder.sink.flush(wait=True)
 
 
 def _each(n: int) -> dict[str, int]:
-    return {"acc/best_val": n, "acc/train": n, "acc/val": n, "loss/batch": n}
+    return {"acc/gap": n, "acc/train": n, "acc/val": n, "loss/batch": n}
 
 
 def _counts(client: MlflowClient, run_id: str) -> dict[str, int]:
@@ -215,6 +215,7 @@ def test_a_finished_config_whose_record_is_incomplete_is_repaired_or_trained_aga
     outage = _FailingBatches(monkeypatch, lambda n: n >= 2)
     with pytest.warns(UserWarning):
         _train(recorder, 2)
+        recorder.log_metrics({keys.ACC_BEST_VAL: 0.2}, step=keys.SUMMARY_STEP)
         recorder.finish("FINISHED")
     client = recorder.client
     experiment = client.get_run(recorder.run_id).info.experiment_id
