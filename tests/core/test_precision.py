@@ -133,7 +133,7 @@ def test_a_float32_step_off_by_ten_tolerances_fails(monkeypatch):
     monkeypatch.setattr(optim.Momentum, "sinks", off)
     check = check_step_precision(model, "momentum", X, y, lr=1e-2)
     assert not check.passed
-    assert {k for k, e in check.errors.items() if e >= check.tol} == {"W1", "W2"}
+    assert {k for k, e in check.errors.items() if e >= check.tol} == {"W1", "b1", "W2", "b2"}
 
 
 def test_a_relu_unit_on_its_kink_is_counted():
