@@ -11,7 +11,9 @@ layer, or, with a norm, Linear (H*k pieces) -> norm over the H*k pieces -> `Piec
 Parameters are named like cs231n's: W1, b1 (and gamma1, beta1 with a norm) for the
 first layer, ..., WL, bL for the scores layer, and `model.params` maps those names to the
 very arrays the layers compute with, so an optimizer that updates `params` in place
-trains the net. `model.params` holds trainable parameters only; `model.buffers` maps
+trains the net; they are views of one flat buffer, `model.flat_params` (the weights,
+then the biases, then the rest), so that the update can make one pass over all of them.
+`model.params` holds trainable parameters only; `model.buffers` maps
 names to the arrays that are state but not trained (BatchNorm's running_mean1,
 running_var1, ...). `save`/`load`, `set_params` and `copy` carry both.
 

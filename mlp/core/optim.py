@@ -14,11 +14,16 @@ The fused step: SGD and momentum are linear in the gradient, so the GEMM that co
 weight's gradient x^T dout can add it straight into the array the rule updates
 (`sinks`: momentum's velocity v = mu * v - lr * x^T dout, plain SGD's weights), and
 `step(..., fused=...)` then finishes those weights (momentum: v -= lr * c * p for the L2
-term, then p += v; SGD: nothing). The gradient array is never written nor read. The
-finish is two whole-array BLAS calls and a dot product, which NumPy's BLAS spreads over
-its threads (`blas.axpy`): on the 1024-1024 net 2.1 ms per step against 3.1 ms for the
-same arithmetic on cached chunks in one thread, and 2.5 ms for one single-threaded copy
-of the weights and velocities. Nesterov needs the old velocity beside the new one,
+term, then p += v; SGD: nothing). The gradient array is never written nor read; a bias's
+gradient, summed over the batch, goes into its velocity the same way. The finish is
+whole-array BLAS calls and a dot product, which NumPy's BLAS spreads over its threads
+(`blas.axpy`): on the 1024-1024 net 2.1 ms per step against 3.1 ms for the same
+arithmetic on cached chunks in one thread, and 2.5 ms for one single-threaded copy of the
+weights and velocities. When the parameters are views of one flat buffer
+(`MLP.flat_params`), the state buffers take the same layout, and the finish makes one
+call per span of neighbours instead of one per parameter: for an MLP, a dot product and
+an axpy over all the weights (the L2 term), then one axpy over all the Linear layers'
+parameters (p += v), whatever the depth. Nesterov needs the old velocity beside the new one,
 RMSProp and Adam the gradient's square: they take the gradient arrays (`sinks` returns
 nothing).
 
