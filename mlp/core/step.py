@@ -27,10 +27,11 @@ def step(model: MLP, optimizer: Optimizer, X: Array, y: Array, lr: float, fused:
     (and the bias's sum, the bias's), and `optimizer.step` finishes those parameters;
     their entries of the returned grads are then stale. The other gradients are the
     model's own arrays (no copy: read once, by the optimizer's pass, before the next pass
-    overwrites them). The L2 term is left
-    to the optimizer, in the one pass it makes over the weights. `fused=False` is the
-    reference path, every gradient materialized: `gradcheck.check_training_step` checks
-    its gradients and that the fused step lands on the same parameters.
+    overwrites them). The L2 term is left to the optimizer, in the one pass it makes over
+    the weights. `fused=False` is the reference path, every gradient materialized:
+    `gradcheck.check_training_step` checks its gradients and that the fused step lands on
+    the same parameters, `gradcheck.check_step_precision` that this step in float32 lands
+    where the float64 reference step does.
     """
     l2 = model.l2_coefficients()
     sinks = optimizer.sinks(model.params, model.linear_names(), lr, l2) if fused else {}
