@@ -62,7 +62,7 @@ def test_the_benchmarks_nets_at_batch_256_are_within_tolerance(hidden: tuple[int
     model = MLP(3072, hidden, 10, reg=5e-4, seed=0)
     check = check_step_precision(model, "momentum", *_batch(256, 3072, 10), lr=1e-2)
     assert check.passed, check
-    assert check.max_rel_error < check.tol / 3, check  # measured 2e-6 to 2e-5: 10-100x below
+    assert check.max_rel_error < check.tol / 3, check  # measured 5e-6 to 2e-5: 10-25x below
 
 
 def test_the_tolerance_is_derived_from_float32_eps_and_the_sizes():
