@@ -49,6 +49,22 @@ def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
         num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
 
 
+def run_step_precision(cfg: DictConfig) -> gradcheck.PrecisionCheck:
+    """The training step in the dtype the run trains in (trainer.dtype), at the run's own
+    sizes (architecture, batch, optimizer, lr), against the float64 reference step from
+    the same parameters and batch (`gradcheck.check_step_precision`), on standard normal
+    inputs with random labels."""
+    w, batch = cfg.data.whiten, cfg.trainer.batch_size
+    model = build_model(cfg, datalib.output_dim(w.name, w.components), len(datalib.CLASSES))
+    rng = np.random.default_rng([cfg.seed, 5])
+    X = rng.standard_normal((batch, model.arch.input_dim), dtype=np.float32)
+    y = rng.integers(0, model.arch.num_classes, batch)
+    kwargs = configlib.optimizer_kwargs(configlib.flatten(OmegaConf.to_container(cfg)))
+    return gradcheck.check_step_precision(
+        model, lambda params: optim.make_optimizer(cfg.optim.name, params, **kwargs), X, y,
+        lr=cfg.optim.lr)
+
+
 def archive_path(cfg: DictConfig) -> Path | None:
     """The configured data's archive: `data.archive`, else $MLP_LAB_ARCHIVE, else None (a
     cached or downloaded official archive); for `data=synthetic` the generated archive

@@ -285,6 +285,9 @@ def _check_and_train(cfg: DictConfig, resolved: dict[str, Any], job: Job,
             log.info("gradient check (float64, widths <= %d):\n%s", cfg.gradcheck.max_width,
                      report)
             recorder.log_gradcheck(report)
+            precision = build.run_step_precision(cfg)
+            log.info("training step in %s: %s", precision.dtype, precision)
+            recorder.log_step_precision(precision)
             if not report.passed and cfg.gradcheck.stop_on_fail:
                 raise exits.GradcheckFailed(f"gradient check failed: max relative error "
                                       f"{report.max_rel_error:.2e} >= tol {report.tol:g}")

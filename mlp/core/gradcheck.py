@@ -11,6 +11,11 @@ a dict. Two whole-model checks, one per way of computing the gradient:
 * `check_model`: the public API, `data_loss_and_grads`, `reg_loss_and_grads` and
   `loss_and_grads`, each against its own loss.
 
+Those run in float64. `check_step_precision` checks the step in the dtype that trains
+(float32 by default): the training step as the trainer runs it, in the model's own dtype,
+against the float64 reference step from the same parameters and batch, with a tolerance
+derived from that dtype's epsilon and the step's sizes (`step_tolerance`).
+
 The numbers are always float64, whatever dtype the model trains in. A coordinate is a
 "kink" when the branches taken by the net's max gates (ReLU sides, Maxout pieces, active
 hinge margins) differ between x-h, x and x+h: the centered difference straddles a
@@ -22,13 +27,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from mlp.core import optim
-from mlp.core.layers import Layer
+from mlp.core.layers import BatchNorm, Layer, Linear
 from mlp.core.model import MLP
 from mlp.core.step import step
 
@@ -319,6 +325,146 @@ def _fused_row(model: MLP, make: Callable[[dict[str, Array]], optim.Optimizer], 
     err = rel_error(*moved, floor=max(1e-6 * float(np.max(np.abs(moved[1]))), TINY))
     return ParamCheck(name="fused", part="step", shape=(moved[0].size,), checked=err.size,
                       kinks=0, max_rel_error=float(err.max()), mean_rel_error=float(err.mean()))
+
+
+@dataclass
+class PrecisionCheck:
+    """The result of `check_step_precision`: per parameter, the relative error of the
+    move of the step in `dtype` against the float64 reference step, and the verdict.
+
+    `passed` is True when every parameter's error is below `tol`. `kinks` counts the
+    units (ReLU sides, Maxout pieces, hinge margins) whose branch differed between the
+    two steps' forward passes: an input within rounding of a kink, where the two steps
+    compute different functions; a failure with kinks > 0 says nothing of the code."""
+
+    dtype: str
+    steps: int
+    tol: float
+    errors: dict[str, float]
+    loss_rel_error: float
+    kinks: int
+
+    @property
+    def max_rel_error(self) -> float:
+        return float(np.max(list(self.errors.values()))) if self.errors else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.max_rel_error < self.tol)
+
+    def to_dict(self) -> dict:
+        """Everything, JSON-ready."""
+        return {"dtype": self.dtype, "steps": self.steps, "tol": self.tol,
+                "max_rel_error": self.max_rel_error, "passed": self.passed,
+                "loss_rel_error": self.loss_rel_error, "kinks": self.kinks,
+                "errors": dict(self.errors)}
+
+    def __str__(self) -> str:
+        worst = max(self.errors, key=self.errors.get) if self.errors else "-"
+        return (f"{self.dtype} step vs float64 reference, {self.steps} steps: max relative "
+                f"error {self.max_rel_error:.2e} ({worst}), tol {self.tol:.2e}, loss "
+                f"{self.loss_rel_error:.1e}, {self.kinks} kinks: "
+                f"{'PASSED' if self.passed else 'FAILED'}")
+
+
+def step_tolerance(model: MLP, batch: int, steps: int, dtype: np.dtype | type | None = None
+                   ) -> float:
+    """The largest relative error of a parameter's move that rounding in `dtype` (the
+    model's, by default) explains, after `steps` steps of batch `batch`:
+    steps * 8 * sqrt(chain) * eps.
+
+    chain is the length of the longest chain of sums in a step: the forward GEMMs' inner
+    dimensions (each Linear's fan-in), the loss's sum over the classes, the backward
+    GEMMs' (each Linear's fan-out, but the first's: no dx), and the batch, summed by the
+    weight gradient's GEMM. A sum of k terms rounded at eps is off by about sqrt(k) eps
+    relative to the sum of their magnitudes when the rounding errors are independent
+    (Higham & Mary 2019), and errors of a chain add; 8 covers the spread of that estimate
+    and the magnitudes' excess over the result. Measured in float32 on the benchmark's
+    nets (batch 256, 2 steps, momentum): 5e-6 to 1.6e-5, 10 to 25 times below this."""
+    eps = float(np.finfo(dtype or model.dtype).eps)
+    linears = [layer for layer in model.layers if isinstance(layer, Linear)]
+    chain = (sum(layer.params["W"].shape[0] for layer in linears)
+             + sum(layer.params["W"].shape[1] for layer in linears[1:])
+             + model.arch.num_classes + batch)
+    return steps * 8 * float(np.sqrt(chain)) * eps
+
+
+def check_step_precision(
+    model: MLP,
+    optimizer: str | Callable[[dict[str, Array]], optim.Optimizer],
+    X: Array,
+    y: Array,
+    lr: float = 0.05,
+    steps: int = 2,
+    tol: float | None = None,
+) -> PrecisionCheck:
+    """Check the training step in the dtype the model trains in against float64.
+
+    On a copy of the model in its own dtype (float32 by default), `steps` steps of
+    `step.step` exactly as the trainer calls it (fused where the optimizer allows, the
+    batch cast to that dtype); on a float64 copy from the same parameters, optimizer
+    state and dropout RNG, the same steps on the same batch (X cast to the model's dtype,
+    then to float64) by the reference path (`fused=False`). The error of each parameter
+    is |move - move64| / max(|move64|, sqrt(size) * rms), 2-norms over the parameter, rms
+    the root-mean-square of all the reference moves: a parameter whose gradient is a sum
+    that cancels (a gamma, a bias that barely moves) is judged against the step's scale,
+    which its rounding is relative to, not against its own small move. The biases before a
+    batch norm are left out: their gradient is 0, both steps move them by rounding noise
+    (which RMSProp and Adam scale up to lr). `tol` defaults to
+    `step_tolerance`. `optimizer`: a name of `optim.OPTIMIZERS` or a function of the
+    parameters that builds one. The caller's model is not touched.
+
+    The tolerance holds for the rules linear in the gradient (SGD, momentum, Nesterov).
+    RMSProp and Adam divide by the gradient's running size: an entry whose gradient is of
+    rounding size (a saturated unit) moves by up to lr in either dtype, however its
+    rounding fell, and can exceed the tolerance with nothing wrong.
+    """
+    make = functools.partial(optim.make_optimizer, optimizer) if isinstance(
+        optimizer, str) else optimizer
+    X = np.asarray(X).astype(model.dtype)
+    moves, losses, kink_states = [], [], []
+    for dtype, fused in ((model.dtype, True), (np.dtype(np.float64), False)):
+        net = model.copy(dtype)
+        states: list[list[Array]] = []
+        net.loss_fn = _recording_kinks(net, states)
+        start = {k: p.astype(np.float64) for k, p in net.params.items()}
+        opt = make(net.params)
+        for _ in range(steps):
+            losses.append(step(net, opt, X.astype(dtype), y, lr, fused=fused)[0])
+            states[-1] = [*(s.copy() for s in net.kink_state()), *states[-1]]
+        moves.append({k: net.params[k].astype(np.float64) - start[k] for k in start})
+        kink_states.append(states)
+    low, ref = moves
+    checked = [k for k in ref if k not in _zero_gradient(model)]
+    rms = float(np.sqrt(np.mean(np.concatenate([ref[k].ravel() for k in checked]) ** 2)))
+    errors = {k: float(np.linalg.norm(low[k] - ref[k])
+                       / max(np.linalg.norm(ref[k]), np.sqrt(ref[k].size) * rms, TINY))
+              for k in checked}
+    kinks = sum(int(np.sum(a != b)) for s, t in zip(*kink_states, strict=True)
+                for a, b in zip(s, t, strict=True))
+    loss_err = float(np.max(rel_error(losses[:steps], losses[steps:])))
+    return PrecisionCheck(
+        dtype=model.dtype.name, steps=steps, errors=errors, loss_rel_error=loss_err,
+        kinks=kinks, tol=step_tolerance(model, len(y), steps) if tol is None else tol)
+
+
+def _zero_gradient(model: MLP) -> set[str]:
+    """The parameters whose gradient is 0 by construction: the biases of the Linear layers
+    before a BatchNorm, which subtracts any per-feature shift."""
+    names = {id(p): k for k, p in model.params.items()}
+    return {names[id(layer.params["b"])] for layer, after in itertools.pairwise(model.layers)
+            if isinstance(layer, Linear) and isinstance(after, BatchNorm)}
+
+
+def _recording_kinks(net: MLP, states: list[list[Array]]) -> Callable[[Array, Array], tuple]:
+    """net's loss function, also appending the loss's kink state of each call to states."""
+    loss_fn = net.loss_fn
+
+    def loss(scores: Array, y: Array) -> tuple:
+        states.append([] if net.loss_kink_fn is None else [net.loss_kink_fn(scores, y)])
+        return loss_fn(scores, y)
+
+    return loss
 
 
 def _float64_copy(model: MLP) -> MLP:

@@ -30,6 +30,7 @@ import numpy as np
 from mlp.core import blas, gates
 
 Array = np.ndarray
+Sink = tuple[Array, float, float]  # (C, alpha, beta): a gradient G lands as C = alpha G + beta C
 
 
 class Layer:
@@ -77,10 +78,12 @@ class Linear(Layer):
     With `input_grad = False` (the first layer of a net: nothing upstream needs dx)
     backward skips dout W^T, a third of the layer's backward work, and returns None.
 
-    `backward(dout, into=(C, alpha, beta))` is the training step's fused form: the weight
-    gradient is not stored but accumulated by the GEMM that computes it into an
-    optimizer's array, C = alpha * x^T dout + beta * C (`Optimizer.sinks`), and
-    grads["W"] is left as it was. The reference form above is what it must equal.
+    `backward(dout, into={"W": (C, alpha, beta), "b": (Cb, alpha, beta)})` is the training
+    step's fused form: the weight gradient is not stored but accumulated by the GEMM that
+    computes it into an optimizer's array, C = alpha * x^T dout + beta * C
+    (`Optimizer.sinks`), and grads["W"] is left as it was; likewise the bias's,
+    Cb = alpha * sum(dout) + beta * Cb (grads["b"] then holds alpha * sum(dout)). The
+    reference form above is what it must equal.
     """
 
     weight_keys = ("W",)
@@ -99,18 +102,25 @@ class Linear(Layer):
         out += self.params["b"]  # in place: no second (N, H) array
         return out
 
-    def backward(self, dout: Array, into: tuple[Array, float, float] | None = None
-                 ) -> Array | None:
+    def backward(self, dout: Array, into: dict[str, Sink] | None = None) -> Array | None:
         x, W = self.x, self.params["W"]
-        np.sum(dout, axis=0, out=self.grads["b"])  # the add gate, summed over the batch
+        db = np.sum(dout, axis=0, out=self.grads["b"])  # the add gate, summed over the batch
         dx = self._out("dx", x.shape, np.result_type(dout, W)) if self.input_grad else None
-        if into is None:
+        if not into:
             return gates.matmul_backward(x, W, dout, da=dx, db=self.grads["W"],
                                          need_da=self.input_grad)[0]
+        if "b" in into:
+            c, alpha, beta = into["b"]
+            if beta != 1:
+                c *= beta
+            c += np.multiply(db, alpha, out=db)
         # dx first: C may be W itself (plain SGD), which must not change before dout W^T.
         if self.input_grad:
             dx = np.matmul(dout, W.T, out=dx)
-        blas.gemm_tn(x, dout, *into)
+        if "W" in into:
+            blas.gemm_tn(x, dout, *into["W"])
+        else:
+            np.matmul(x.T, dout, out=self.grads["W"])
         return dx
 
 
@@ -192,7 +202,7 @@ class Maxout(Linear):
     def forward(self, x: Array) -> Array:
         return self.max.forward(super().forward(x))
 
-    def backward(self, dout: Array, into: tuple[Array, float, float] | None = None) -> Array:
+    def backward(self, dout: Array, into: dict[str, Sink] | None = None) -> Array:
         return super().backward(self.max.backward(dout), into)
 
     def kink_state(self) -> Array | None:

@@ -11,7 +11,9 @@ layer, or, with a norm, Linear (H*k pieces) -> norm over the H*k pieces -> `Piec
 Parameters are named like cs231n's: W1, b1 (and gamma1, beta1 with a norm) for the
 first layer, ..., WL, bL for the scores layer, and `model.params` maps those names to the
 very arrays the layers compute with, so an optimizer that updates `params` in place
-trains the net. `model.params` holds trainable parameters only; `model.buffers` maps
+trains the net; they are views of one flat buffer, `model.flat_params` (the weights,
+then the biases, then the rest), so that the update can make one pass over all of them.
+`model.params` holds trainable parameters only; `model.buffers` maps
 names to the arrays that are state but not trained (BatchNorm's running_mean1,
 running_var1, ...). `save`/`load`, `set_params` and `copy` carry both.
 
@@ -235,6 +237,31 @@ class MLP:
         self.layers[0].input_grad = False  # the gradient of the data is never needed
         for layer in self.layers[:-1]:  # the scores are returned: the caller may keep them
             layer.reuse_buffers = True
+        self._pack()
+        self._weight_names = [name for name, (layer, key) in self._param_layers.items()
+                              if key in layer.weight_keys]
+        self._linear_names = [name for name, (layer, key) in self._param_layers.items()
+                              if isinstance(layer, Linear)]
+
+    def _pack(self) -> None:
+        """Make every parameter a view of one flat buffer, `flat_params`: the weights first,
+        then the other parameters of the Linear layers (biases), then the rest, each group
+        in layer order. An optimizer then keeps its state in the same layout and updates
+        the weights, or all the Linear parameters, with one call (`optim.Momentum`)."""
+        def rank(name: str) -> int:
+            layer, key = self._param_layers[name]
+            return 0 if key in layer.weight_keys else 1 if isinstance(layer, Linear) else 2
+
+        order = sorted(self.params, key=rank)  # stable: layer order within a group
+        self.flat_params = np.empty(sum(self.params[n].size for n in order), self.dtype)
+        offset = 0
+        for name in order:
+            p = self.params[name]
+            view = self.flat_params[offset:offset + p.size].reshape(p.shape)
+            view[...] = p
+            layer, key = self._param_layers[name]
+            layer.params[key] = self.params[name] = view
+            offset += p.size
 
     def _init(self, rng: np.random.Generator, init: str, weight_scale: float,
               fan_in: int, fan_out: int) -> tuple[Array, Array]:
@@ -259,8 +286,12 @@ class MLP:
 
     def weight_names(self) -> list[str]:
         """Names of the regularized parameters (all weights, no biases)."""
-        return [name for name, (layer, key) in self._param_layers.items()
-                if key in layer.weight_keys]
+        return list(self._weight_names)
+
+    def linear_names(self) -> list[str]:
+        """Names of the parameters of the Linear layers (weights and biases): those whose
+        gradient the layer's backward can accumulate into an optimizer's array (`into`)."""
+        return list(self._linear_names)
 
     def scores(self, X: Array, training: bool = False) -> Array:
         """Class scores (N, C) for inputs X (N, D), cast to the model's dtype; in
@@ -315,13 +346,17 @@ class MLP:
         and benchmark of that step): the gradient arrays are the layers' own, overwritten
         by the next pass. Nothing outside the training step may keep them.
 
-        `into` maps some weight names to (C, alpha, beta): the gradient of those weights
-        is accumulated into C by the GEMM that computes it (`Linear.backward`), and their
-        entries of the returned grads are stale (the optimizer's `sinks`)."""
+        `into` maps some names of `linear_names()` to (C, alpha, beta): the gradient of
+        those parameters is accumulated into C where it is computed (by the GEMM, for a
+        weight: `Linear.backward`), and their entries of the returned grads are stale
+        (the optimizer's `sinks`)."""
         scores = self.scores(X, training=True)
         y = self._check_y(y, len(scores))
         loss, dout = self.loss_fn(scores, y)
-        sinks = {self._param_layers[name][0]: sink for name, sink in (into or {}).items()}
+        sinks: dict[Layer, dict[str, tuple[Array, float, float]]] = {}
+        for name, sink in (into or {}).items():
+            layer, key = self._param_layers[name]
+            sinks.setdefault(layer, {})[key] = sink
         for layer in reversed(self.layers):
             sink = sinks.get(layer)
             dout = layer.backward(dout) if sink is None else layer.backward(dout, sink)

@@ -14,11 +14,16 @@ The fused step: SGD and momentum are linear in the gradient, so the GEMM that co
 weight's gradient x^T dout can add it straight into the array the rule updates
 (`sinks`: momentum's velocity v = mu * v - lr * x^T dout, plain SGD's weights), and
 `step(..., fused=...)` then finishes those weights (momentum: v -= lr * c * p for the L2
-term, then p += v; SGD: nothing). The gradient array is never written nor read. The
-finish is two whole-array BLAS calls and a dot product, which NumPy's BLAS spreads over
-its threads (`blas.axpy`): on the 1024-1024 net 2.1 ms per step against 3.1 ms for the
-same arithmetic on cached chunks in one thread, and 2.5 ms for one single-threaded copy
-of the weights and velocities. Nesterov needs the old velocity beside the new one,
+term, then p += v; SGD: nothing). The gradient array is never written nor read; a bias's
+gradient, summed over the batch, goes into its velocity the same way. The finish is
+whole-array BLAS calls and a dot product, which NumPy's BLAS spreads over its threads
+(`blas.axpy`): on the 1024-1024 net 2.1 ms per step against 3.1 ms for the same
+arithmetic on cached chunks in one thread, and 2.5 ms for one single-threaded copy of the
+weights and velocities. When the parameters are views of one flat buffer
+(`MLP.flat_params`), the state buffers take the same layout, and the finish makes one
+call per span of neighbours instead of one per parameter: for an MLP, a dot product and
+an axpy over all the weights (the L2 term), then one axpy over all the Linear layers'
+parameters (p += v), whatever the depth. Nesterov needs the old velocity beside the new one,
 RMSProp and Adam the gradient's square: they take the gradient arrays (`sinks` returns
 nothing).
 
@@ -72,10 +77,24 @@ class Optimizer:
         self.t = 0
         self.state: dict[str, Array] = {}
         self._slots: dict[str, tuple[Array, ...]] = {}
+        # Parameters that are views of one flat buffer (`MLP.flat_params`) get state buffers
+        # of the same layout: neighbours in the parameters are neighbours in the state, and
+        # a pass over neighbours is one call (`_spans`).
+        self._flat = _flat_base(params)
+        flats = [np.zeros_like(self._flat) for _ in self.buffers] if self._flat is not None \
+            else None
         for key, p in params.items():
-            state = {f"{buf}/{key}": np.zeros_like(p) for buf in self.buffers}
+            if flats is None:
+                arrays = [np.zeros_like(p) for _ in self.buffers]
+            else:
+                lo = _offset(p, self._flat)
+                arrays = [flat[lo:lo + p.size].reshape(p.shape) for flat in flats]
+            state = {f"{buf}/{key}": a for buf, a in zip(self.buffers, arrays, strict=True)}
             self.state.update(state)
             self._slots[key] = tuple(state.values())
+        self._flat_state = flats
+        self._built = dict(params)  # the very arrays: `_spans` merges only these
+        self._span_cache: dict[tuple[str, ...], list[tuple[Array, tuple[Array, ...]]]] = {}
 
     def step(self, params: dict[str, Array], grads: dict[str, Array], lr: float,
              l2: Mapping[str, float] | None = None, fused: Collection[str] = ()) -> float:
@@ -99,13 +118,40 @@ class Optimizer:
         lr, l2 = float(lr), l2 or {}
         rest = {key: p for key, p in params.items() if key not in fused}
         l2_term = self._pass(rest, grads, l2, functools.partial(self._update, lr=lr))
-        for key in fused:
-            l2_term += self._finish_pass(key, params[key], lr, l2.get(key, 0.0))
+        if fused:
+            l2_term += self._finish(params, fused, lr, l2)
         return l2_term
 
-    def _finish_pass(self, key: str, p: Array, lr: float, c: float) -> float:
-        """Finish the fused update of p (see `sinks`); returns c/2 |p|^2 of p before it."""
+    def _finish(self, params: dict[str, Array], fused: Collection[str], lr: float,
+                l2: Mapping[str, float]) -> float:
+        """Finish the fused update of the parameters `fused` (see `sinks`); returns
+        the sum of c/2 |p|^2 over them, before the update."""
         raise NotImplementedError(f"{self.name} has no fused update")
+
+    def _spans(self, params: dict[str, Array], keys: Collection[str]
+               ) -> list[tuple[Array, tuple[Array, ...]]]:
+        """The parameters `keys` as (p, state arrays) of as few 1-d spans as their layout
+        allows: neighbours in `MLP.flat_params` (and so in the state) are merged, any
+        other parameter is a span of its own."""
+        keys = tuple(keys)
+        if self._flat is None or any(params[k] is not self._built[k] for k in keys):
+            return [(params[k].reshape(-1), tuple(a.reshape(-1) for a in self._slots[k]))
+                    for k in keys]
+        if keys not in self._span_cache:
+            self._span_cache[keys] = self._merged(params, keys)
+        return self._span_cache[keys]
+
+    def _merged(self, params: dict[str, Array], keys: tuple[str, ...]
+                ) -> list[tuple[Array, tuple[Array, ...]]]:
+        ranges = sorted((_offset(params[k], self._flat), params[k].size) for k in keys)
+        merged: list[list[int]] = []
+        for lo, size in ranges:
+            if merged and merged[-1][1] == lo:
+                merged[-1][1] = lo + size
+            else:
+                merged.append([lo, lo + size])
+        return [(self._flat[lo:hi], tuple(f[lo:hi] for f in self._flat_state))
+                for lo, hi in merged]
 
     def sinks(self, params: dict[str, Array], weights: Collection[str], lr: float,
               l2: Mapping[str, float] | None = None) -> dict[str, Sink]:
@@ -226,8 +272,9 @@ class SGD(Optimizer):
                            for k in weights if l2.get(k)}
         return {k: (params[k], -float(lr), 1.0 - float(lr) * l2.get(k, 0.0)) for k in weights}
 
-    def _finish_pass(self, key: str, p: Array, lr: float, c: float) -> float:
-        return self._l2_before.pop(key, 0.0)  # the GEMM did the update
+    def _finish(self, params: dict[str, Array], fused: Collection[str], lr: float,
+                l2: Mapping[str, float]) -> float:
+        return sum(self._l2_before.pop(key, 0.0) for key in fused)  # the GEMM did the update
 
     def _update(self, p: Array, g: Array, *state: Array, lr: float, scratch: Array) -> None:
         np.multiply(g, lr, out=scratch)
@@ -255,14 +302,19 @@ class Momentum(Optimizer):
         self._advance(v, g, lr, scratch)
         p += v
 
-    def _finish_pass(self, key: str, p: Array, lr: float, c: float) -> float:
+    def _finish(self, params: dict[str, Array], fused: Collection[str], lr: float,
+                l2: Mapping[str, float]) -> float:
         # v holds mu * v - lr * x^T dout, from the GEMM. Whole-array BLAS calls, not
-        # cached chunks: BLAS spreads them over its threads (`blas.axpy`).
-        (v,) = self._slots[key]
-        l2_term = c / 2 * float(np.vdot(p, p)) if c else 0.0
-        if c:
-            blas.axpy(-lr * c, p, v)
-        blas.axpy(1.0, v, p)
+        # cached chunks: BLAS spreads them over its threads (`blas.axpy`); one call per
+        # span of neighbouring parameters (`_spans`): for an MLP's flat buffer, the L2
+        # term's two passes over all the weights at once, then p += v over all of them.
+        l2_term = 0.0
+        for c in sorted({l2.get(k, 0.0) for k in fused} - {0.0}):
+            for p, (v,) in self._spans(params, [k for k in fused if l2.get(k, 0.0) == c]):
+                l2_term += c / 2 * float(np.vdot(p, p))
+                blas.axpy(-lr * c, p, v)
+        for p, (v,) in self._spans(params, fused):
+            blas.axpy(1.0, v, p)
         return l2_term
 
     def _advance(self, v: Array, g: Array, lr: float, scratch: Array) -> None:
@@ -363,6 +415,24 @@ class Adam(Optimizer):
         # The first moment's bias correction folds into the step size.
         scratch *= lr / (1 - self.beta1**self.t)
         p -= scratch
+
+
+def _flat_base(params: dict[str, Array]) -> Array | None:
+    """The 1-d buffer every parameter is a contiguous view of (`MLP.flat_params`), or None."""
+    bases = {id(p.base): p.base for p in params.values()}
+    if len(bases) != 1:
+        return None
+    (base,) = bases.values()
+    if base is None or base.ndim != 1 or not base.flags.c_contiguous or not all(
+            p.flags.c_contiguous for p in params.values()):
+        return None
+    return base
+
+
+def _offset(p: Array, base: Array) -> int:
+    """Where the view p starts in base, in elements."""
+    return (p.__array_interface__["data"][0] - base.__array_interface__["data"][0]) \
+        // base.itemsize
 
 
 def make_optimizer(name: str, params: dict[str, Array], momentum: float = 0.9,

@@ -30,6 +30,7 @@ UI's JavaScript). Curves are logged per epoch, from step 1.
 | `rel_error/max`, `rel_error/<param>` | 0, once | gradient check: worst relative error |
 | `rel_error/..._log10` | 0, once | the same as log10 (-11.3), readable in a table cell |
 | `rel_error/kinks` | 0, once | coordinates left out of the check because they cross a kink |
+| `rel_error/step_<dtype>` | 0, once | the step in its dtype vs the float64 step: worst move error |
 | `speed/epoch_s`, `speed/images_per_sec` | epoch | wall time of the epoch's steps |
 | `units/layer<k>/dead_frac` | epoch | fraction of units never active (ReLU family) |
 | `weights/<param>/norm`, `grad_norm`, `update_ratio` | epoch | cs231n's health numbers |
@@ -49,6 +50,7 @@ EPOCH_TIME, IMAGES_PER_SEC = "speed/epoch_s", "speed/images_per_sec"
 GRADCHECK_PREFIX = "rel_error/"
 GRADCHECK_MAX = "rel_error/max"
 GRADCHECK_KINKS = "rel_error/kinks"
+STEP_PRECISION_PREFIX = "rel_error/step_"  # + the dtype that trains: float32
 LOG10 = "_log10"  # suffix of a gradient-check error's log10
 SYSTEM_PREFIX = "system/"  # MLflow's system metrics: sampled by wall time, not by step
 

@@ -77,7 +77,7 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from mlp.config import schema as configlib
-from mlp.core.gradcheck import GradcheckReport
+from mlp.core.gradcheck import GradcheckReport, PrecisionCheck
 from mlp.core.model import MLP
 from mlp.data import Normalizer
 from mlp.tracking import keys, liveness, masking, receipt, serving, store
@@ -371,6 +371,17 @@ class RunRecorder:
                                       "in the run's rel_error/* metrics and gradcheck.* tags"):
             self.client.log_table(self.run_id, table, "gradcheck/table.json")
             self.client.log_dict(self.run_id, report.to_dict(), "gradcheck/report.json")
+
+    def log_step_precision(self, check: PrecisionCheck) -> None:
+        """The training step in its dtype against the float64 step, beside the gradient
+        check: metric `rel_error/step_<dtype>` (at SUMMARY_STEP) and its log10, tag
+        `gradcheck.step_<dtype>` (passed or failed, the error and the tolerance)."""
+        key = keys.STEP_PRECISION_PREFIX + check.dtype
+        self.sink.add(_points({key: check.max_rel_error,
+                               key + keys.LOG10: _log10(check.max_rel_error)}, keys.SUMMARY_STEP))
+        self.set_tags({f"gradcheck.step_{check.dtype}":
+                       f"{'passed' if check.passed else 'failed'} {check.max_rel_error:.2e} "
+                       f"(tol {check.tol:.2e}, {check.kinks} kinks)"})
 
     def log_figure(self, figure: Any, name: str, dpi: int | None = None) -> str:
         """A matplotlib figure as plots/<name>.png (at `dpi`, else matplotlib's); returns

@@ -84,8 +84,12 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
     assert m[metrics.GRADCHECK_MAX + metrics.LOG10] == pytest.approx(
         np.log10(m[metrics.GRADCHECK_MAX]), abs=0.005)
     assert not any(k.startswith("system/") for k in m)  # tracking.system_metrics=false
+    step32 = metrics.STEP_PRECISION_PREFIX + "float32"  # the float32 step vs float64
+    assert [p.step for p in client.get_metric_history(rid, step32)] == [0]
+    assert 0 < m[step32] < 1e-4
     tags = run.data.tags
     assert tags["gradcheck.passed"] == "true"
+    assert tags["gradcheck.step_float32"].startswith("passed ")
     assert float(tags["gradcheck.max_rel_error"]) == pytest.approx(m[metrics.GRADCHECK_MAX],
                                                                     rel=1e-2)
     assert tags["data.archive_sha256"]

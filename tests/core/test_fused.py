@@ -76,6 +76,8 @@ def test_the_fused_step_moves_everything_as_the_reference_step(name: str, activa
 def test_sgd_and_momentum_take_the_weight_gradients_from_the_gemm(name: str, fuses: bool):
     model = _net("relu", None, "softmax", 1e-3, 0.0)
     optimizer = optim.make_optimizer(name, model.params)
+    linear = optimizer.sinks(model.params, model.linear_names(), 0.1, model.l2_coefficients())
+    assert sorted(linear) == (sorted(model.linear_names()) if fuses else [])  # W and b
     sinks = optimizer.sinks(model.params, model.weight_names(), 0.1, model.l2_coefficients())
     assert sorted(sinks) == (sorted(model.weight_names()) if fuses else [])
     if fuses:  # the gradient arrays of the weights are not written: the GEMM went elsewhere

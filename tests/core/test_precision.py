@@ -1,0 +1,159 @@
+"""The training step in the dtype that trains: float32, checked against float64.
+
+The gradient checks run in float64. `gradcheck.check_step_precision` runs the step as the
+trainer runs it (`mlp.core.step.step`, fused where the optimizer allows, float32 arrays)
+and the float64 reference step (`fused=False`) from the same parameters, optimizer state
+and batch, and compares every parameter's move within `gradcheck.step_tolerance`:
+steps * 8 * sqrt(chain) * eps(float32), chain the longest chain of sums in the step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlp.core import gradcheck, optim
+from mlp.core.gradcheck import check_step_precision, step_tolerance
+from mlp.core.layers import ACTIVATIONS
+from mlp.core.model import MLP
+from mlp.training import trainer as train
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _batch(n: int, d: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d), dtype=np.float32), rng.integers(0, classes, n)
+
+
+def _check_all(name: str, activation: str, norm: str | None) -> None:
+    for loss, reg, dropout in (("softmax", 1e-3, 0.0), ("svm", 0.0, 0.3)):
+        model = MLP(40, (24, 16), 6, activation=activation, norm=norm, loss=loss, reg=reg,
+                    dropout=dropout, seed=1)
+        check = check_step_precision(model, name, *_batch(32, 40, 6), steps=3)
+        assert check.kinks == 0, check  # these seeds put no unit within rounding of a kink
+        assert check.passed, check
+        assert check.dtype == "float32"
+        assert 0 < check.max_rel_error  # float32 really ran: the moves are not bit-equal
+        assert check.loss_rel_error < check.tol
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("norm", [None, "batch", "layer"])
+def test_the_float32_step_lands_where_the_float64_reference_step_lands(
+        name: str, activation: str, norm: str | None):
+    _check_all(name, activation, norm)
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adam"])
+@pytest.mark.parametrize("norm", [None, "batch", "layer"])
+def test_the_adaptive_rules_float32_step_lands_where_the_float64_step_lands(
+        name: str, norm: str | None):
+    # Not every activation: RMSProp and Adam divide by the gradient's own size, so an entry
+    # whose gradient is rounding-size (saturated units) moves by what its rounding says, in
+    # either dtype (`check_step_precision`); with ReLU the gradients are not that small.
+    _check_all(name, "relu", norm)
+
+
+@pytest.mark.parametrize("hidden", [(100,), (512,) * 4, (1024, 1024)])
+def test_the_benchmarks_nets_at_batch_256_are_within_tolerance(hidden: tuple[int, ...]):
+    # The shapes that train (BLAS's blocked, threaded kernels), SGD momentum with L2.
+    model = MLP(3072, hidden, 10, reg=5e-4, seed=0)
+    check = check_step_precision(model, "momentum", *_batch(256, 3072, 10), lr=1e-2)
+    assert check.passed, check
+    assert check.max_rel_error < check.tol / 3, check  # measured 5e-6 to 2e-5: 10-25x below
+
+
+def test_the_tolerance_is_derived_from_float32_eps_and_the_sizes():
+    model = MLP(3072, (100,), 10)
+    chain = 3072 + 100 + 10 + 10 + 256  # fan-ins, fan-outs but the first's, classes, batch
+    assert step_tolerance(model, 256, 2) == pytest.approx(2 * 8 * np.sqrt(chain) * EPS32)
+    assert step_tolerance(model.copy("float64"), 256, 2) == pytest.approx(
+        2 * 8 * np.sqrt(chain) * float(np.finfo(np.float64).eps))
+
+
+def test_the_check_runs_the_trainers_step_fused_in_float32(monkeypatch):
+    # The function the trainer calls, with the trainer's arguments: fused, float32 arrays.
+    assert gradcheck.step is train.step
+    calls = []
+
+    def spy(model, optimizer, X, y, lr, fused=True, guard=None):
+        calls.append((model.dtype.name, X.dtype.name, fused, type(optimizer).__name__))
+        return train.step(model, optimizer, X, y, lr, fused=fused, guard=guard)
+
+    monkeypatch.setattr(gradcheck, "step", spy)
+    check_step_precision(MLP(20, (8,), 4, seed=0), "momentum", *_batch(8, 20, 4), steps=2)
+    assert calls == [("float32", "float32", True, "Momentum")] * 2 + [
+        ("float64", "float64", False, "Momentum")] * 2
+
+
+def test_the_checked_float32_step_is_bit_for_bit_the_trainers_step():
+    model = MLP(20, (8,), 4, reg=1e-3, seed=0)
+    X, y = _batch(8, 20, 4)
+    twin = model.copy()
+    optimizer = optim.make_optimizer("momentum", twin.params)
+    start = {k: p.copy() for k, p in twin.params.items()}
+    for _ in range(2):
+        train.step(twin, optimizer, X, y, 0.05)
+    moved = {k: twin.params[k].astype(np.float64) - start[k].astype(np.float64) for k in start}
+    reference = model.copy("float64")
+    ref_opt = optim.make_optimizer("momentum", reference.params)
+    for _ in range(2):
+        train.step(reference, ref_opt, X.astype(np.float64), y, 0.05, fused=False)
+    ref_moved = {k: reference.params[k] - start[k].astype(np.float64) for k in start}
+    check = check_step_precision(model, "momentum", X, y, lr=0.05, steps=2)
+    rms = np.sqrt(np.mean(np.concatenate([m.ravel() for m in ref_moved.values()]) ** 2))
+    for k in moved:
+        scale = max(np.linalg.norm(ref_moved[k]), np.sqrt(moved[k].size) * rms)
+        assert check.errors[k] == np.linalg.norm(moved[k] - ref_moved[k]) / scale
+
+
+def test_the_callers_model_is_not_touched():
+    model = MLP(20, (8,), 4, dropout=0.5, seed=0)
+    before = {k: p.copy() for k, p in model.params.items()}
+    rng_state = model.dropout_rng.bit_generator.state
+    check_step_precision(model, "adam", *_batch(8, 20, 4))
+    assert all(np.array_equal(model.params[k], before[k]) for k in before)
+    assert model.dropout_rng.bit_generator.state == rng_state
+
+
+def test_a_float32_step_off_by_ten_tolerances_fails(monkeypatch):
+    # The measure is calibrated: a float32 step whose move is off by 10 tol is caught.
+    model = MLP(3072, (100,), 10, reg=5e-4, seed=0)
+    X, y = _batch(256, 3072, 10)
+    tol = step_tolerance(model, 256, 2)
+    real = optim.Momentum.sinks
+
+    def off(self, params, weights, lr, l2=None):
+        scale = 1 + 10 * tol if next(iter(params.values())).dtype == np.float32 else 1
+        return {k: (c, alpha * scale, beta)
+                for k, (c, alpha, beta) in real(self, params, weights, lr, l2).items()}
+
+    monkeypatch.setattr(optim.Momentum, "sinks", off)
+    check = check_step_precision(model, "momentum", X, y, lr=1e-2)
+    assert not check.passed
+    assert {k for k, e in check.errors.items() if e >= check.tol} == {"W1", "b1", "W2", "b2"}
+
+
+def test_a_relu_unit_on_its_kink_is_counted():
+    # A pre-activation within float32 rounding of 0: the two steps take different branches.
+    model = MLP(4, (3,), 2, seed=0)
+    X, y = _batch(5, 4, 2)
+    W, b = model.params["W1"], model.params["b1"]
+    b[0] = -np.float32(X[0].astype(np.float64) @ W[:, 0].astype(np.float64))
+    check = check_step_precision(model, "sgd", X, y, steps=1)
+    states = []
+    for dtype in ("float32", "float64"):
+        net = model.copy(dtype)
+        net.scores(X.astype(dtype), training=True)
+        states.append(net.kink_state()[0][0, 0])
+    assert check.kinks == int(states[0] != states[1])
+
+
+def test_the_report_renders_and_serializes():
+    check = check_step_precision(MLP(20, (8,), 4, seed=0), "sgd", *_batch(8, 20, 4))
+    assert "float32 step vs float64 reference" in str(check)
+    assert "PASSED" in str(check)
+    d = check.to_dict()
+    assert d["passed"] is True and set(d["errors"]) == {"W1", "b1", "W2", "b2"}
