@@ -245,9 +245,10 @@ class SweepCallback(Callback):
         self.client: MlflowClient | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlp.tracking import masking, store  # mlflow loads only when a sweep starts
+        from mlp.tracking import deferred, masking, store  # mlflow loads when a sweep starts
 
         masking.install()
+        deferred.allow()  # the jobs run here (basic launcher) record their tails meanwhile
 
         hydra = config.hydra
         launcher = str(hydra.launcher.get("_target_", ""))
@@ -317,8 +318,12 @@ class SweepCallback(Callback):
             self.client.set_terminated(child.info.run_id, status="KILLED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Report on the parent, then end it with the outcome (see the module docstring)."""
+        """Report on the parent, then end it with the outcome (see the module docstring),
+        once every job's deferred tail has ended (`tracking.deferred`)."""
         global _outcome
+        from mlp.tracking import deferred
+
+        tails_failed = deferred.wait()
         if self.parent is None or self.client is None:
             return
         watch = _slurm_watch
@@ -357,6 +362,9 @@ class SweepCallback(Callback):
         except Exception as e:  # the store is unreadable: nothing says the jobs succeeded
             outcome = SweepOutcome(error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
             log.warning("could not read how the jobs ended: %s", outcome.error)
+        # A tail that failed counts even when the store could not take its run's end.
+        outcome.failed += [why for run, why in tails_failed.items()
+                           if not _ended_failed(client, run)]
         _outcome = outcome
         self._end_if_running(outcome.status)
 
@@ -391,6 +399,14 @@ class SweepCallback(Callback):
         client = self.client
         if client.get_run(self.parent["run_id"]).info.status == "RUNNING":
             client.set_terminated(self.parent["run_id"], status=status)
+
+
+def _ended_failed(client: MlflowClient, run_id: str) -> bool:
+    """Whether the store says run_id ended FAILED (the sweep's outcome counted it)."""
+    try:
+        return client.get_run(run_id).info.status == "FAILED"
+    except Exception:  # unreadable: the failure is counted from what the process knows
+        return False
 
 
 def _whole_errors(client: Any, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
