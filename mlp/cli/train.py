@@ -103,7 +103,9 @@ def train(cfg: DictConfig) -> float:
     is resumed into the same run (from its own checkpoint: another run's is refused), its
     checkpoints go to its own subfolder of trainer.checkpoint_dir when that is set, and a
     job that fails is recorded FAILED and returns NaN so that the sweep goes on (and exits
-    1 at its end, see `train_main`); only an interruption stops the sweep.
+    1 at its end, see `train_main`); only an interruption stops the sweep. In a sweep run
+    in this process (the basic launcher), the run's tail (figures, model, final metrics,
+    its end and receipt) is recorded while the next job trains (`tracking.deferred`).
     """
     job = Job.from_hydra()
     try:
@@ -165,6 +167,8 @@ def train(cfg: DictConfig) -> float:
     _summary(result, recorder.run_id,
              tracking.how_to_view(client.tracking_uri, experiment_id, recorder.run_id),
              job.command(archive))
+    if job.parent is None and recorder.receipt is not None and not recorder.receipt.complete:
+        exits.incomplete(f"run {recorder.run_id}", recorder.receipt)
     return result.best_val_acc
 
 
@@ -172,15 +176,13 @@ def _record_and_end(recorder: tracking.RunRecorder, killed: tuple[type[BaseExcep
                     cfg: DictConfig, trainer: Trainer, splits: datalib.Splits,
                     result: TrainResult, datasets: dict[str, Any], name: str,
                     alone: bool) -> None:
-    """A trained run's tail: its results (`record_result`), then its end and receipt.
-    Alone, a record that is incomplete exits 4; in a sweep it is a warning, and the sweep
-    counts it from the run's `mlp.record`. Deferred in a sweep run in this process
-    (`tracking.deferred`): the next job trains meanwhile."""
+    """A trained run's tail: its results (`record_result`), then its end and receipt. In
+    a sweep a record that is incomplete is a warning here, and the sweep counts it from
+    the run's `mlp.record` (alone, `train` exits 4). Deferred in a sweep run in this
+    process (`tracking.deferred`): the next job trains meanwhile."""
     with recorder.finishing(killed=killed):
         record_result(recorder, cfg, trainer, splits, result, datasets, name)
-    if recorder.receipt is not None and not recorder.receipt.complete:
-        if alone:
-            exits.incomplete(f"run {recorder.run_id}", recorder.receipt)
+    if not alone and recorder.receipt is not None and not recorder.receipt.complete:
         log.warning("run %s trained, but its record is %s", recorder.run_id,
                     recorder.receipt.tag())
 

@@ -7,7 +7,9 @@ SQLite store races in MLflow's migrations), opens the parent run and writes its 
 launcher), in joblib's worker processes, in submitit jobs on this or another machine
 (the sweep dir is on a shared file system there). It also gives each joblib worker its
 share of the cores for BLAS before NumPy loads there. After the last job it logs the
-comparison report on the parent and ends it with the sweep's outcome.
+comparison report on the parent and ends it with the sweep's outcome, once the jobs run
+in this process have recorded their tails (`tracking.deferred`: the next job trains
+meanwhile).
 
 The outcome comes from the store, whatever the launcher (joblib and submitit jobs run in
 other processes): the report's rows, one per job of the parent (its latest attempt; a
