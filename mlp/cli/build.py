@@ -4,6 +4,7 @@ meet the constructors of the core, the data and the training loop."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -31,22 +32,36 @@ def build_model(cfg: DictConfig, input_dim: int, num_classes: int,
                seed=cfg.seed, **kwargs)
 
 
+_checks: dict[str, gradcheck.GradcheckReport] = {}  # this process's checks, by what they read
+
+
 def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
     """The gradient check of what the run trains: its architecture, activation, loss and
     reg (same depth, hidden widths capped at gradcheck.max_width, float64), through the
     training step's own path (the zero-copy backward pass and the run's optimizer's fused
     L2 pass), on gradcheck.samples standard normal inputs (what normalized or whitened
-    pixels look like) of the run's input width, with random labels."""
+    pixels look like) of the run's input width, with random labels.
+
+    The check reads `model.*`, `gradcheck.*`, the optimizer's name and keyword arguments
+    (not `optim.lr`: the check steps at its own rate), the input width and `seed`, and is
+    deterministic: the jobs of a sweep run in one process (an `optim.lr` grid) that agree
+    on all of these share one check, computed by the first (the report is read only)."""
     g, w = cfg.gradcheck, cfg.data.whiten
-    model = build_model(cfg, datalib.output_dim(w.name, w.components), len(datalib.CLASSES),
-                        max_width=g.max_width, dtype="float64")
-    rng = np.random.default_rng([cfg.seed, 3])
-    X = rng.standard_normal((g.samples, model.arch.input_dim))
-    y = rng.integers(0, model.arch.num_classes, g.samples)
     kwargs = configlib.optimizer_kwargs(configlib.flatten(OmegaConf.to_container(cfg)))
-    return gradcheck.check_training_step(
-        model, lambda params: optim.make_optimizer(cfg.optim.name, params, **kwargs), X, y,
-        num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
+    input_dim = datalib.output_dim(w.name, w.components)
+    key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True),
+                      OmegaConf.to_container(g, resolve=True), cfg.optim.name, kwargs,
+                      input_dim, cfg.seed], sort_keys=True, default=str)
+    if key not in _checks:
+        model = build_model(cfg, input_dim, len(datalib.CLASSES), max_width=g.max_width,
+                            dtype="float64")
+        rng = np.random.default_rng([cfg.seed, 3])
+        X = rng.standard_normal((g.samples, model.arch.input_dim))
+        y = rng.integers(0, model.arch.num_classes, g.samples)
+        _checks[key] = gradcheck.check_training_step(
+            model, lambda params: optim.make_optimizer(cfg.optim.name, params, **kwargs), X,
+            y, num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
+    return _checks[key]
 
 
 def run_step_precision(cfg: DictConfig) -> gradcheck.PrecisionCheck:
@@ -86,14 +101,45 @@ def data_root(cfg: DictConfig) -> Path:
     return Path(cfg.data.root).expanduser() if cfg.data.root else datalib.default_root()
 
 
+# The last splits loaded and the last normalizer fitted in this process, with what they were
+# made from: the jobs of a sweep run in one process that read the same data share them.
+_last_splits: tuple[str, datalib.Splits] | None = None
+_last_fit: tuple[datalib.Splits, str, dict[str, np.ndarray]] | None = None
+
+
 def load_data(cfg: DictConfig) -> datalib.Splits:
     """CIFAR-10 (a local archive, the cache, or the download) or the synthetic set, split
-    as configured."""
+    as configured. The splits are read only: the jobs of a sweep in one process whose
+    `data.*` (but its preprocessing), archive and seed agree get the same Splits."""
+    global _last_splits
     archive = archive_path(cfg)
+    d = cfg.data
+    key = json.dumps([str(archive), str(data_root(cfg)), d.name, d.md5, d.val_size, d.limit,
+                      OmegaConf.to_container(d.synthetic), cfg.seed], default=str)
+    if _last_splits is not None and _last_splits[0] == key:
+        return _last_splits[1]
     # The generated archive is its own reference: its md5 keeps it from reading as unverified.
-    md5 = datalib.file_digest(archive, "md5") if cfg.data.name == "synthetic" else cfg.data.md5
+    md5 = datalib.file_digest(archive, "md5") if d.name == "synthetic" else d.md5
     raw = datalib.load_cifar10(data_root(cfg), archive, md5, progress=cfg.trainer.progress)
-    return datalib.split(raw, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed)
+    splits = datalib.split(raw, val_size=d.val_size, limit=d.limit, seed=cfg.seed)
+    _last_splits = key, splits
+    return splits
+
+
+def fit_normalizer(cfg: DictConfig, splits: datalib.Splits) -> datalib.Normalizer:
+    """The preprocessing of `data.*` fitted on the training split: a new Normalizer, whose
+    state is fitted once per process for the same splits and settings (then loaded)."""
+    global _last_fit
+    w = cfg.data.whiten
+    normalizer = datalib.Normalizer(cfg.data.normalize, whiten=w.name, components=w.components,
+                                    eps=w.eps)
+    key = json.dumps([cfg.data.normalize, w.name, w.components, w.eps])
+    if _last_fit is not None and _last_fit[0] is splits and _last_fit[1] == key:
+        normalizer.load_state_dict(_last_fit[2])
+        return normalizer
+    normalizer.fit(splits.X_train)
+    _last_fit = splits, key, normalizer.state_dict()
+    return normalizer
 
 
 def data_source(cfg: DictConfig) -> str:
@@ -113,9 +159,8 @@ def archive_override(cfg: DictConfig, overrides: list[str]) -> list[str]:
 def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> Trainer:
     """Normalizer (fitted on the training split), model, optimizer, schedule and loop
     settings from the config."""
-    t, o, w = cfg.trainer, cfg.optim, cfg.data.whiten
-    normalizer = datalib.Normalizer(cfg.data.normalize, whiten=w.name, components=w.components,
-                                    eps=w.eps).fit(splits.X_train)
+    t, o = cfg.trainer, cfg.optim
+    normalizer = fit_normalizer(cfg, splits)
     model = build_model(cfg, normalizer.out_dim, len(splits.classes))
     flat = configlib.flatten(OmegaConf.to_container(cfg, resolve=True))
     optimizer = optim.make_optimizer(o.name, model.params, **configlib.optimizer_kwargs(flat))

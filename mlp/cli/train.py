@@ -8,6 +8,7 @@ then start the run, and whatever happens next, end it with the right status.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from mlp import data as datalib
 from mlp.cli import build, exits
 from mlp.config import schema as configlib
 from mlp.sweeps import callback as sweeplib
-from mlp.tracking import cluster, liveness, masking, names, plots, receipt
+from mlp.tracking import cluster, deferred, liveness, masking, names, plots, receipt
 from mlp.tracking import keys as metrics
 from mlp.tracking import recorder as tracking
 from mlp.tracking import spool as spoollib
@@ -102,7 +103,9 @@ def train(cfg: DictConfig) -> float:
     is resumed into the same run (from its own checkpoint: another run's is refused), its
     checkpoints go to its own subfolder of trainer.checkpoint_dir when that is set, and a
     job that fails is recorded FAILED and returns NaN so that the sweep goes on (and exits
-    1 at its end, see `train_main`); only an interruption stops the sweep.
+    1 at its end, see `train_main`); only an interruption stops the sweep. In a sweep run
+    in this process (the basic launcher), the run's tail (figures, model, final metrics,
+    its end and receipt) is recorded while the next job trains (`tracking.deferred`).
     """
     job = Job.from_hydra()
     try:
@@ -143,10 +146,14 @@ def train(cfg: DictConfig) -> float:
             sys.exit(exits.EXIT_CONFIG)
         return math.nan
     archive = build.archive_override(cfg, job.overrides)
+    killed = (Interrupted, KeyboardInterrupt, *_pruned())
     try:
-        with recorder.finishing(killed=(Interrupted, KeyboardInterrupt, *_pruned())):
-            result = _check_and_train(cfg, resolved, job, recorder, trainer, splits, name,
-                                      first=continued is None, archive=archive)
+        with recorder.ending_on_error(killed=killed):
+            result, datasets = _check_and_train(cfg, resolved, job, recorder, trainer, splits,
+                                                name, first=continued is None, archive=archive)
+        deferred.run(functools.partial(_record_and_end, recorder, killed, cfg, trainer, splits,
+                                       result, datasets, name, alone=job.parent is None),
+                     recorder.run_id, name)
     except Interrupted as e:
         log.warning("%s\nresume with: %s", e, _resume_command(job, archive, e))
         if job.parent is not None:
@@ -160,12 +167,24 @@ def train(cfg: DictConfig) -> float:
     _summary(result, recorder.run_id,
              tracking.how_to_view(client.tracking_uri, experiment_id, recorder.run_id),
              job.command(archive))
-    if recorder.receipt is not None and not recorder.receipt.complete:
-        if job.parent is None:
-            exits.incomplete(f"run {recorder.run_id}", recorder.receipt)
+    if job.parent is None and recorder.receipt is not None and not recorder.receipt.complete:
+        exits.incomplete(f"run {recorder.run_id}", recorder.receipt)
+    return result.best_val_acc
+
+
+def _record_and_end(recorder: tracking.RunRecorder, killed: tuple[type[BaseException], ...],
+                    cfg: DictConfig, trainer: Trainer, splits: datalib.Splits,
+                    result: TrainResult, datasets: dict[str, Any], name: str,
+                    alone: bool) -> None:
+    """A trained run's tail: its results (`record_result`), then its end and receipt. In
+    a sweep a record that is incomplete is a warning here, and the sweep counts it from
+    the run's `mlp.record` (alone, `train` exits 4). Deferred in a sweep run in this
+    process (`tracking.deferred`): the next job trains meanwhile."""
+    with recorder.finishing(killed=killed):
+        record_result(recorder, cfg, trainer, splits, result, datasets, name)
+    if not alone and recorder.receipt is not None and not recorder.receipt.complete:
         log.warning("run %s trained, but its record is %s", recorder.run_id,
                     recorder.receipt.tag())
-    return result.best_val_acc
 
 
 def _exit_for(e: Exception, trainer: Trainer) -> None:
@@ -272,10 +291,12 @@ def _start_recording(cfg: DictConfig, resolved: dict[str, Any], job: Job,
 
 def _check_and_train(cfg: DictConfig, resolved: dict[str, Any], job: Job,
                      recorder: tracking.RunRecorder, trainer: Trainer, splits: datalib.Splits,
-                     name: str, first: bool, archive: list[str]) -> TrainResult:
-    """What a run does inside its record: config, datasets and gradient check (the first
-    time), training, then the results. An interruption leaves the checkpoint and the
-    command that resumes it as tags; a pruned trial says so."""
+                     name: str, first: bool, archive: list[str]
+                     ) -> tuple[TrainResult, dict[str, Any]]:
+    """What a run does inside its record before its results: config, datasets and
+    gradient check (the first time), then training; returns the result and the datasets.
+    An interruption leaves the checkpoint and the command that resumes it as tags; a
+    pruned trial says so."""
     datasets = tracking.split_datasets(splits, cfg.data.name, build.data_source(cfg))
     if first:
         recorder.log_config(resolved, job.overrides, job.output_dir / ".hydra")
@@ -300,8 +321,7 @@ def _check_and_train(cfg: DictConfig, resolved: dict[str, Any], job: Job,
     except _pruned():
         recorder.set_tags({"optuna.pruned": "true"})
         raise
-    record_result(recorder, cfg, trainer, splits, result, datasets, name)
-    return result
+    return result, datasets
 
 
 def _summary(result: TrainResult, run_id: str, view: str, reproduce: str) -> None:

@@ -7,7 +7,9 @@ SQLite store races in MLflow's migrations), opens the parent run and writes its 
 launcher), in joblib's worker processes, in submitit jobs on this or another machine
 (the sweep dir is on a shared file system there). It also gives each joblib worker its
 share of the cores for BLAS before NumPy loads there. After the last job it logs the
-comparison report on the parent and ends it with the sweep's outcome.
+comparison report on the parent and ends it with the sweep's outcome, once the jobs run
+in this process have recorded their tails (`tracking.deferred`: the next job trains
+meanwhile).
 
 The outcome comes from the store, whatever the launcher (joblib and submitit jobs run in
 other processes): the report's rows, one per job of the parent (its latest attempt; a
@@ -246,9 +248,10 @@ class SweepCallback(Callback):
         self.client: MlflowClient | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlp.tracking import masking, store  # mlflow loads only when a sweep starts
+        from mlp.tracking import deferred, masking, store  # mlflow loads when a sweep starts
 
         masking.install()
+        deferred.allow()  # the jobs run here (basic launcher) record their tails meanwhile
 
         hydra = config.hydra
         launcher = str(hydra.launcher.get("_target_", ""))
@@ -318,8 +321,12 @@ class SweepCallback(Callback):
             self.client.set_terminated(child.info.run_id, status="KILLED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Report on the parent, then end it with the outcome (see the module docstring)."""
+        """Report on the parent, then end it with the outcome (see the module docstring),
+        once every job's deferred tail has ended (`tracking.deferred`)."""
         global _outcome
+        from mlp.tracking import deferred
+
+        tails_failed = deferred.wait()
         if self.parent is None or self.client is None:
             return
         watch = _slurm_watch
@@ -353,6 +360,9 @@ class SweepCallback(Callback):
         except Exception as e:  # the store is unreadable: nothing says the jobs succeeded
             outcome = SweepOutcome(error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
             log.warning("could not read how the jobs ended: %s", outcome.error)
+        # A tail that failed counts even when the store could not take its run's end.
+        outcome.failed += [why for run, why in tails_failed.items()
+                           if not _ended_failed(client, run)]
         _outcome = outcome
         self._end_if_running(outcome.status)
 
@@ -414,6 +424,14 @@ def recheck_outcome(client: Any, parent_run_id: str) -> SweepOutcome:
         client, report.build_report(client, experiment, parent_run_id).rows))
     record_outcome(client, parent_run_id, outcome)
     return outcome
+
+
+def _ended_failed(client: MlflowClient, run_id: str) -> bool:
+    """Whether the store says run_id ended FAILED (the sweep's outcome counted it)."""
+    try:
+        return client.get_run(run_id).info.status == "FAILED"
+    except Exception:  # unreadable: the failure is counted from what the process knows
+        return False
 
 
 def _whole_errors(client: Any, rows: Sequence[Mapping[str, Any]]) -> list[dict]:

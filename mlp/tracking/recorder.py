@@ -452,6 +452,15 @@ class RunRecorder:
         """The run's life as a block: it ends FINISHED when the block does, KILLED when an
         exception of a `killed` type (an interruption) leaves it, FAILED with the error's
         tags for any other exception, which goes on propagating."""
+        with self.ending_on_error(killed):
+            yield self
+        self.finish("FINISHED")
+
+    @contextlib.contextmanager
+    def ending_on_error(self, killed: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
+                        ) -> Iterator[RunRecorder]:
+        """Part of the run's life as a block that ends it only when an exception leaves it
+        (KILLED or FAILED, as `finishing`); the run goes on when the block ends."""
         try:
             yield self
         except killed as e:
@@ -460,7 +469,6 @@ class RunRecorder:
         except BaseException as e:
             self.finish("FAILED", e)
             raise
-        self.finish("FINISHED")
 
     def clear_tags(self, keys_: tuple[str, ...]) -> None:
         """Delete these tags where the run has them (an earlier attempt's error, when a

@@ -109,7 +109,13 @@ def test_weights_figure_shows_up_to_max_units(units, shown):
     W = np.random.default_rng(0).standard_normal((3072, units)).astype(np.float32)
     fig = plots.weights_figure(W, max_units=12)
     _png(fig)
-    assert sum(bool(ax.images) for ax in fig.axes) == shown
+    # One image: the units row by row on a grid of ceil(sqrt(shown)) columns.
+    (image,) = [im for ax in fig.axes for im in ax.images]
+    cols = int(np.ceil(np.sqrt(shown)))
+    rows = int(np.ceil(shown / cols))
+    side = 32 + plots.UNIT_GAP
+    assert image.get_array().shape == (rows * side - plots.UNIT_GAP,
+                                       cols * side - plots.UNIT_GAP, 3)
     assert fig.get_suptitle() == f"First-layer weights ({shown} of {units} units)"
 
 
@@ -118,13 +124,14 @@ def test_weights_figure_images_are_rescaled_rgb_of_the_planes():
     W = np.zeros((3072, 2))
     W[:1024, 0], W[2048:, 0] = 1.0, -1.0
     W[:, 1] = 5.0  # constant unit: no division by zero
-    fig = plots.weights_figure(W)
-    red = fig.axes[0].images[0].get_array()
-    assert red.shape == (32, 32, 3)
+    grid = np.asarray(plots.weights_figure(W).axes[0].images[0].get_array())
+    red, constant = grid[:32, :32], grid[:32, 32 + plots.UNIT_GAP:]
+    assert grid.shape == (32, 2 * 32 + plots.UNIT_GAP, 3)
     np.testing.assert_allclose(red[..., 0], 1.0)
     np.testing.assert_allclose(red[..., 1], 0.5)
     np.testing.assert_allclose(red[..., 2], 0.0)
-    assert np.all(np.isfinite(fig.axes[1].images[0].get_array()))
+    np.testing.assert_allclose(grid[:, 32:32 + plots.UNIT_GAP], 1.0)  # white between units
+    assert constant.shape == (32, 32, 3) and np.all(np.isfinite(constant))
 
 
 @pytest.mark.parametrize("shape", [(784, 10), (3072,), (3, 32, 32)])

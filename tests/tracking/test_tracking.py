@@ -174,6 +174,7 @@ def test_a_wrong_fused_l2_fails_the_runs_logged_gradient_check(tmp_path: Path, m
     monkeypatch.setattr(optim.Optimizer, "_with_l2", staticmethod(
         lambda c, squares, rule, *arrays, scratch: real(c / 2, squares, rule, *arrays,
                                                           scratch=scratch)))
+    monkeypatch.setattr(build, "_checks", {})  # as in a new process: nothing shared
     report = build.run_gradcheck(cfg)
     recorder = _start(tmp_path, "mutant")
     recorder.log_gradcheck(report)
