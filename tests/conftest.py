@@ -4,6 +4,7 @@ engine_fixtures.py, a plugin of this suite."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -47,3 +48,15 @@ def run_env(tmp_path: Path) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["OPENBLAS_NUM_THREADS"] = env.get("OPENBLAS_NUM_THREADS", "1")
     return env
+
+
+@pytest.fixture
+def mlp_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+            ) -> pytest.LogCaptureFixture:
+    """caplog at WARNING and above for the "mlp" logger, which reaches it whatever logging
+    config an earlier in-process run (Hydra's dictConfig) left behind."""
+    logger = logging.getLogger("mlp")
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "disabled", False)
+    caplog.set_level(logging.WARNING, logger="mlp")
+    return caplog

@@ -50,11 +50,11 @@ def test_in_a_sweep_the_next_job_goes_on_while_the_tail_records(allowed):
     assert deferred.wait() == {}  # nothing pending any more
 
 
-def test_the_sweep_learns_which_tails_failed(allowed, caplog):
+def test_the_sweep_learns_which_tails_failed(allowed, mlp_log):
     def fails() -> None:
         raise OSError("disk full\nsecond line")
 
     deferred.run(fails, "r1", "lr=1e-2")
     deferred.run(lambda: None, "r2", "lr=1e-3")
     assert deferred.wait() == {"r1": "lr=1e-2: OSError: disk full"}
-    assert "run r1 (lr=1e-2): its record failed: OSError" in caplog.text
+    assert "run r1 (lr=1e-2): its record failed: OSError" in mlp_log.text

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import stat
@@ -39,18 +38,6 @@ def run(sqlite_store: tuple[str, str]) -> tuple[MlflowClient, str]:
     uri, experiment_id = sqlite_store
     client = MlflowClient(uri)
     return client, client.create_run(experiment_id).info.run_id
-
-
-@pytest.fixture
-def reports(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-            ) -> pytest.LogCaptureFixture:
-    """caplog, with the "mlp" logger reaching it whatever logging config an earlier
-    in-process run (Hydra's) left behind."""
-    logger = logging.getLogger("mlp")
-    monkeypatch.setattr(logger, "propagate", True)
-    monkeypatch.setattr(logger, "disabled", False)
-    caplog.set_level(logging.WARNING, logger="mlp")
-    return caplog
 
 
 def _points(n: int, key: str = "val") -> list[Metric]:
@@ -85,20 +72,20 @@ def test_a_record_is_one_json_line_with_the_checksum_of_its_payload():
 
 def test_a_torn_last_line_is_reported_and_skipped_and_the_rest_is_sent(
         tmp_path: Path, run: tuple[MlflowClient, str], capsys: pytest.CaptureFixture,
-        reports: pytest.LogCaptureFixture):
+        mlp_log: pytest.LogCaptureFixture):
     client, run_id = run
     path = _spool_of(tmp_path, client, run_id, 5)
     path.write_bytes(path.read_bytes()[:-20])  # the writer died in the middle of line 5
     assert sync.main([str(path)]) == 1
     err = capsys.readouterr().err
-    assert f"{path}:5: damaged spool record skipped (not JSON, torn or damaged" in reports.text
+    assert f"{path}:5: damaged spool record skipped (not JSON, torn or damaged" in mlp_log.text
     assert "1 damaged record(s) skipped and lost (line(s) 5)" in err
     assert _history(client, run_id) == [(i, i / 10) for i in range(4)]
     assert not path.exists()
 
 
 def test_a_record_changed_on_disk_does_not_block_those_after_it(
-        tmp_path: Path, run: tuple[MlflowClient, str], reports: pytest.LogCaptureFixture):
+        tmp_path: Path, run: tuple[MlflowClient, str], mlp_log: pytest.LogCaptureFixture):
     client, run_id = run
     path = _spool_of(tmp_path, client, run_id, 5)
     lines = path.read_text().splitlines(keepends=True)
@@ -107,7 +94,7 @@ def test_a_record_changed_on_disk_does_not_block_those_after_it(
     sent = Spool(path).send()
     assert [(d.line, d.reason) for d in sent.damaged] == [
         (2, "checksum mismatch: the record was changed on disk")]
-    assert f"{path}:2: damaged spool record skipped (checksum mismatch" in reports.text
+    assert f"{path}:2: damaged spool record skipped (checksum mismatch" in mlp_log.text
     assert sent.metric == 4
     assert [step for step, _ in _history(client, run_id)] == [0, 2, 3, 4]
 
