@@ -34,7 +34,9 @@ def tool(name: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """No test reads the user's data cache, writes to their MLflow store, or phones home."""
+    """No test reads the user's data cache, writes to their MLflow store or into the
+    checkout (MLflow puts a SQLite store's artifacts under ./mlruns), or phones home."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     for var in ("MLFLOW_TRACKING_URI", "MLP_LAB_ARCHIVE", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLP_LAB_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))

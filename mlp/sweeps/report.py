@@ -461,7 +461,7 @@ class Registration:
         return self.version if self.won else self.previous
 
     def __str__(self) -> str:
-        """`mlp-lab-mlp-lab-lr_reg version 3 (val 0.4520) is @champion, beating version 2
+        """`mlp-lab-lr_reg version 3 (val 0.4520) is @champion, beating version 2
         (val 0.4310)`, or `...; @champion stays with version 2 (val 0.4610)`."""
         this = f"{self.name} version {self.version} (val {self.val_acc:.4f})"
         if self.previous is None:
@@ -475,10 +475,13 @@ class Registration:
 
 def registered_name(experiment: str, search: str) -> str:
     """The registered model of a search in an experiment, one for every sweep of it:
-    `mlp-lab-<experiment>-<search>`, with what MLflow refuses in a name replaced."""
+    `mlp-lab-<experiment>-<search>` (`<experiment>-<search>` when the experiment's name
+    already starts with mlp-lab, as the default does: `mlp-lab-lr_reg`), with what
+    MLflow refuses in a name replaced."""
     from mlp.tracking.names import model_name
 
-    return model_name(f"mlp-lab-{experiment}-{search}")
+    prefix = experiment if experiment.startswith("mlp-lab") else f"mlp-lab-{experiment}"
+    return model_name(f"{prefix}-{search}")
 
 
 def _register_best(client: MlflowClient, report: Report, name: str) -> Registration | None:

@@ -34,7 +34,8 @@ def _sweep_best(client: MlflowClient, name: str, val: float) -> rp.Report:
 
 def test_each_sweep_adds_a_version_and_the_champion_moves_only_when_beaten(client):
     name = rp.registered_name("mlp-lab", "lr_reg")
-    assert name == "mlp-lab-mlp-lab-lr_reg"
+    assert name == "mlp-lab-lr_reg"  # the default experiment's name is not said twice
+    assert rp.registered_name("cifar", "lr_reg") == "mlp-lab-cifar-lr_reg"
 
     first = rp._register_best(client, _sweep_best(client, "lr_1", 0.45), name)
     assert (first.version, first.won, first.previous) == ("1", True, None)
