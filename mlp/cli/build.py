@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -46,9 +48,7 @@ def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
     (not `optim.lr`: the check steps at its own rate), the input width and `seed`, and is
     deterministic: the jobs of a sweep run in one process (an `optim.lr` grid) that agree
     on all of these share one check, computed by the first (the report is read only)."""
-    g, w = cfg.gradcheck, cfg.data.whiten
-    kwargs = configlib.optimizer_kwargs(configlib.flatten(OmegaConf.to_container(cfg)))
-    input_dim = datalib.output_dim(w.name, w.components)
+    g, kwargs, input_dim = cfg.gradcheck, _optimizer_kwargs(cfg), _input_dim(cfg)
     key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True),
                       OmegaConf.to_container(g, resolve=True), cfg.optim.name, kwargs,
                       input_dim, cfg.seed], sort_keys=True, default=str)
@@ -59,8 +59,8 @@ def run_gradcheck(cfg: DictConfig) -> gradcheck.GradcheckReport:
         X = rng.standard_normal((g.samples, model.arch.input_dim))
         y = rng.integers(0, model.arch.num_classes, g.samples)
         _checks[key] = gradcheck.check_training_step(
-            model, lambda params: optim.make_optimizer(cfg.optim.name, params, **kwargs), X,
-            y, num_checks=g.num_checks, tol=g.tol, seed=cfg.seed)
+            model, _optimizer_maker(cfg, kwargs), X, y, num_checks=g.num_checks, tol=g.tol,
+            seed=cfg.seed)
     return _checks[key]
 
 
@@ -69,15 +69,30 @@ def run_step_precision(cfg: DictConfig) -> gradcheck.PrecisionCheck:
     sizes (architecture, batch, optimizer, lr), against the float64 reference step from
     the same parameters and batch (`gradcheck.check_step_precision`), on standard normal
     inputs with random labels."""
-    w, batch = cfg.data.whiten, cfg.trainer.batch_size
-    model = build_model(cfg, datalib.output_dim(w.name, w.components), len(datalib.CLASSES))
+    batch = cfg.trainer.batch_size
+    model = build_model(cfg, _input_dim(cfg), len(datalib.CLASSES))
     rng = np.random.default_rng([cfg.seed, 5])
     X = rng.standard_normal((batch, model.arch.input_dim), dtype=np.float32)
     y = rng.integers(0, model.arch.num_classes, batch)
-    kwargs = configlib.optimizer_kwargs(configlib.flatten(OmegaConf.to_container(cfg)))
     return gradcheck.check_step_precision(
-        model, lambda params: optim.make_optimizer(cfg.optim.name, params, **kwargs), X, y,
-        lr=cfg.optim.lr)
+        model, _optimizer_maker(cfg, _optimizer_kwargs(cfg)), X, y, lr=cfg.optim.lr)
+
+
+def _input_dim(cfg: DictConfig) -> int:
+    """Features per image the model reads: 3072, or the whitening's components."""
+    return datalib.output_dim(cfg.data.whiten.name, cfg.data.whiten.components)
+
+
+def _optimizer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The keyword arguments of the run's optimizer (`optim.make_optimizer`'s)."""
+    return configlib.optimizer_kwargs(configlib.flatten(OmegaConf.to_container(cfg,
+                                                                               resolve=True)))
+
+
+def _optimizer_maker(cfg: DictConfig, kwargs: dict[str, Any]
+                     ) -> Callable[[dict[str, np.ndarray]], optim.Optimizer]:
+    """A function of the parameters that builds the run's optimizer with `kwargs`."""
+    return lambda params: optim.make_optimizer(cfg.optim.name, params, **kwargs)
 
 
 def archive_path(cfg: DictConfig) -> Path | None:
@@ -162,8 +177,7 @@ def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> 
     t, o = cfg.trainer, cfg.optim
     normalizer = fit_normalizer(cfg, splits)
     model = build_model(cfg, normalizer.out_dim, len(splits.classes))
-    flat = configlib.flatten(OmegaConf.to_container(cfg, resolve=True))
-    optimizer = optim.make_optimizer(o.name, model.params, **configlib.optimizer_kwargs(flat))
+    optimizer = _optimizer_maker(cfg, _optimizer_kwargs(cfg))(model.params)
     steps_per_epoch = math.ceil(len(splits.y_train) / t.batch_size)
     schedule = optim.Schedule(
         name=o.schedule.name, lr=o.lr, steps_per_epoch=steps_per_epoch, epochs=t.epochs,

@@ -287,8 +287,7 @@ def check_training_step(
     `check_model`.
     """
     analytic_net = _float64_copy(model)
-    make = functools.partial(optim.make_optimizer, optimizer) if isinstance(
-        optimizer, str) else optimizer
+    make = _maker(optimizer)
     # The layers' own gradient arrays, read by the optimizer's pass before any other pass
     # runs on this net: as in the trainer, no copy.
     _, data_grads = analytic_net.backprop(X, y)
@@ -419,8 +418,7 @@ def check_step_precision(
     rounding size (a saturated unit) moves by up to lr in either dtype, however its
     rounding fell, and can exceed the tolerance with nothing wrong.
     """
-    make = functools.partial(optim.make_optimizer, optimizer) if isinstance(
-        optimizer, str) else optimizer
+    make = _maker(optimizer)
     X = np.asarray(X).astype(model.dtype)
     moves, losses, kink_states = [], [], []
     for dtype, fused in ((model.dtype, True), (np.dtype(np.float64), False)):
@@ -446,6 +444,15 @@ def check_step_precision(
     return PrecisionCheck(
         dtype=model.dtype.name, steps=steps, errors=errors, loss_rel_error=loss_err,
         kinks=kinks, tol=step_tolerance(model, len(y), steps) if tol is None else tol)
+
+
+def _maker(optimizer: str | Callable[[dict[str, Array]], optim.Optimizer]
+           ) -> Callable[[dict[str, Array]], optim.Optimizer]:
+    """A function of the parameters that builds the optimizer: `optimizer` itself, or
+    `optim.make_optimizer` of a name with its defaults."""
+    if isinstance(optimizer, str):
+        return functools.partial(optim.make_optimizer, optimizer)
+    return optimizer
 
 
 def _zero_gradient(model: MLP) -> set[str]:
