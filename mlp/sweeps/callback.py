@@ -352,11 +352,10 @@ class SweepCallback(Callback):
         except Exception as e:  # a report must never lose the sweep's results
             log.warning("could not build the sweep report: %s", e)
         try:
-            if outcome is None:
-                experiment = client.get_experiment(self.parent["experiment_id"]).name
-                outcome = SweepOutcome.of(_whole_errors(
-                    client, report.build_report(client, experiment, run_id).rows))
-            record_outcome(client, run_id, outcome)
+            if outcome is None:  # read again without the report
+                outcome = recheck_outcome(client, run_id)
+            else:
+                record_outcome(client, run_id, outcome)
         except Exception as e:  # the store is unreadable: nothing says the jobs succeeded
             outcome = SweepOutcome(error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
             log.warning("could not read how the jobs ended: %s", outcome.error)
@@ -415,7 +414,8 @@ def record_outcome(client: Any, run_id: str, outcome: SweepOutcome) -> None:
 
 def recheck_outcome(client: Any, parent_run_id: str) -> SweepOutcome:
     """The outcome of the sweep under `parent_run_id` read again from the store and
-    recorded (`record_outcome`): after `mlp-sync` has completed the record of its jobs."""
+    recorded (`record_outcome`): when the sweep's report could not be built, and after
+    `mlp-sync` has completed the record of its jobs."""
     from mlp.sweeps import report
 
     parent = client.get_run(parent_run_id)
