@@ -123,7 +123,8 @@ class Normalizer:
         normalized rows of X uint8 (N, 3072): its eigendecomposition (`_eig_of_cov`), or,
         from fewer images than pixels when the projection needs no eigenvector of the
         covariance's null space, the SVD of those rows (`_eig_of_rows`: the same
-        eigenpairs, ~30x faster for 600 images)."""
+        eigenpairs; 600 images of 3072 pixels: 7.7 s against 29 s for eigh, measured under
+        load)."""
         n, d = X.shape
         k = self.components or d
         if n < d and (k <= n or (self.whiten == "zca" and k == d)):
