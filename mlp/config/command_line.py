@@ -322,7 +322,10 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     try:
         return compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise OverrideError(str(e).splitlines()[0]) from None
+        # Hydra's "Error merging override k=v" names no reason: its cause does (the type or
+        # values the key allows)
+        why = [str(c).splitlines()[0] for c in (e, e.__cause__) if c is not None and str(c)]
+        raise OverrideError(": ".join(why)) from None
 
 
 def check_command_line(argv: list[str], config_name: str = "config") -> DictConfig | None:

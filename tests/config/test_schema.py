@@ -84,6 +84,8 @@ SIDE_DOORS = [  # (command line, what the message must say): each refused before
     (["-m", "optim=sgd,adm"], "optim=adm is not an option of the config group optim"),
     (["optim.lr=1,2"], "optim.lr=1,2 is a sweep: add -m"),
     (["trainer.resume=/nonexistent.npz"], "trainer.resume='/nonexistent.npz' is not allowed"),
+    (["hydra.job.chdir=maybe"],  # Hydra's own key: its message and the reason its cause gives
+     "Error merging override hydra.job.chdir=maybe: Value 'maybe' is not a valid bool"),
 ]
 
 
