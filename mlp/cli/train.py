@@ -29,7 +29,7 @@ from mlp import data as datalib
 from mlp.cli import build, exits
 from mlp.config import schema as configlib
 from mlp.sweeps import callback as sweeplib
-from mlp.tracking import cluster, deferred, liveness, masking, names, plots, receipt
+from mlp.tracking import cluster, deferred, glance, liveness, masking, names, plots, receipt
 from mlp.tracking import keys as metrics
 from mlp.tracking import recorder as tracking
 from mlp.tracking import spool as spoollib
@@ -348,14 +348,14 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                        "stopped_early": str(result.stopped_early).lower()})
     recorder.log_metrics({metrics.ACC_BEST_VAL: result.best_val_acc,
                           metrics.BEST_EPOCH: result.best_epoch}, step=metrics.SUMMARY_STEP)
-    compact = None  # the train vs validation curves, small, shown in the description
+    plotted = False  # whether the figure the description shows is in
     if cfg.tracking.plots:
         with recorder.sink.unless_offline("the figures"):
             classes = splits.classes
-            curves = plots.curves_figure(result.history)
-            recorder.log_figure(curves, "curves")
-            compact = tracking.artifact_link(recorder.run_id, recorder.log_figure(
-                curves, "curves_compact", dpi=tracking.COMPACT_DPI))
+            recorder.log_figure(plots.curves_figure(result.history), "curves")
+            recorder.log_figure(plots.glance_figure(result.history), glance.NAME,
+                                dpi=glance.IMAGE_DPI)
+            plotted = True
             recorder.log_figure(plots.confusion_figure(splits.y_test, result.test_pred,
                                                        classes), "confusion_matrix")
             recorder.log_figure(plots.per_class_figure(splits.y_test, result.test_pred,
@@ -376,9 +376,10 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                          step=metrics.SUMMARY_STEP, model_id=model_id, dataset=datasets["test"])
     widths = [trainer.model.arch.input_dim, *cfg.model.hidden_sizes, len(splits.classes)]
     with recorder.sink.unless_offline("the description"):
+        run = recorder.client.get_run(recorder.run_id)
         recorder.describe(tracking.describe_run(
-            OmegaConf.to_container(cfg, resolve=True), result,
-            recorder.client.get_run(recorder.run_id).data.tags, widths, compact))
+            OmegaConf.to_container(cfg, resolve=True), result, run.data.tags, widths,
+            (run.info.experiment_id, recorder.run_id) if plotted else None))
     if refusal is not None:
         raise refusal
 

@@ -63,7 +63,7 @@ log = logging.getLogger("mlp.sweep")
 
 PARENT_FILE = "mlflow_parent.json"
 OUTCOME_TAG = "mlp.sweep.outcome"  # on the parent: `4 of 4 finished`, `1 of 2 failed`
-OUTCOME_HEAD = "**Outcome: "  # the parent's description starts with its outcome
+OUTCOME_HEAD = "<b>Outcome: "  # the headline of the parent's description
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def config_hash(resolved: dict[str, Any]) -> str:
@@ -399,17 +399,21 @@ class SweepCallback(Callback):
 
 
 def record_outcome(client: Any, run_id: str, outcome: SweepOutcome) -> None:
-    """Say `outcome` on the parent `run_id`: its OUTCOME_TAG and the first block of its
-    description (the outcome and one line per failed or incomplete job), in place of the
-    block an earlier outcome wrote."""
-    note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
-    if note.startswith(OUTCOME_HEAD):
-        note = note.partition("\n\n")[2]
+    """Say `outcome` on the parent `run_id`: its OUTCOME_TAG and the headline of its
+    description's glance (`glance.with_headline`: the outcome and one line per failed or
+    incomplete job), in place of what an earlier outcome said there."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    from mlp.tracking import glance
+
+    note = client.get_run(run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
     client.set_tag(run_id, OUTCOME_TAG, outcome.tag())
-    client.set_tag(run_id, "mlflow.note.content",
-                   f"{OUTCOME_HEAD}{outcome.tag()}**" + "".join(
-                       f"\n- {line}" for line in outcome.failed + outcome.incomplete)
-                   + (f"\n\n{note}" if note else ""))
+    lines = outcome.failed + outcome.incomplete
+    if len(lines) > glance.LINES:  # the rest are in the sweep's report and its last line
+        lines = [*lines[:glance.LINES - 1], f"and {len(lines) - glance.LINES + 1} more"]
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, glance.with_headline(
+        note, f"{OUTCOME_HEAD}{outcome.tag()}</b>"
+        + "".join(f"<br>{glance.escape(line)}" for line in lines)))
 
 
 def recheck_outcome(client: Any, parent_run_id: str) -> SweepOutcome:

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mlp.tracking import keys
+from mlp.tracking import glance, keys
 from mlp.tracking.names import short_number
 
 FIGURE_DPI = 110
@@ -105,6 +105,27 @@ def curves_figure(rows: Sequence[dict], swept: Sequence[str],
     ax.set_title(f"Learning curves of the {len(best)} best runs (solid: val, dashed: train)")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", fontsize=8, ncols=2, title="best val_acc")
+    return fig
+
+
+def glance_figure(rows: Sequence[dict],
+                  histories: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]
+                  ) -> Figure | None:
+    """The sweep at a glance (`glance.IMAGE_INCHES`, 96 pixels tall, beside the best
+    children on the parent's first screen): the validation accuracy per epoch of the runs
+    in `histories` (as in `curves_figure`), the best in colour, the others grey."""
+    best = [r for r in finished(rows) if histories.get(r["run_id"], {}).get(keys.ACC_VAL)]
+    if not best:
+        return None
+    fig = Figure(figsize=glance.IMAGE_INCHES, layout="constrained")
+    ax = fig.subplots()
+    for i, row in reversed(list(enumerate(best))):  # the best drawn last, on top
+        history = sorted(histories[row["run_id"]][keys.ACC_VAL])
+        ax.plot([step for step, _ in history], [value for _, value in history], "-",
+                lw=1.6 if i == 0 else 0.8, color="tab:orange" if i == 0 else "0.6")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"val accuracy, {len(best)} best runs", fontsize=7, pad=2)
+    glance.small_axes(ax)
     return fig
 
 

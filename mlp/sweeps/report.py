@@ -32,12 +32,12 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from mlp.config.schema import is_bookkeeping
 from mlp.sweeps import figures as plots
-from mlp.tracking import keys
-from mlp.tracking.keys import CONFIG_HASH_TAG, PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_TAG
-from mlp.tracking.recorder import COMPACT_DPI, artifact_link
+from mlp.tracking import glance, keys
+from mlp.tracking.keys import CONFIG_HASH_TAG, PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG
 
 METRIC_COLUMNS = ("val_acc", "test_acc", "gap_acc", "gradcheck", "duration_s")
 NUMBER_COLUMNS = {"val_acc", "test_acc", "gap_acc", "duration_s"}  # right-aligned
@@ -347,17 +347,27 @@ def figures(client: MlflowClient, runs: list[Run], report: Report, top: int = 5
             ) -> dict[str, Figure]:
     """The report's figures, those that apply: "val_acc_heatmap", "top_curves" (the `top`
     best runs among `runs`), "gap_vs_hidden", "acc_by_activation"."""
-    ids = {r.info.run_id for r in runs}
-    rows, swept = [r for r in report.rows if r["run_id"] in ids], report.swept
-    best = plots.finished(rows)[:top]
-    histories = {r["run_id"]: {key: [(m.step, m.value) for m in
-                                     client.get_metric_history(r["run_id"], key)]
-                               for key in (keys.ACC_VAL, keys.ACC_TRAIN)} for r in best}
+    rows, swept = _rows_of(report, runs), report.swept
+    histories = _histories(client, plots.finished(rows)[:top])
     made = {"val_acc_heatmap": plots.heatmap_figure(rows, swept),
             "top_curves": plots.curves_figure(rows, swept, histories, top),
             "gap_vs_hidden": plots.gap_figure(rows, swept),
             "acc_by_activation": plots.activation_figure(rows, swept)}
     return {name: fig for name, fig in made.items() if fig is not None}
+
+
+def _rows_of(report: Report, runs: Sequence[Run]) -> list[dict]:
+    """The report's rows of `runs`, best first."""
+    ids = {r.info.run_id for r in runs}
+    return [r for r in report.rows if r["run_id"] in ids]
+
+
+def _histories(client: MlflowClient, rows: Iterable[dict]
+               ) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """The accuracy curves of the runs of `rows`: {run id: {key: [(step, value), ...]}}."""
+    return {r["run_id"]: {key: [(m.step, m.value) for m in
+                                client.get_metric_history(r["run_id"], key)]
+                          for key in (keys.ACC_VAL, keys.ACC_TRAIN)} for r in rows}
 
 
 # -- output --------------------------------------------------------------------------------
@@ -387,58 +397,35 @@ def _shared_params(runs: Sequence[Run], swept: Sequence[str]) -> dict[str, str]:
     return {k: v for k, v in shared.items() if k not in swept}
 
 
-OVERVIEW = ("val_acc_heatmap", "top_curves")  # the figures shown in the parent's description
-DESCRIPTION_LIMIT = 6000  # MLflow keeps a tag up to 8000 characters; the outcome comes first
+GLANCE_RUNS = 5  # the runs whose validation curves the parent's glance figure draws
 
 
-def _describe_sweep(report: Report, parent: Run, figs: Iterable[str],
-                    registration: Registration | None) -> str:
-    """The parent's description (Markdown), the comparison on the Overview: what was
-    swept, the best result and where its model went (the lines above the Overview's fold),
-    the compact figures `figs` (names logged under overview/), then the table of the
-    children, best first, with why a failed one failed; rows that do not fit in
-    DESCRIPTION_LIMIT are counted instead."""
-    tags = parent.data.tags
-    swept = tags.get(SWEPT_TAG, "").split() or report.swept
-    space = " x ".join(f"`{k}` in {tags.get(f'{SWEPT_TAG}.{k}', '?')}" for k in swept)
-    counts: dict[str, int] = {}
-    for row in report.rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    lines = [f"Sweep **{tags.get(SWEEP_NAME_TAG, parent.info.run_name)}** over "
-             f"{space or 'nothing'}: {len(report.rows)} runs ("
-             + ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items())) + ")."]
-    if report.best is not None:
-        b = report.best
-        lines.append(f"Best: **{b['run']}**: validation {cell('val_acc', b['val_acc'])}, "
-                     f"test {cell('test_acc', b['test_acc'])}"
-                     + (f"; `{registration}`" if registration else "") + ".")
-    # The words first: MLflow 3.17 folds a description at 100 pixels ("Show more"), which
-    # leaves room for a few lines of text and for no figure.
-    if figs:
-        lines.append(" ".join(f"![{name}]({artifact_link(parent.info.run_id, path)})"
-                              for name, path in ((n, f"overview/{n}.png") for n in figs)))
-    columns = ["run", *report.swept, "val_acc", "test_acc", "gap_acc", "gradcheck", "status"]
-    table = ["| " + " | ".join(c.rsplit(".", 1)[-1] for c in columns) + " |",
-             "| " + " | ".join("---:" if c in NUMBER_COLUMNS else "---" for c in columns) + " |"]
-    rows = []
-    for row in report.rows:
-        cells = {c: cell(c, row[c]) for c in columns}
-        if row is report.best:
-            cells["run"] = f"**{cells['run']}**"
-        if row.get("error"):
-            cells["status"] += f": {row['error']}"
-        rows.append("| " + " | ".join(cells[c].replace("|", "\\|") for c in columns) + " |")
-
-    def text(shown: int) -> str:
-        tail = ("Every run with the figures: `report.html`, `report.md` (Artifacts)."
-                if shown == len(rows) else f"{len(rows) - shown} more runs, and the figures: "
-                "`report.html`, `report.md` (Artifacts).")
-        return "\n\n".join([*lines, "\n".join(table + rows[:shown]), tail])
-
-    shown = len(rows)
-    while shown and len(text(shown)) > DESCRIPTION_LIMIT:
-        shown -= 1
-    return text(shown)
+def _describe_sweep(report: Report, parent: Run, registration: Registration | None,
+                    figure: bool) -> str:
+    """The parent's description, its glance (`glance.band`, all of it on the Overview's
+    first screen): the outcome's place (`glance.slot`, kept from the parent's description;
+    `callback.record_outcome` fills it), the best children one row each (val, test, gap,
+    status, the registered version of the best), and links to the report of every run
+    (report.html under the parent's Artifacts) and to the children's curves overlaid; a
+    child's status only when it did not finish (the outcome says how many did); beside
+    the small validation curves (`glance.PATH`, when `figure`), a link to the report."""
+    eid, run_id = parent.info.experiment_id, parent.info.run_id
+    first = [[glance.escape(row["run"]), *(f"{what} {cell(c, row[c])}" for what, c in (
+                 ("val", "val_acc"), ("test", "test_acc"), ("gap", "gap_acc"))),
+              "" if row["status"] == "FINISHED" else row["status"].lower()]  # as the outcome
+             for row in report.rows[:glance.LINES - 2]]
+    if report.best is not None and first:
+        first[0][0] = f"<b>{first[0][0]}</b>"
+        if registration is not None:
+            first[0][-1] = f"v{registration.version}" + (
+                f" @{CHAMPION}" if registration.won else "")
+    report_page = glance.page(eid, f"runs/{run_id}/artifacts/report.html")
+    links = (glance.link(report_page, f"all {len(report.rows)} runs, figures: report")
+             + " · " + glance.link(glance.children_chart(eid, run_id), "curves overlaid"))
+    lines = (glance.slot(glance.headline(parent.data.tags.get(MLFLOW_RUN_NOTE, "")) or "")
+             + glance.rows(first) + links)
+    return glance.band(lines, glance.image(run_id, glance.PATH) if figure else None,
+                       report_page)
 
 
 @dataclass
@@ -532,18 +519,18 @@ def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Seque
     metrics under the children's keys, its curves' last values at its last epoch (where
     its curves end in the charts, not a stray point at step 0) and its summary at
     keys.SUMMARY_STEP as the children have it (bars in the charts), the figures as
-    top-level artifacts beside report.html / report.md and small copies under overview/,
-    the best model registered (`_register_best`, tag mlp.sweep.registered_model), and a
-    description with the table and the small figures (`_describe_sweep`). Returns the
+    top-level artifacts beside report.html / report.md, the best model registered
+    (`_register_best`, tag mlp.sweep.registered_model), and a description that is the
+    sweep at a glance (`_describe_sweep`, its figure `glance.PATH`). Returns the
     registration."""
     parent_run_id = parent.info.run_id
-    overview = [name for name in OVERVIEW if name in figs]
+    rows = plots.finished(_rows_of(report, runs))[:GLANCE_RUNS]
+    first = plots.glance_figure(rows, _histories(client, rows))
     with tempfile.TemporaryDirectory() as tmp:
         write_report(report, figs, Path(tmp))
-        for name in overview:
-            (Path(tmp) / "overview").mkdir(exist_ok=True)
-            (Path(tmp) / "overview" / f"{name}.png").write_bytes(
-                plots.png(figs[name], dpi=COMPACT_DPI))
+        if first is not None:
+            (Path(tmp) / glance.PATH).parent.mkdir()
+            (Path(tmp) / glance.PATH).write_bytes(plots.png(first, dpi=glance.IMAGE_DPI))
         client.log_artifacts(parent_run_id, tmp)
     logged = parent.data.params
     params = [Param(k, v) for k, v in _shared_params(runs, report.swept).items()
@@ -569,8 +556,9 @@ def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Seque
             client.set_tag(parent_run_id, "mlp.sweep.registered_model",
                            f"{registration.name}@{CHAMPION} (version {registration.champion})")
             client.set_tag(parent_run_id, "mlp.sweep.model_version", registration.version)
-    client.set_tag(parent_run_id, "mlflow.note.content", _describe_sweep(
-        report, client.get_run(parent_run_id), overview, registration))
+            client.set_tag(parent_run_id, "mlp.sweep.champion", str(registration))
+    client.set_tag(parent_run_id, MLFLOW_RUN_NOTE, _describe_sweep(
+        report, client.get_run(parent_run_id), registration, first is not None))
     return registration
 
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mlp.tracking import glance
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -109,6 +111,33 @@ def curves_figure(history: dict[str, list[float]]) -> Figure:
         ax_acc.plot(epochs[best], val_acc[best], "*", color="tab:orange", ms=12)
     ax_loss.legend(fontsize=8)
     ax_acc.legend(fontsize=8)
+    return fig
+
+
+def glance_figure(history: dict[str, list[float]]) -> Figure:
+    """The run's learning curves at a glance (`glance.IMAGE_INCHES`, 96 pixels tall, beside
+    the result on the Overview's first screen): train and validation accuracy per epoch
+    (history as in `curves_figure`), the gap between them shaded, the best validation
+    epoch marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = np.arange(1, len(history["train_acc"]) + 1)
+    train = np.asarray(history["train_acc"], dtype=float)
+    val = np.asarray(history["val_acc"], dtype=float)
+    fig = _figure(figsize=glance.IMAGE_INCHES, layout="constrained")
+    ax = fig.subplots()
+    ax.plot(epochs, train, "-", lw=1.2, label="train")
+    ax.plot(epochs, val, "-", lw=1.2, label="val")
+    ax.fill_between(epochs, train, val, color="tab:red", alpha=0.15, lw=0)
+    if np.isfinite(val).any():
+        best = int(np.nanargmax(np.where(np.isfinite(val), val, np.nan)))
+        ax.axvline(epochs[best], color="gray", ls="--", lw=0.7)
+        ax.plot(epochs[best], val[best], "*", color="tab:orange", ms=7, label="best val")
+    ax.set_title("accuracy per epoch", fontsize=7, pad=2)
+    ax.legend(fontsize=6, frameon=False, handlelength=1, loc="best")
+    glance.small_axes(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(0.5, epochs[-1] + 0.5)
     return fig
 
 

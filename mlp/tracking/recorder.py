@@ -59,7 +59,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -74,13 +73,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking.context import registry as context_registry
 from mlflow.types import Schema, TensorSpec
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+    MLFLOW_RUN_NOTE,
+)
 
 from mlp.config import schema as configlib
 from mlp.core.gradcheck import GradcheckReport, PrecisionCheck
 from mlp.core.model import MLP
 from mlp.data import Normalizer
-from mlp.tracking import keys, liveness, masking, receipt, serving, store
+from mlp.tracking import glance, keys, liveness, masking, receipt, serving, store
 from mlp.tracking import spool as spoollib
 from mlp.tracking.names import model_name, short_number
 from mlp.tracking.sink import Sink
@@ -97,33 +101,20 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 def how_to_view(uri: str, experiment_id: str, run_id: str, children: bool = False) -> str:
     """What to run and open to see a run in the MLflow UI, and the experiment's runs best
     first, or with `children` (a sweep's parent) the chart view of its children's curves
-    overlaid. `workflowType=machine_learning` opens the model-training view: MLflow
-    3.17's UI starts in its GenAI view whatever the experiment's kind tag says."""
-    view = "workflowType=machine_learning"
-    run = f"#/experiments/{experiment_id}/runs/{run_id}?{view}"
+    overlaid (`glance.page`: the model-training view)."""
+    run = glance.page(experiment_id, f"runs/{run_id}")
     if children:
         what = "its children's curves overlaid"
-        others = (f"#/experiments/{experiment_id}/runs?{view}&compareRunsMode=CHART&searchFilter="
-                  + urllib.parse.quote(f"tags.mlflow.parentRunId = '{run_id}'"))
+        others = glance.children_chart(experiment_id, run_id)
     else:
         what = "all runs, best first"
-        others = (f"#/experiments/{experiment_id}/runs?{view}"
-                  "&orderByKey=metrics.%60acc%2Fbest_val%60&orderByAsc=false")
+        others = glance.page(experiment_id, query="orderByKey=metrics.%60acc%2Fbest_val%60"
+                                                  "&orderByAsc=false")
     if uri.startswith(("http://", "https://")):
         base = uri.rstrip("/")
         return f"open {base}/{run}\n  {what}: {base}/{others}"
     return (f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{run}\n"
             f"  {what}: http://127.0.0.1:5000/{others}")
-
-
-COMPACT_DPI = 60  # figures shown inline in a description, above the point where it folds
-
-
-def artifact_link(run_id: str, path: str) -> str:
-    """The URL of a run's artifact relative to the MLflow UI's page (its server's
-    `get-artifact` route), for a Markdown image in a description: MLflow keeps a tag up
-    to 8000 characters, too few for an image inline as base64."""
-    return f"get-artifact?path={urllib.parse.quote(path)}&run_uuid={run_id}"
 
 
 def run_params(resolved: Mapping[str, Any]) -> dict[str, str]:
@@ -148,13 +139,14 @@ def _text(value: Any) -> str:
 
 
 def describe_run(resolved: Mapping[str, Any], result: Any, tags: Mapping[str, str],
-                 widths: list[int], figure: str | None = None) -> str:
-    """The run's description (Markdown): the result (test and best validation accuracy,
-    the train - validation gap at the best epoch, the gradient check's verdict), the
-    train vs validation curves `figure` (a URL, `artifact_link`) when given, then what was
-    trained (layer widths, input to classes) on what."""
-    m, o, d, t = resolved["model"], resolved["optim"], resolved["data"], resolved["trainer"]
-    widths = "-".join(str(w) for w in widths)
+                 widths: list[int], figures: tuple[str, str] | None = None) -> str:
+    """The run's description, its glance (`glance.band`, all of it on the Overview's first
+    screen): the result in four lines (test accuracy, best validation accuracy and its
+    epoch, the train - validation gap there, the gradient check's verdict) and what was
+    trained on what in a fifth, beside the small train vs validation figure
+    (`glance.PATH`, a link to the full curves) when the run has figures: `figures` is then
+    its (experiment id, run id)."""
+    m, o, d = resolved["model"], resolved["optim"], resolved["data"]
     extras = [x for x in (m["norm"] and f"{m['norm']} norm",
                           m["dropout"] and f"dropout {m['dropout']:g}") if x]
     history = result.history
@@ -162,21 +154,23 @@ def describe_run(resolved: Mapping[str, Any], result: Any, tags: Mapping[str, st
     gap = history["train_acc"][best] - history["val_acc"][best]
     check = tags.get("gradcheck.passed")
     check_text = ("not run" if check is None else
-                  f"{'**passed**' if check == 'true' else '**FAILED**'} (max relative error "
-                  f"{float(tags['gradcheck.max_rel_error']):.1e})")
-    result_text = (
-        f"Test accuracy **{result.test_acc:.2%}** · best validation {result.best_val_acc:.2%} "
-        f"at epoch {result.best_epoch} of {result.epochs_run}"
-        f"{' (stopped early)' if result.stopped_early else ''} · train - validation gap "
-        f"{gap * 100:+.1f} points there · gradient check {check_text}")
-    what = (
-        f"{m['activation']} {widths}{', ' + ', '.join(extras) if extras else ''}, "
-        f"{m['loss']} loss, L2 reg {short_number(m['reg'])}; {o['name']} lr "
-        f"{short_number(o['lr'])} ({o['schedule']['name']} schedule), batch {t['batch_size']}; "
-        f"{tags.get('data.n_train', '?')} {d['name']} training images (validation "
-        f"{tags.get('data.n_val', '?')}, test {tags.get('data.n_test', '?')}).")
-    shown = [f"![train vs validation]({figure})"] if figure else []
-    return "\n\n".join([result_text, *shown, what])
+                  f"{'<b>passed</b>' if check == 'true' else '<b>FAILED</b>'} (max relative "
+                  f"error {float(tags['gradcheck.max_rel_error']):.1e})")
+    lines = [f"Test accuracy <b>{result.test_acc:.2%}</b>",
+             f"best validation {result.best_val_acc:.2%} at epoch {result.best_epoch} of "
+             f"{result.epochs_run}{' (stopped early)' if result.stopped_early else ''}",
+             f"train - validation gap {gap * 100:+.1f} points there",
+             f"gradient check {check_text}",
+             glance.escape(f"{m['activation']} {'-'.join(str(w) for w in widths)}"
+                           + "".join(f", {x}" for x in extras)
+                           + f", L2 {short_number(m['reg'])}, {o['name']} lr "
+                           f"{short_number(o['lr'])}, {tags.get('data.n_train', '?')} "
+                           f"{d['name']} images")]
+    if figures is None:
+        return "<br>".join(lines)
+    experiment_id, run_id = figures
+    return glance.band("<br>".join(lines), glance.image(run_id, glance.PATH), glance.page(
+        experiment_id, f"runs/{run_id}/artifacts/plots/curves.png"))
 
 
 class ModelRefused(RuntimeError):
@@ -437,7 +431,7 @@ class RunRecorder:
 
     def describe(self, text: str) -> None:
         """The run's description (the Overview tab's Description: `mlflow.note.content`)."""
-        self.client.set_tag(self.run_id, "mlflow.note.content", text)
+        self.client.set_tag(self.run_id, MLFLOW_RUN_NOTE, text)
 
     # -- status -----------------------------------------------------------------------------
 

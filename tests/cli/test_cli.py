@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,8 +19,8 @@ from helpers import QUICK, mlp_train, runs_of
 from mlflow import MlflowClient
 
 from mlp import data as datalib
+from mlp.tracking import glance, names
 from mlp.tracking import keys as metrics
-from mlp.tracking import names
 
 pytestmark = pytest.mark.e2e
 
@@ -94,11 +95,16 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
                                                                     rel=1e-2)
     assert tags["data.archive_sha256"]
     assert "mlp.command" in tags and "data=synthetic" in tags["mlp.overrides"]
-    assert "Test accuracy" in tags["mlflow.note.content"]
-    assert "gradient check **passed**" in tags["mlflow.note.content"]
-    # the train vs validation curves inline, from a small copy of plots/curves.png
-    assert (f"![train vs validation](get-artifact?path=plots/curves_compact.png&run_uuid={rid})"
-            in tags["mlflow.note.content"])
+    # the description is the run at a glance: the result as stored, beside the small train
+    # vs validation figure (96 pixels tall: under the Overview's fold), a link to the curves
+    note = tags["mlflow.note.content"]
+    assert f"Test accuracy <b>{m[metrics.ACC_TEST]:.2%}</b>" in note
+    assert "gradient check <b>passed</b> (max relative error " in note
+    assert glance.image(rid, glance.PATH).replace("&", "&amp;") in note
+    assert "/artifacts/plots/curves.png?" in note
+    png = Path(client.download_artifacts(rid, glance.PATH, str(tmp_path)))
+    width, height = struct.unpack(">II", png.read_bytes()[16:24])
+    assert (width, height) == (220, 96) and height < glance.FOLD_PX
 
     inputs = {t.value: d.dataset for d in run.inputs.dataset_inputs for t in d.tags
               if t.key == "mlflow.data.context"}

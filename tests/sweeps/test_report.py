@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import glance_rows
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from mlp.cli import report as report_cli
 from mlp.sweeps import figures as compare_plots
 from mlp.sweeps import report as rp
-from mlp.tracking import keys
+from mlp.tracking import glance, keys
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -288,9 +289,8 @@ def test_log_sweep_report_puts_the_report_on_the_parent(client, store):
     report = rp.log_sweep_report(client, store["parent"])
     assert report.best["run_id"] == store["lr_reg"]["0.01", "0.0001"]
     assert _artifacts(client, store["parent"], None) == {
-        "report.md", "report.html", "val_acc_heatmap.png", "top_curves.png", "overview"}
-    assert _artifacts(client, store["parent"], "overview") == {
-        "overview/val_acc_heatmap.png", "overview/top_curves.png"}
+        "report.md", "report.html", "val_acc_heatmap.png", "top_curves.png", "plots"}
+    assert _artifacts(client, store["parent"], "plots") == {glance.PATH}
     parent = client.get_run(store["parent"])
     assert parent.data.tags["mlp.sweep.best_run_id"] == report.best["run_id"]
     assert parent.data.tags["mlp.sweep.best_run_name"] == "relu-h100-lr0.01-reg0.0001"
@@ -303,35 +303,43 @@ def test_log_sweep_report_puts_the_report_on_the_parent(client, store):
     for key in (keys.ACC_TEST, keys.ACC_BEST_VAL, keys.BEST_EPOCH, keys.GRADCHECK_MAX):
         assert [m.step for m in client.get_metric_history(store["parent"], key)] == [0], key
     assert parent.data.params == {k: v for k, v in COMMON.items()}  # the shared config
+    assert "mlp.sweep.champion" not in parent.data.tags  # no child logged a model
+    # the description is the sweep at a glance, all on the Overview's first screen: the
+    # best children (val, test, gap, status) beside the figure,
+    # links to the report and to the children's curves overlaid
     note = parent.data.tags["mlflow.note.content"]
-    assert "Best: **relu-h100-lr0.01-reg0.0001**: validation 0.5200, test 0.5100" in note
-    # the comparison itself: the words (above the Overview's fold), the figures inline, then
-    # the children's table, best first
-    figures = " ".join(f"![{name}](get-artifact?path=overview/{name}.png&run_uuid="
-                       f"{store['parent']})" for name in ("val_acc_heatmap", "top_curves"))
-    assert note.index("Sweep ") < note.index("Best: ") < note.index(figures) < note.index("| run")
-    rows = [line for line in note.splitlines() if line.startswith("| ")]
-    assert rows[0] == "| run | reg | lr | val_acc | test_acc | gap_acc | gradcheck | status |"
-    assert rows[2] == ("| **relu-h100-lr0.01-reg0.0001** | 0.0001 | 0.01 | 0.5200 | 0.5100 | "
-                       "+0.0600 | good 1.0e-09 | FINISHED |")
-    assert [row.split(" | ")[3] for row in rows[2:]] == ["0.5200", "0.4500", "0.4000", "0.3500"]
+    assert glance.image(store["parent"], glance.PATH).replace("&", "&amp;") in note
+    assert glance_rows(note) == [
+        ["relu-h100-lr0.01-reg0.0001", "val 0.5200", "test 0.5100", "gap +0.0600", ""],
+        ["relu-h100-lr0.01-reg0.01", "val 0.4500", "test 0.4400", "gap +0.0800", ""],
+        ["relu-h100-lr0.001-reg0.0001", "val 0.4000", "test 0.3900", "gap +0.0200", ""]]
+    report_page = glance.page(parent.info.experiment_id,
+                              f"runs/{parent.info.run_id}/artifacts/report.html")
+    assert f'href="{report_page}"'.replace("&", "&amp;") in note
+    assert "all 4 runs, figures: report" in note and "curves overlaid" in note
     assert parent.info.status == "RUNNING"  # ending the parent is the sweep's job
 
 
-def test_the_parents_table_names_why_a_child_failed_and_fits_in_a_tag(client, store,
-                                                                       monkeypatch):
-    rp.log_sweep_report(client, store["act_parent"])
-    note = client.get_run(store["act_parent"]).data.tags["mlflow.note.content"]
-    rows = [line for line in note.splitlines() if line.startswith("| ")]
-    assert rows[-1].endswith("| FAILED: loss exploded at epoch 1 |")  # failed runs last
-    assert len(rows) == 2 + 4
-    monkeypatch.setattr(rp, "DESCRIPTION_LIMIT", len(note) - 60)  # a sweep of many runs
-    rp.log_sweep_report(client, store["act_parent"])
-    short = client.get_run(store["act_parent"]).data.tags["mlflow.note.content"]
-    assert len(short) <= len(note) - 60
-    shown = [line for line in short.splitlines() if line.startswith("| ")][2:]
-    assert shown == rows[2:2 + len(shown)] and len(shown) < 4
-    assert f"{4 - len(shown)} more runs, and the figures" in short
+def test_the_parents_glance_says_why_a_child_failed_in_a_bounded_headline(client, store):
+    from mlp.sweeps import callback
+
+    report = rp.log_sweep_report(client, store["act_parent"])
+    parent = store["act_parent"]
+    callback.record_outcome(client, parent, callback.SweepOutcome.of(report.rows))
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert glance.headline(note) == (
+        "<b>Outcome: 1 of 4 failed</b><br>tanh-h200x100: loss exploded at epoch 1")
+    rows = glance_rows(note)
+    assert note.index(glance.HEADLINE[1]) < note.index(rows[0][0])  # then the rows
+    assert len(rows) == glance.LINES - 2 and "failed" not in [r[-1] for r in rows]
+    before = glance_rows(note)
+    many = callback.SweepOutcome(total=60, failed=[f"run{i}: boom <{i}>" for i in range(60)])
+    callback.record_outcome(client, parent, many)  # said in place of the first, bounded
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert glance.headline(note).split("<br>") == [
+        "<b>Outcome: 60 of 60 failed</b>", *(f"run{i}: boom &lt;{i}&gt;" for i in range(4)),
+        "and 56 more"]
+    assert note.count(glance.HEADLINE[0]) == 1 and glance_rows(note) == before
 
 
 def test_a_sweep_whose_jobs_all_ran_elsewhere_gets_an_empty_report(client, store):

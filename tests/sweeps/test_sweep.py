@@ -17,6 +17,7 @@ from conftest import tool
 from helpers import FAST, GRID, check_grid, mlp_train, parent_and_children, sweep
 
 from mlp.sweeps.callback import OUTCOME_TAG, PARENT_FILE
+from mlp.tracking import glance
 from mlp.tracking import keys as metrics
 from mlp.tracking import spool as spoollib
 
@@ -30,7 +31,8 @@ def check_failed_parent(db: Path, outcome: str) -> None:
     _, [parent], _ = parent_and_children(db)
     assert parent.info.status == "FAILED"
     assert parent.data.tags[OUTCOME_TAG] == outcome
-    assert parent.data.tags["mlflow.note.content"].startswith(f"**Outcome: {outcome}**")
+    assert glance.headline(parent.data.tags["mlflow.note.content"]).startswith(
+        f"<b>Outcome: {outcome}</b>")
 
 
 @pytest.mark.e2e

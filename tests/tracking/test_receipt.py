@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 
 from mlp.cli import exits, sync
 from mlp.sweeps import callback
-from mlp.tracking import keys, receipt, spool, store
+from mlp.tracking import glance, keys, receipt, spool, store
 from mlp.tracking import recorder as tracking
 
 
@@ -113,15 +113,16 @@ def test_mlp_sync_says_the_sweep_outcome_again_once_its_children_are_complete(
     ended = callback.recheck_outcome(client, parent)  # as the sweep's end records it
     assert ended.tag() == "1 of 1 incomplete"
     note = client.get_run(parent).data.tags["mlflow.note.content"]
-    assert note.startswith("**Outcome: 1 of 1 incomplete**\n- lr=0.1: incomplete: ")
+    assert glance.headline(note).startswith("<b>Outcome: 1 of 1 incomplete</b><br>lr=0.1: "
+                                            "incomplete: ")
 
     outage.fails = lambda n: False
     assert sync.main([str(tmp_path / "ckpt")]) == 0
     assert f"sweep parent {parent}: 1 of 1 finished" in capsys.readouterr().out
     tags = client.get_run(parent).data.tags
     assert tags[callback.OUTCOME_TAG] == "1 of 1 finished"
-    assert tags["mlflow.note.content"] == (
-        "**Outcome: 1 of 1 finished**\n\nSweep **lr_reg**: the table")  # replaced, once
+    assert tags["mlflow.note.content"] == (glance.slot("<b>Outcome: 1 of 1 finished</b>")
+                                           + "\n\nSweep **lr_reg**: the table")  # replaced
 
 
 def test_a_store_gone_at_the_end_spools_the_receipt_too(tmp_path: Path,
