@@ -61,7 +61,8 @@ class _Rows(HTMLParser):
 
 def glance_rows(description: str) -> list[list[str]]:
     """The rows of the table inside a sweep parent's glance (`mlp.tracking.glance`), each
-    a list of its cells' text: run, val, test, gap, status (unless finished) or model."""
+    a list of its cells' text: run, val, test, gap, then what went wrong (status,
+    gradient check) and the best's model version, or ""."""
     parser = _Rows()
     parser.feed(description)
     return [row for row in parser.rows if row and row[0]]  # not the row around them

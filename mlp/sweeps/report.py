@@ -310,7 +310,8 @@ def _row(run: Run, swept: Sequence[str]) -> dict:
             **{k: p.get(k, given.get(k)) for k in swept},
             "val_acc": m.get(keys.ACC_BEST_VAL, m.get(keys.ACC_VAL)),
             "test_acc": m.get(keys.ACC_TEST), "gap_acc": m.get(keys.ACC_GAP),
-            "gradcheck": gradcheck, "duration_s": duration,
+            "gradcheck": gradcheck, "gradcheck_failed": t.get("gradcheck.passed") == "false",
+            "duration_s": duration,
             "overrides": t.get("mlp.overrides", ""), "record": t.get(keys.RECORD_TAG),
             "error": message if len(message) <= 120 else message[:117] + "..."}
 
@@ -400,25 +401,32 @@ def _shared_params(runs: Sequence[Run], swept: Sequence[str]) -> dict[str, str]:
 GLANCE_RUNS = 5  # the runs whose validation curves the parent's glance figure draws
 
 
+def _trouble(row: dict) -> str:
+    """What a glance row says went wrong: the status when the run did not finish (as the
+    outcome words it), a failed gradient check; "" when nothing did."""
+    return ", ".join(part for part in (
+        row["status"] != "FINISHED" and row["status"].lower(),
+        row["gradcheck_failed"] and "<b>gradient check failed</b>") if part)
+
+
 def _describe_sweep(report: Report, parent: Run, registration: Registration | None,
                     figure: bool) -> str:
     """The parent's description, its glance (`glance.band`, all of it on the Overview's
     first screen): the outcome's place (`glance.slot`, kept from the parent's description;
     `callback.record_outcome` fills it), the best children one row each (val, test, gap,
-    status, the registered version of the best), and links to the report of every run
-    (report.html under the parent's Artifacts) and to the children's curves overlaid; a
-    child's status only when it did not finish (the outcome says how many did); beside
-    the small validation curves (`glance.PATH`, when `figure`), a link to the report."""
+    what went wrong (`_trouble`: the outcome says how many finished), the registered
+    version of the best), and links to the report of every run (report.html under the
+    parent's Artifacts) and to the children's curves overlaid; beside the small validation
+    curves (`glance.PATH`, when `figure`), a link to the report."""
     eid, run_id = parent.info.experiment_id, parent.info.run_id
     first = [[glance.escape(row["run"]), *(f"{what} {cell(c, row[c])}" for what, c in (
                  ("val", "val_acc"), ("test", "test_acc"), ("gap", "gap_acc"))),
-              "" if row["status"] == "FINISHED" else row["status"].lower()]  # as the outcome
-             for row in report.rows[:glance.LINES - 2]]
+              _trouble(row)] for row in report.rows[:glance.LINES - 2]]
     if report.best is not None and first:
         first[0][0] = f"<b>{first[0][0]}</b>"
         if registration is not None:
-            first[0][-1] = f"v{registration.version}" + (
-                f" @{CHAMPION}" if registration.won else "")
+            first[0][-1] = ", ".join(part for part in (first[0][-1], f"v{registration.version}"
+                                     + (f" @{CHAMPION}" if registration.won else "")) if part)
     report_page = glance.page(eid, f"runs/{run_id}/artifacts/report.html")
     links = (glance.link(report_page, f"all {len(report.rows)} runs, figures: report")
              + " · " + glance.link(glance.children_chart(eid, run_id), "curves overlaid"))
