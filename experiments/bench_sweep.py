@@ -81,6 +81,7 @@ SPANS = [
     ("mlp.training.trainer", "Trainer.save_checkpoint", "checkpoints"),
     ("mlp.cli.train", "record_result", "results, description"),
     ("mlp.tracking.plots", "curves_figure", "figures"),
+    ("mlp.tracking.plots", "glance_figure", "figures"),
     ("mlp.tracking.plots", "confusion_figure", "figures"),
     ("mlp.tracking.plots", "per_class_figure", "figures"),
     ("mlp.tracking.plots", "weights_figure", "figures"),
@@ -191,17 +192,20 @@ def run_sweep(args: argparse.Namespace, sweep: str, experiment: str, cwd: Path) 
     if done.returncode != 0:
         sys.exit(f"sweep {experiment} exited {done.returncode}:\n{done.stderr[-3000:]}")
     data = json.loads(spans.read_text())
-    logged = logged_training(args.uri, experiment)
+    logged, steady = logged_training(args.uri, experiment)
     rows = data["rows"]
     rows["interpreter start, exit"] = wall - data["in_process"]
     accounted = sum(v for k, v in rows.items() if not k.endswith("[bg]"))
     rows["Hydra between jobs, other"] = wall - accounted
-    return {"wall": wall, "training": logged, "share": logged / wall, "rows": rows,
-            "jobs": data["jobs"]}
+    return {"wall": wall, "training": logged, "share": logged / wall, "steady": steady,
+            "steady_share": steady / wall, "rows": rows, "jobs": data["jobs"]}
 
 
-def logged_training(uri: str, experiment: str) -> float:
-    """The sum of `speed/epoch_s` over every epoch of the experiment's child runs."""
+def logged_training(uri: str, experiment: str) -> tuple[float, float]:
+    """The sum of `speed/epoch_s` over every epoch of the experiment's child runs, and
+    the same at each run's steady pace (its median epoch times its epochs): an epoch that
+    shared the cores (or the GIL) with the previous job's tail is slower, and counted as
+    training in the first."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -209,8 +213,10 @@ def logged_training(uri: str, experiment: str) -> float:
     runs = client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId != ''")
     if not runs or any(r.info.status != "FINISHED" for r in runs):
         sys.exit(f"{experiment}: children {[r.info.status for r in runs]}")
-    return sum(m.value for r in runs
-               for m in client.get_metric_history(r.info.run_id, "speed/epoch_s"))
+    epochs = [[m.value for m in client.get_metric_history(r.info.run_id, "speed/epoch_s")]
+              for r in runs]
+    return (sum(map(sum, epochs)),
+            sum(statistics.median(e) * len(e) for e in epochs if e))
 
 
 def jobs_of(sweep: str) -> list[list[str]]:
@@ -268,7 +274,10 @@ def table(sweep: str, results: list[dict], separate: list[float]) -> str:
     lines = [f"## {sweep}: `mlp-train -m {' '.join(SWEEPS[sweep])}` ({jobs} jobs, "
              f"median of {len(results)})", "",
              f"wall {wall:.1f} s, training steps {training:.1f} s: **training share "
-             f"{med(r['share'] for r in results):.2f}**"]
+             f"{med(r['share'] for r in results):.2f}**",
+             f"at each job's steady pace (its median epoch x its epochs) the training is "
+             f"{med(r['steady'] for r in results):.1f} s: share "
+             f"{med(r['steady_share'] for r in results):.2f}"]
     if separate:
         sep = med(separate)
         lines.append(f"separate processes (1 BLAS thread, {os.cpu_count()} at a time): "

@@ -126,15 +126,27 @@ def glance_figure(history: dict[str, list[float]]) -> Figure:
     val = np.asarray(history["val_acc"], dtype=float)
     fig = _figure(figsize=glance.IMAGE_INCHES, layout="constrained")
     ax = fig.subplots()
-    ax.plot(epochs, train, "-", lw=1.2, label="train")
-    ax.plot(epochs, val, "-", lw=1.2, label="val")
+    style = "-" if len(epochs) > 1 else "o"  # a line of one point is not drawn
+    ax.plot(epochs, train, style, lw=1.2, ms=3, label="train")
+    ax.plot(epochs, val, style, lw=1.2, ms=3, label="val")
     ax.fill_between(epochs, train, val, color="tab:red", alpha=0.15, lw=0)
     if np.isfinite(val).any():
         best = int(np.nanargmax(np.where(np.isfinite(val), val, np.nan)))
         ax.axvline(epochs[best], color="gray", ls="--", lw=0.7)
         ax.plot(epochs[best], val[best], "*", color="tab:orange", ms=7, label="best val")
     ax.set_title("accuracy per epoch", fontsize=7, pad=2)
-    ax.legend(fontsize=6, frameon=False, handlelength=1, loc="best")
+    # The legend in one row above the curves (the top third kept free for it): in 96
+    # pixels, one anywhere else covers a curve.
+    shown = np.concatenate([train[np.isfinite(train)], val[np.isfinite(val)]])
+    if shown.size:
+        lo, hi = float(shown.min()), float(shown.max())
+        span = max(hi - lo, 0.02)
+        ax.set_ylim(lo - 0.08 * span, hi + 0.6 * span)
+        # Ticks where the curves are, not up in the legend's room (no accuracy of 1.2).
+        ticks = MaxNLocator(2).tick_values(lo, hi)
+        ax.set_yticks(ticks[(ticks >= lo - 0.08 * span) & (ticks <= hi)])
+    ax.legend(fontsize=6, frameon=False, handlelength=1, loc="upper center", ncols=3,
+              borderaxespad=0.1, columnspacing=1)
     glance.small_axes(ax)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlim(0.5, epochs[-1] + 0.5)

@@ -34,6 +34,19 @@ def test_the_figures_are_drawn_under_the_fold_at_their_size():
     assert sweep_figures.glance_figure(rows[2:], curves) is None  # nothing finished
 
 
+@pytest.mark.parametrize("train, val", [([0.3, 0.5, 0.7], [0.28, 0.41, 0.39]),
+                                        ([0.2], [0.19]), ([0.9, 0.95], [0.3, 0.31])])
+def test_the_runs_glance_keeps_its_legend_above_the_curves(train, val):
+    fig = plots.glance_figure({"train_acc": train, "val_acc": val})
+    _png_size(fig)  # drawn, at its size
+    ax = fig.axes[0]
+    top = max(train + val)
+    legend = ax.get_legend().get_window_extent()
+    assert legend.y0 > ax.transData.transform((1, top))[1]  # over no curve
+    assert max(ax.get_yticks()) <= top  # no tick up in the legend's room (no acc 1.2)
+    assert len(ax.lines[0].get_xdata()) == len(train)  # one epoch drawn as a point
+
+
 def test_a_glance_is_its_lines_beside_a_linked_figure_or_its_lines_alone():
     assert glance.band("a<br>b") == "a<br>b"
     shown = glance.band("a<br>b", glance.image("r1", glance.PATH), "#/experiments/1/x?y=1&z")
