@@ -63,7 +63,6 @@ log = logging.getLogger("mlp.sweep")
 
 PARENT_FILE = "mlflow_parent.json"
 OUTCOME_TAG = "mlp.sweep.outcome"  # on the parent: `4 of 4 finished`, `1 of 2 failed`
-OUTCOME_HEAD = "<b>Outcome: "  # the headline of the parent's description
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def config_hash(resolved: dict[str, Any]) -> str:
@@ -400,20 +399,40 @@ class SweepCallback(Callback):
 
 def record_outcome(client: Any, run_id: str, outcome: SweepOutcome) -> None:
     """Say `outcome` on the parent `run_id`: its OUTCOME_TAG and the headline of its
-    description's glance (`glance.with_headline`: the outcome and one line per failed or
-    incomplete job), in place of what an earlier outcome said there."""
+    description's glance (`glance.with_headline`, `headline`), in place of what an earlier
+    outcome said there."""
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
     from mlp.tracking import glance
 
     note = client.get_run(run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
     client.set_tag(run_id, OUTCOME_TAG, outcome.tag())
-    lines = outcome.failed + outcome.incomplete
-    if len(lines) > glance.LINES:  # the rest are in the sweep's report and its last line
-        lines = [*lines[:glance.LINES - 1], f"and {len(lines) - glance.LINES + 1} more"]
-    client.set_tag(run_id, MLFLOW_RUN_NOTE, glance.with_headline(
-        note, f"{OUTCOME_HEAD}{outcome.tag()}</b>"
-        + "".join(f"<br>{glance.escape(line)}" for line in lines)))
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, glance.with_headline(note, headline(outcome)))
+
+
+def headline(outcome: SweepOutcome) -> str:
+    """The outcome in one line of the parent's glance (HTML, `glance.LINE_CHARS`): `<b>Outcome:
+    2 of 6 failed</b>: lr=1e4 reg=0, lr=1e4 reg=1e-3`, the failed or incomplete jobs by
+    name, as many as fit, then `+N more`. Their errors are in the report the glance links
+    to, each job's own run and the sweep's last line: a second line would push the best
+    runs under MLflow's fold."""
+    from mlp.tracking import glance
+
+    head = f"Outcome: {outcome.tag()}"
+    names = [line.partition(": ")[0] for line in outcome.failed + outcome.incomplete]
+    shown: list[str] = []
+    for name in names:
+        more = len(names) - len(shown) - 1
+        said = ", ".join([*shown, name]) + (f" +{more} more" if more else "")
+        if len(head) + 2 + len(said) > glance.LINE_CHARS:
+            break
+        shown.append(name)
+    if names and not shown:  # a name too long for the line: its start
+        tail = f" +{len(names) - 1} more" if len(names) > 1 else ""
+        shown = [names[0][:max(glance.LINE_CHARS - len(head) - 3 - len(tail), 1)] + "…"]
+    more = len(names) - len(shown)
+    said = ", ".join(shown) + (f" +{more} more" if more else "")
+    return f"<b>{glance.escape(head)}</b>" + (f": {glance.escape(said)}" if said else "")
 
 
 def recheck_outcome(client: Any, parent_run_id: str) -> SweepOutcome:

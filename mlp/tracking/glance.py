@@ -22,6 +22,10 @@ from typing import Any
 FOLD_PX = 100  # the height of a description MLflow 3.17 shows before "Show more"
 LINE_PX = 20  # a table row: an 18 px line of text and its cell's padding
 LINES = FOLD_PX // LINE_PX  # lines or rows beside the figure, all above the fold
+# Characters in one line beside the figure (the Overview's left column in a 1920 px window,
+# MLflow's 13 px font: ~6 px a character, bold a little wider); a longer line wraps, and
+# the glance folds.
+LINE_CHARS = 72
 IMAGE_DPI = 100
 IMAGE_INCHES = (2.2, 0.96)  # 220 x 96 pixels: the figure's cell stays under FOLD_PX
 NAME = "glance"

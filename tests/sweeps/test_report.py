@@ -3,6 +3,8 @@ takes, its table, figures and files, logging on the parent, and the command line
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 import pytest
@@ -320,27 +322,41 @@ def test_log_sweep_report_puts_the_report_on_the_parent(client, store):
     assert parent.info.status == "RUNNING"  # ending the parent is the sweep's job
 
 
-def test_the_parents_glance_says_why_a_child_failed_in_a_bounded_headline(client, store):
+def test_the_parents_glance_names_the_failed_children_in_a_one_line_headline(client, store):
     from mlp.sweeps import callback
 
     report = rp.log_sweep_report(client, store["act_parent"])
     parent = store["act_parent"]
     callback.record_outcome(client, parent, callback.SweepOutcome.of(report.rows))
     note = client.get_run(parent).data.tags["mlflow.note.content"]
-    assert glance.headline(note) == (
-        "<b>Outcome: 1 of 4 failed</b><br>tanh-h200x100: loss exploded at epoch 1")
+    # the error is in the report the glance links to: a second line would fold the glance
+    assert glance.headline(note) == "<b>Outcome: 1 of 4 failed</b>: tanh-h200x100"
     rows = glance_rows(note)
     assert note.index(glance.HEADLINE[1]) < note.index(rows[0][0])  # then the rows
     # the three best finished; the third's gradient check failed, in its row
     assert [r[-1] for r in rows] == ["", "", "gradient check failed"]
     before = glance_rows(note)
-    many = callback.SweepOutcome(total=60, failed=[f"run{i}: boom <{i}>" for i in range(60)])
-    callback.record_outcome(client, parent, many)  # said in place of the first, bounded
+    many = callback.SweepOutcome(total=60, failed=[f"lr=1e{i} <{i}>: boom" for i in range(60)])
+    callback.record_outcome(client, parent, many)  # said in place of the first, one line
     note = client.get_run(parent).data.tags["mlflow.note.content"]
-    assert glance.headline(note).split("<br>") == [
-        "<b>Outcome: 60 of 60 failed</b>", *(f"run{i}: boom &lt;{i}&gt;" for i in range(4)),
-        "and 56 more"]
+    said = glance.headline(note)
+    assert said.startswith("<b>Outcome: 60 of 60 failed</b>: lr=1e0 &lt;0&gt;, lr=1e1 &lt;1&gt;")
+    assert said.endswith(" more") and "<br>" not in said
+    assert len(html.unescape(re.sub("<[^>]+>", "", said))) <= glance.LINE_CHARS
     assert note.count(glance.HEADLINE[0]) == 1 and glance_rows(note) == before
+
+
+@pytest.mark.parametrize("failed, said", [
+    ([], "<b>Outcome: 4 of 4 finished</b>"),
+    (["a: x", "b: y"], "<b>Outcome: 2 of 4 failed</b>: a, b"),
+    (["n" * 200 + ": x", "b: y"], "<b>Outcome: 2 of 4 failed</b>: " + "n" * 39 + "… +1 more"),
+])
+def test_the_headline_is_one_line_whatever_the_names(failed, said):
+    from mlp.sweeps import callback
+
+    outcome = callback.SweepOutcome(total=4, finished=4 - len(failed), failed=failed)
+    assert callback.headline(outcome) == said
+    assert len(html.unescape(re.sub("<[^>]+>", "", said))) <= glance.LINE_CHARS
 
 
 def test_a_sweep_whose_jobs_all_ran_elsewhere_gets_an_empty_report(client, store):
