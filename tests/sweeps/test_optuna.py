@@ -23,6 +23,7 @@ from engine_fixtures import Postgres  # noqa: E402
 from helpers import FAST, overriding  # noqa: E402
 from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
 from hydra.core.utils import JobReturn, JobStatus  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from optuna.distributions import (  # noqa: E402
     CategoricalDistribution,
@@ -271,7 +272,10 @@ hydra:
 def test_an_in_memory_sweep_from_a_preset(tmp_path: Path, run_env: dict, empty_store: Path):
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "optuna_quick.yaml").write_text(PRESET)
-    base = [o for o in QUICK if not o.startswith("model.hidden_sizes=")]
+    # each trial logs its model: trials are named by float values with dots
+    # (`lr=0.0119698`), which MLflow refuses in a model's name
+    base = overriding(QUICK, "tracking.log_model=true")
+    base = [o for o in base if not o.startswith("model.hidden_sizes=")]
     out = finish(sweep([f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
                         "experiment=optuna_quick"], tmp_path, run_env, empty_store, base))
 
@@ -298,6 +302,15 @@ def test_an_in_memory_sweep_from_a_preset(tmp_path: Path, run_env: dict, empty_s
     assert len(trials) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
     assert {r.data.params["trainer.eval_batch_size"] for r in trials} <= {"40", "50", "60"}
+    # every trial has its model, and the best one is the registered @champion
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in trials)
+    assert any("." in r.info.run_name for r in trials)  # the names MLflow would refuse
+    name = parent.data.tags["mlp.sweep.registered_model"].split("@")[0]
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == parent.data.tags["mlp.sweep.best_run_id"]
+    assert parent.data.tags["mlp.sweep.champion"].endswith("is @champion")
 
 
 @pytest.mark.e2e
