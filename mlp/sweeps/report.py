@@ -298,11 +298,12 @@ def _row(run: Run, swept: Sequence[str]) -> dict:
     # A job that failed before logging its config still has its overrides.
     given = _overrides(t.get("mlp.overrides", ""))
     gradcheck = None
+    check_failed = t.get("gradcheck.passed", "true") != "true"
     if "gradcheck.passed" in t:  # the verdict, the max relative error, failed or not
         error = m.get(keys.GRADCHECK_MAX)
         gradcheck = " ".join(part for part in (
             t.get("gradcheck.verdict"), error is not None and f"{error:.1e}",
-            t["gradcheck.passed"] != "true" and "(failed)") if part)
+            check_failed and "(failed)") if part)
     message = (t.get("error.message") or "").strip().split("\n")[0]
     status = "PRUNED" if t.get("optuna.pruned") == "true" else info.status
     duration = (info.end_time - info.start_time) / 1000 if info.end_time else None
@@ -310,7 +311,7 @@ def _row(run: Run, swept: Sequence[str]) -> dict:
             **{k: p.get(k, given.get(k)) for k in swept},
             "val_acc": m.get(keys.ACC_BEST_VAL, m.get(keys.ACC_VAL)),
             "test_acc": m.get(keys.ACC_TEST), "gap_acc": m.get(keys.ACC_GAP),
-            "gradcheck": gradcheck, "gradcheck_failed": t.get("gradcheck.passed") == "false",
+            "gradcheck": gradcheck, "gradcheck_failed": check_failed,
             "duration_s": duration,
             "overrides": t.get("mlp.overrides", ""), "record": t.get(keys.RECORD_TAG),
             "error": message if len(message) <= 120 else message[:117] + "..."}
