@@ -143,3 +143,41 @@ def test_weights_figure_rejects_other_shapes(shape):
 def test_weights_figure_rejects_max_units_below_one():
     with pytest.raises(ValueError, match="max_units"):
         plots.weights_figure(np.zeros((3072, 4)), max_units=0)
+
+
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck")
+
+
+def _diverging(epochs: int) -> dict[str, list[float]]:
+    """Losses in the thousands, a NaN epoch, accuracies at chance: the widest tick labels
+    a run's curves can get."""
+    h = _history(epochs)
+    h["train_loss"] = [1234.5 * (i + 1) for i in range(epochs)]
+    h["val_loss"] = [float("nan")] + [2345.6 * (i + 1) for i in range(1, epochs)]
+    h["train_acc"] = [0.1] * epochs
+    return h
+
+
+@pytest.mark.parametrize("figure", [
+    pytest.param(lambda: plots.curves_figure(_history(1)), id="curves-1-epoch"),
+    pytest.param(lambda: plots.curves_figure(_history(150)), id="curves-150-epochs"),
+    pytest.param(lambda: plots.curves_figure(_diverging(12)), id="curves-diverging"),
+    pytest.param(lambda: plots.glance_figure(_history(1)), id="glance-1-epoch"),
+    pytest.param(lambda: plots.glance_figure(_history(150)), id="glance-150-epochs"),
+    pytest.param(lambda: plots.confusion_figure(*_predictions(500, 10), CIFAR_CLASSES),
+                 id="confusion-cifar"),
+    pytest.param(lambda: plots.per_class_figure(*_predictions(500, 10), CIFAR_CLASSES),
+                 id="per-class-cifar"),
+    pytest.param(lambda: plots.weights_figure(
+        np.random.default_rng(0).standard_normal((3072, 100))), id="weights-100"),
+    pytest.param(lambda: plots.weights_figure(
+        np.random.default_rng(0).standard_normal((3072, 3))), id="weights-3"),
+])
+def test_every_run_figure_fits_its_fixed_margins(figure):
+    """The figures have fixed margins (no layout engine, for speed): what a run can draw
+    on them (its ticks, labels, titles, the confusion matrix's colorbar) stays inside the
+    figure, and the margins are not much wider than needed."""
+    room = plots.room_left(figure())
+    assert all(r >= 0 for r in room), f"cut off (left, bottom, right, top): {room}"
+    assert all(r < 0.45 for r in room), f"margins much wider than needed: {room}"
