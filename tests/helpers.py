@@ -175,20 +175,30 @@ def listing(path: Path) -> set[str]:
 
 class OutageProxy:
     """An HTTP proxy on 127.0.0.1 in front of a tracking server (`upstream`), that answers
-    503 to a `POST .../runs/log-batch` whose JSON body `fails` says so, while `open` (a
+    503 to a `POST .../runs/log-batch` whose JSON body `fails` says so, and with `uploads`
+    to every artifact upload (`PUT .../mlflow-artifacts/artifacts/...`: an artifact store
+    that refuses files while the tracking store takes the points), while `open` (a
     partial outage: the run's start, tags and end still pass). `url` is its address;
     `refused` counts the requests it answered 503. Use as a context manager."""
 
-    def __init__(self, upstream: str, fails: Callable[[dict], bool]) -> None:
+    def __init__(self, upstream: str, fails: Callable[[dict], bool],
+                 uploads: bool = False) -> None:
         self.upstream, self.fails, self.open, self.refused = upstream, fails, False, 0
+        self.uploads = uploads
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            def refuse(self, body: bytes) -> bool:
+                if not proxy.open:
+                    return False
+                if self.command == "PUT" and "/mlflow-artifacts/artifacts/" in self.path:
+                    return proxy.uploads
+                return (self.command == "POST" and self.path.endswith("/runs/log-batch")
+                        and proxy.fails(json.loads(body or b"{}")))
+
             def forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if (proxy.open and self.command == "POST"
-                        and self.path.endswith("/runs/log-batch")
-                        and proxy.fails(json.loads(body or b"{}"))):
+                if self.refuse(body):
                     proxy.refused += 1
                     self.send_response(503)
                     self.send_header("Content-Length", "0")

@@ -2,14 +2,18 @@
 and where it is kept.
 
 A run counts what it hands to its sink (`Sink.produced`: each distinct metric point, per
-key; each tag key) and, at its end (`RunRecorder.finish`), reads the store back (one
-`get_metric_history` per key) and sets two tags:
+key; each tag key) and the files it logs as artifacts (`RunRecorder.log_files`: figures,
+config files, the gradient check's table and report, the parameters), and, at its end
+(`RunRecorder.finish`), reads the store back (one `get_metric_history` per key, one
+`list_artifacts` per folder of files) and sets two tags:
 
 - `mlp.record.expected`: what the store must hold, JSON `{"points": {key: n}, "tags":
-  [key, ...]}` (`Expected`), so that `mlp-sync` and later runs can check again;
-- `mlp.record`: `complete`, or `incomplete: <n> points, <m> tags in <spool file>` (points
-  the store lacks, tags it lacks or holds an older value of: their value is still in the
-  spool).
+  [key, ...], "files": [path, ...]}` (`Expected`), so that `mlp-sync` and later runs can
+  check again;
+- `mlp.record`: `complete`, or `incomplete: <n> points, <m> tags, <k> files in <spool
+  file>` (points the store lacks, tags it lacks or holds an older value of, files it
+  lacks: what is still in the spool, or beside it for files). A receipt of an earlier
+  version, without files, reads as before.
 
 Both are set whenever the store answers `set-tag`, whatever `log-batch` does; when it does
 not answer at all, they go to the run's spool, with the counts of what the spool holds of
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -43,46 +48,53 @@ log = logging.getLogger("mlp")
 
 COMPLETE = "complete"
 INCOMPLETE = "incomplete"
-_INCOMPLETE = re.compile(r"incomplete: (\d+) points, (\d+) tags in (.+)")
+_INCOMPLETE = re.compile(r"incomplete: (\d+) points, (\d+) tags(?:, (\d+) files)? in (.+)")
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What the store must hold of a run: metric points per key, and tag keys."""
+    """What the store must hold of a run: metric points per key, tag keys, and the paths
+    of its files among the run's artifacts."""
 
     points: Mapping[str, int] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
 
     def to_tag(self) -> str:
         return json.dumps({"points": dict(sorted(self.points.items())),
-                           "tags": sorted(self.tags)}, separators=(",", ":"))
+                           "tags": sorted(self.tags), "files": sorted(self.files)},
+                          separators=(",", ":"))
 
     @classmethod
     def from_tag(cls, text: str) -> Expected:
         data = json.loads(text)
-        return cls({k: int(n) for k, n in data["points"].items()}, tuple(data["tags"]))
+        return cls({k: int(n) for k, n in data["points"].items()}, tuple(data["tags"]),
+                   tuple(data.get("files", ())))
 
 
 @dataclass(frozen=True)
 class Receipt:
-    """The outcome of a check: `points` and `tags` missing from the store (what the spool at
-    `spool` holds of the run when the store did not answer: `answered` False)."""
+    """The outcome of a check: `points`, `tags` and `files` missing from the store (what
+    the spool at `spool` holds of the run when the store did not answer: `answered`
+    False)."""
 
     points: int
     tags: int
     spool: Path | None
     answered: bool = True
+    files: int = 0
 
     @property
     def complete(self) -> bool:
-        return self.answered and self.points == 0 and self.tags == 0
+        return self.answered and self.points == 0 and self.tags == 0 and self.files == 0
 
     def tag(self) -> str:
         """The value of `mlp.record`."""
         if self.complete:
             return COMPLETE
         where = self.spool if self.spool is not None else "no spool (lost)"
-        return f"{INCOMPLETE}: {self.points} points, {self.tags} tags in {where}"
+        return (f"{INCOMPLETE}: {self.points} points, {self.tags} tags, {self.files} files "
+                f"in {where}")
 
     def sync_command(self) -> str | None:
         """The command that sends what is kept (None without a spool)."""
@@ -95,10 +107,19 @@ def stored_points(client: MlflowClient, run_id: str) -> Counter:
     return Counter({k: len(client.get_metric_history(run_id, k)) for k in keys})
 
 
+def stored_files(client: MlflowClient, run_id: str, paths: Sequence[str]) -> set[str]:
+    """Those of the artifact `paths` the store holds of the run (one `list_artifacts` per
+    folder)."""
+    folders = {posixpath.dirname(p) for p in paths}
+    return {info.path for folder in sorted(folders)
+            for info in client.list_artifacts(run_id, folder or None) if not info.is_dir}
+
+
 def check(client: MlflowClient, run_id: str, expected: Expected,
           spool: Path | None) -> Receipt:
     """Compare the store with `expected`: a tag counts as missing when the store lacks it
-    or the spool still holds a value of it. Raises store.STORE_ERRORS."""
+    or the spool still holds a value of it, a file when the store lacks it. Raises
+    store.STORE_ERRORS."""
     run = client.get_run(run_id)
     stored = {k: len(client.get_metric_history(run_id, k)) if k in run.data.metrics else 0
               for k in expected.points}
@@ -106,7 +127,8 @@ def check(client: MlflowClient, run_id: str, expected: Expected,
                if r["kind"] == "tag" and r["run_id"] == run_id}
     points = sum(max(0, n - stored[k]) for k, n in expected.points.items())
     tags = sum(k not in run.data.tags or k in spooled for k in expected.tags)
-    return Receipt(points, tags, spool)
+    files = len(set(expected.files) - stored_files(client, run_id, expected.files))
+    return Receipt(points, tags, spool, files=files)
 
 
 def settle(client: MlflowClient, run_id: str, expected: Expected,
@@ -123,9 +145,12 @@ def settle(client: MlflowClient, run_id: str, expected: Expected,
         log.warning("the store did not answer the run's receipt (%s): %s", type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "")
     if spool is None:
-        return Receipt(sum(expected.points.values()), len(expected.tags), None, answered=False)
-    kinds = Counter(r["kind"] for r in spoollib.Spool(spool).read() if r["run_id"] == run_id)
-    receipt = Receipt(kinds["metric"], kinds["tag"], spool, answered=False)
+        return Receipt(sum(expected.points.values()), len(expected.tags), None, answered=False,
+                       files=len(expected.files))
+    records = [r for r in spoollib.Spool(spool).read() if r["run_id"] == run_id]
+    kinds = Counter(r["kind"] for r in records)
+    receipt = Receipt(kinds["metric"], kinds["tag"], spool, answered=False,
+                      files=sum(len(r["paths"]) for r in records if r["kind"] == "files"))
     spoollib.Spool(spool).append(spoollib.tag_records(client.tracking_uri, run_id, {
         RECORD_EXPECTED_TAG: expected.to_tag(), RECORD_TAG: receipt.tag()}))
     return receipt
@@ -149,7 +174,7 @@ def recheck(client: MlflowClient, run_id: str) -> Receipt | None:
 def spool_of(record: str) -> Path | None:
     """The spool file an `incomplete: ...` receipt names (None for any other value)."""
     found = _INCOMPLETE.fullmatch(record)
-    return Path(found.group(3)) if found else None
+    return Path(found.group(4)) if found else None
 
 
 def is_incomplete(record: str | None) -> bool:

@@ -14,8 +14,8 @@ A run's status and its record are two things. The status says how training ended
 FINISHED, FAILED (with `error.type` / `error.message`) or KILLED (interrupted, pruned, or
 found dead by `liveness`). The tag `mlp.record` says whether the store holds everything the
 run produced: at its end the run reads the store back and compares (`receipt`): `complete`,
-or `incomplete: <n> points, <m> tags in <spool file>`, what `mlp-sync` (or the next
-`mlp-train` against the store) sends. `mlp-train` exits 4 for a run that trained but whose
+or `incomplete: <n> points, <m> tags, <k> files in <spool file>`, what `mlp-sync` (or the
+next `mlp-train` against the store) sends. `mlp-train` exits 4 for a run that trained but whose
 record is incomplete (`cli.exits`).
 
 Durable before acknowledged. An epoch's points (its metrics, and the batch losses logged
@@ -34,8 +34,11 @@ StoreError naming the store, and `mlp-train` exits 2 before training, without a 
 (A creation whose answer was lost can leave an extra RUNNING run: it carries the process
 tags, and the next command marks it KILLED, `liveness`.) Once the run exists, nothing else
 stops training: params and tags go through the sink like metric points (spooled when the
-store fails), and the config files, the datasets and the gradient-check artifacts, which
-have no place in the spool, are named in a warning when the store does not take them.
+store fails), the run's files (config files, the gradient check's table and report,
+figures, the parameters: `log_files`) are kept beside the spool and sent with it, and
+what has no place there (the datasets' entries, the servable model, which the parameters
+and the checkpoint can rebuild) is named in a warning when the store does not take it.
+The receipt counts the files too: a run whose figures the store did not take says so.
 
 MLflow's system-metrics sampler (`SystemMetricsMonitor`, MLflow 3.17) stops for good at
 its first failed call (reading the run's status or logging a sample): after a store
@@ -52,8 +55,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import contextlib
+import io
+import json
 import platform
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,6 +73,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric
 from mlflow.exceptions import MlflowException
@@ -75,6 +82,7 @@ from mlflow.tracking.context import registry as context_registry
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import (
     MLFLOW_DATASET_CONTEXT,
+    MLFLOW_LOGGED_ARTIFACTS,
     MLFLOW_PARENT_RUN_ID,
     MLFLOW_RUN_NAME,
     MLFLOW_RUN_NOTE,
@@ -96,6 +104,7 @@ MODEL_STEP = -1  # the step a model is logged at: one where the run logs no metr
 DATASET_TRIES = 3  # log_inputs under parallel jobs: see RunRecorder.log_datasets
 OPEN_TRIES, OPEN_WAIT = 4, 2.0  # creating or reopening a run: waits of 2, 4 and 8 s
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+GRADCHECK_TABLE = "gradcheck/table.json"
 
 
 def how_to_view(uri: str, experiment_id: str, run_id: str, children: bool = False) -> str:
@@ -264,6 +273,7 @@ class RunRecorder:
         self._monitor = monitor
         self._held = held or set()
         self._earlier: dict[str, int] = {}  # points the store held when the run was reopened
+        self._files: set[str] = set()  # the artifact paths of the files it logged
         self.receipt: receipt.Receipt | None = None  # set by finish
 
     # -- Observer ---------------------------------------------------------------------------
@@ -303,6 +313,33 @@ class RunRecorder:
 
     # -- artifacts ------------------------------------------------------------------------
 
+    def log_files(self, what: str, files: Mapping[str, bytes | str | Path]) -> None:
+        """Files as the run's artifacts, in one upload: {artifact path: its content (bytes,
+        or text as UTF-8) or a local file}. The receipt expects each of them. When the
+        store fails (or failed a moment ago: `Sink.offline`) and the run has a spool, they
+        are kept beside it and sent with it (`Sink.keep_files`), `what` named in a
+        warning; without a spool the store's error propagates."""
+        self._files.update(files)
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / "files"
+            for path, content in files.items():
+                target = staged / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, Path):
+                    shutil.copyfile(content, target)
+                else:
+                    target.write_bytes(content.encode() if isinstance(content, str) else content)
+            error = None
+            if not self.sink.offline():
+                try:
+                    self.client.log_artifacts(self.run_id, str(staged))
+                    return
+                except store.STORE_ERRORS as e:
+                    if self.sink.spool is None:
+                        raise
+                    error = e
+            self.sink.keep_files(staged, sorted(files), what, error)
+
     def log_config(self, resolved: Mapping[str, Any], overrides: list[str],
                    hydra_dir: Path | None) -> None:
         """The config keys that act in the run as params, the bookkeeping keys as tags, and
@@ -310,14 +347,14 @@ class RunRecorder:
         `masking`)."""
         self.sink.add(params={k: masking.mask(v) for k, v in run_params(resolved).items()})
         self.set_tags(bookkeeping_tags(resolved))
-        with self.sink.unless_offline("the config files", kept=f"Hydra keeps them in "
-                                      f"{hydra_dir}; the params and tags are recorded"):
-            self.client.log_dict(self.run_id, masking.mask_tree(dict(resolved)),
-                                 "config/resolved.yaml")
-            self.client.log_text(self.run_id, masking.mask("\n".join(overrides) + "\n"),
-                                 "config/overrides.txt")
-            if hydra_dir is not None and hydra_dir.is_dir():
-                self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
+        files: dict[str, str | Path] = {
+            "config/resolved.yaml": yaml.dump(masking.mask_tree(dict(resolved)), indent=2,
+                                              default_flow_style=False),
+            "config/overrides.txt": masking.mask("\n".join(overrides) + "\n")}
+        if hydra_dir is not None and hydra_dir.is_dir():
+            files |= {f"config/hydra/{f.relative_to(hydra_dir).as_posix()}": f
+                      for f in sorted(hydra_dir.rglob("*")) if f.is_file()}
+        self.log_files("the config files", files)
 
     def log_datasets(self, datasets: Mapping[str, Any]) -> None:
         """The splits as the run's inputs: {context ("train", "validation", "test"): an
@@ -360,11 +397,16 @@ class RunRecorder:
                        "gradcheck.max_rel_error": f"{report.max_rel_error:.2e}"})
         rows = [{k: sci(v) if isinstance(v, float) else v for k, v in row.items()}
                 for row in report.table()]
-        table = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
-        with self.sink.unless_offline("the gradient check's table", kept="its numbers are "
-                                      "in the run's rel_error/* metrics and gradcheck.* tags"):
-            self.client.log_table(self.run_id, table, "gradcheck/table.json")
-            self.client.log_dict(self.run_id, report.to_dict(), "gradcheck/report.json")
+        columns = list(rows[0]) if rows else []
+        # MLflow's table format (`MlflowClient.log_table`: pandas' "split" JSON, and the
+        # tag that shows the file as a table), written here so that it can be kept
+        # beside the spool like any other file.
+        self.set_tags({MLFLOW_LOGGED_ARTIFACTS: json.dumps([{"path": GRADCHECK_TABLE,
+                                                             "type": "table"}])})
+        self.log_files("the gradient check's table and report", {
+            GRADCHECK_TABLE: json.dumps({"columns": columns,
+                                         "data": [[row[c] for c in columns] for row in rows]}),
+            "gradcheck/report.json": json.dumps(report.to_dict(), indent=2, default=str)})
 
     def log_step_precision(self, check: PrecisionCheck) -> None:
         """The training step in its dtype against the float64 step, beside the gradient
@@ -381,8 +423,9 @@ class RunRecorder:
         """A matplotlib figure as plots/<name>.png (at `dpi`, else matplotlib's); returns
         that path."""
         path = f"plots/{name}.png"
-        self.client.log_figure(self.run_id, figure, path,
-                               save_kwargs=None if dpi is None else {"dpi": dpi})
+        png = io.BytesIO()
+        figure.savefig(png, format="png", **({} if dpi is None else {"dpi": dpi}))
+        self.log_files(f"the figure {path}", {path: png.getvalue()})
         return path
 
     def log_model(self, model: MLP, normalizer: Normalizer, classes: tuple[str, ...],
@@ -398,7 +441,7 @@ class RunRecorder:
         name = model_name(name)
         with tempfile.TemporaryDirectory() as tmp:
             data = serving.save(Path(tmp) / "mlp", model, normalizer, classes)
-            self.client.log_artifact(self.run_id, str(data / "model.npz"), "model_npz")
+            self.log_files("the parameters", {"model_npz/model.npz": data / "model.npz"})
             probs = serving._load_pyfunc(str(data)).predict(example)
             signature = ModelSignature(
                 Schema([TensorSpec(np.dtype(serving.SIGNATURE_DTYPE), (-1, example.shape[1]))]),
@@ -485,7 +528,8 @@ class RunRecorder:
         points = dict(self._earlier)
         for key, n in self.sink.expected().items():
             points[key] = points.get(key, 0) + n
-        return receipt.Expected(points, tuple(sorted(self.sink.produced_tags)))
+        return receipt.Expected(points, tuple(sorted(self.sink.produced_tags)),
+                                tuple(sorted(self._files)))
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
         """End the run FINISHED, FAILED (with the error as tags) or KILLED through the
@@ -499,6 +543,12 @@ class RunRecorder:
         try:
             self.sink.end(status)
             spool = self.sink.spool.path if self.sink.spool is not None else None
+            # The files kept beside the spool (the points went with `end`): one more try
+            # unless the store failed a moment ago; the receipt counts what is missing.
+            if spool is not None and not self.sink.offline() and any(
+                    r["kind"] == "files" and r["run_id"] == self.run_id
+                    for r in self.sink.spool.read()):
+                spoollib.send_pending(spool, known=(self.client.tracking_uri,))
             self.receipt = receipt.settle(self.client, self.run_id, self.expected(), spool)
         finally:
             if self._monitor is not None:

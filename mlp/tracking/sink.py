@@ -123,6 +123,25 @@ class Sink:
         self._sending = self._sender.submit(self._send, points, strict=self.spool is None)
         self._sending.result()
 
+    def keep_files(self, staged: Path, paths: Sequence[str], what: str,
+                   error: BaseException | None) -> None:
+        """Keep files the store did not take (`error`; None: it failed a moment ago, not
+        tried): the folder `staged` goes beside the spool, sent with it
+        (`Spool.keep_files`), and a warning says what is kept where. Without a spool the
+        error is raised."""
+        if self.spool is None:
+            raise error if error is not None else RuntimeError(f"{what}: no spool")
+        folder = self.spool.keep_files(self.uri, self.run_id, staged, paths)
+        message = (f"{what} not recorded yet: the MLflow store does not answer"
+                   f"{f' ({type(error).__name__})' if error is not None else ''}; kept in "
+                   f"{folder}, sent with the run's spool (mlp-sync {self.spool.path})")
+        if self.offline():  # said once per outage; the run's end counts them all
+            log.info("%s", message)
+            return
+        warnings.warn(message, stacklevel=3)
+        if error is not None:
+            self._offline_until = time.monotonic() + self.RETRY_AFTER
+
     def offline(self) -> bool:
         """Whether the store failed less than RETRY_AFTER seconds ago (with a spool only)."""
         return self.spool is not None and time.monotonic() < self._offline_until
@@ -209,7 +228,9 @@ class Sink:
             return
         try:
             if self.spool is not None and self.spool.pending():
-                self.spool.send(known=(self.client.tracking_uri,))
+                # Files wait for the run's end (`RunRecorder.finish`) or mlp-sync: an
+                # artifact store that refuses uploads must not hold the points back.
+                self.spool.send(known=(self.client.tracking_uri,), files=False)
         except store.STORE_ERRORS as e:
             self._keep(points, tags, params, e)
             return
@@ -261,10 +282,12 @@ class Sink:
         records = [r for r in self.spool.read() if r["run_id"] == self.run_id]
         counts = {kind: sum(r["kind"] == kind for r in records)
                   for kind in ("metric", "tag", "status")}
+        files = sum(len(r["paths"]) for r in records if r["kind"] == "files")
         status_kept = "" if ended else " and its final status"
         warnings.warn(f"the MLflow store {self.uri} did not take everything: run {self.run_id} "
                       f"ended {status}, but {counts['metric']} metric points, {counts['tag']} "
-                      f"tags{status_kept} are kept in {self.spool.path}. Send them when the "
+                      f"tags, {files} files{status_kept} are kept in {self.spool.path} "
+                      f"(files beside it). Send them when the "
                       f"store is back with: mlp-sync {self.spool.path}", stacklevel=3)
 
 

@@ -16,6 +16,14 @@ with sorted keys), so that a line torn by a crash or damaged on disk is recogniz
     {"crc":<crc32>,"record":{"key":"mlp.heartbeat","kind":"tag","value":"1764632500",...}}
     {"crc":<crc32>,"record":{"key":"optim.lr","kind":"param","value":"0.001",...}}
     {"crc":<crc32>,"record":{"end_time":<ms>,"kind":"status","status":"FINISHED",...}}
+    {"crc":<crc32>,"record":{"dir":"<folder>","kind":"files","paths":["plots/curves.png"],...}}
+
+A run's files (figures, config files, the gradient check's table, the parameters) have
+no place in a line: a `files` record names a folder beside the spool
+(`tracking-spool-files/`, the owner's only) that holds them, laid out by their paths in
+the run's artifacts, and `paths`, the files it must hold. Sending it uploads the folder
+(`log_artifacts`) and removes it; a folder that is gone is reported, and its files are
+missing from the run (its receipt says so).
 
 Lines without a frame (a bare record, as the previous version wrote them) are read too. A
 damaged line is reported (`Damaged`: the file and the line number), skipped and dropped
@@ -32,10 +40,11 @@ MLFLOW_TRACKING_TOKEN, PGPASSWORD for PostgreSQL, or this process's tracking URI
 (MLFLOW_TRACKING_URI, or the run's) when it names the same store with its credentials.
 
 Records are sent in file order (metrics and tags batched with `log_batch`, a status with
-`set_terminated`); what was sent leaves the file, which is removed once empty. Sending is
-idempotent: a metric point the run already holds in the store (same key, step, timestamp
-and value: a spool sent twice, a batch whose answer was lost) is not sent again; tags and
-statuses are set, not added, and a param logged again with its value is no change.
+`set_terminated`, files with `log_artifacts`); what was sent leaves the file, which is
+removed once empty. Sending is idempotent: a metric point the run already holds in the
+store (same key, step, timestamp and value: a spool sent twice, a batch whose answer was
+lost) is not sent again; tags and statuses are set, not added, a param logged again with
+its value is no change, and a file uploaded again replaces itself.
 Appends and sends hold a lock beside the file (`<spool>.lock`), so a run and `mlp-sync`
 can share it.
 """
@@ -47,8 +56,10 @@ import errno
 import json
 import logging
 import os
+import shutil
 import stat
 import tempfile
+import uuid
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,10 +74,12 @@ from mlp.tracking import secrets, store
 log = logging.getLogger("mlp")
 
 SPOOL_NAME = "tracking-spool.jsonl"
+FILES_NAME = "tracking-spool-files"  # the folder of the files records, beside the spool
 BATCH_METRICS, BATCH_TAGS = 1000, 100  # MLflow's limits for one log_batch (params: 100)
 # The fields every record has, and those of each kind.
 FIELDS = {"metric": {"key", "value", "step", "timestamp"}, "tag": {"key", "value"},
-          "param": {"key", "value"}, "status": {"status", "end_time"}}
+          "param": {"key", "value"}, "status": {"status", "end_time"},
+          "files": {"dir", "paths"}}
 COMMON = {"uri", "run_id", "kind"}
 
 
@@ -152,12 +165,14 @@ class Sent:
     tag: int = 0
     param: int = 0
     status: int = 0
+    files: int = 0
     runs: set[str] = field(default_factory=set)
     already: int = 0
     damaged: list[Damaged] = field(default_factory=list)
 
     def __str__(self) -> str:
         params = f", {self.param} params" if self.param else ""
+        params += f", {self.files} files" if self.files else ""
         text = (f"{self.metric} metric points, {self.tag} tags{params} and {self.status} "
                 f"final statuses of {len(self.runs)} run(s)")
         if self.already:
@@ -207,6 +222,22 @@ class Spool:
         finally:
             os.close(fd)
 
+    def keep_files(self, uri: str, run_id: str, staged: Path, paths: Sequence[str]) -> Path:
+        """Keep the files of run `run_id` staged in the folder `staged` (laid out by
+        their artifact `paths`): the folder moves beside the spool and a `files` record
+        names it; returns where it went. SpoolError when it cannot be kept."""
+        folder = self.path.parent / FILES_NAME / f"{run_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.move(staged, folder)
+        except OSError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise SpoolError(_cannot(f"keep {len(paths)} files of run {run_id} beside",
+                                     self.path, e)) from e
+        self.append([{"uri": secrets.without_credentials(uri), "run_id": run_id,
+                      "kind": "files", "dir": str(folder), "paths": sorted(paths)}])
+        return folder
+
     def scan(self) -> tuple[list[dict], list[Damaged]]:
         """The records in order, and the damaged lines skipped (([], []) without a file)."""
         if not self.path.is_file():
@@ -229,12 +260,16 @@ class Spool:
     def pending(self) -> bool:
         return self.path.is_file() and self.path.stat().st_size > 0
 
-    def send(self, uri: str | None = None, known: Sequence[str] = ()) -> Sent:
+    def send(self, uri: str | None = None, known: Sequence[str] = (),
+             files: bool = True) -> Sent:
         """Send every record to its store, oldest first: to `uri` when given, else to the
         recorded store with the credentials this process has for it (`credentialed`: one
         of the `known` URIs, e.g. the run's own, or $MLFLOW_TRACKING_URI).
         Damaged lines are reported (a warning each), skipped and dropped from the file;
-        metric points the store already holds are not sent again.
+        metric points the store already holds are not sent again. Without `files` the
+        files records stay in the file, in their order, for a later send: a running
+        run's sink sends its points this way, so that an artifact store that refuses
+        uploads does not hold them back (the run's end, a resume and mlp-sync send all).
 
         On the first call that fails, the records not yet stored stay in the file and the
         error (one of store.STORE_ERRORS) propagates; the Sent counts so far are in its
@@ -246,10 +281,14 @@ class Spool:
             records, sent.damaged = self.scan()
             for damaged in sent.damaged:
                 log.warning("%s", damaged)
-            done = 0
+            done, skipped = 0, []
             try:
                 while done < len(records):
                     first = records[done]
+                    if first["kind"] == "files" and not files:
+                        skipped.append(first)
+                        done += 1
+                        continue
                     target = uri or credentialed(first["uri"], known)
                     if target not in clients:
                         clients[target] = store.open_client(target)
@@ -261,7 +300,7 @@ class Spool:
                 e.sent = sent  # type: ignore[attr-defined]
                 raise
             finally:
-                self._keep(records[done:])
+                self._keep(skipped + records[done:])
         return sent
 
     def _keep(self, records: list[dict]) -> None:
@@ -323,13 +362,16 @@ def _send_one_call(client: MlflowClient, records: list[dict], start: int, sent: 
         sent.status += 1
         sent.runs.add(run_id)
         return start + 1
+    if first["kind"] == "files":
+        _send_files(client, first, sent)
+        return start + 1
     metrics: list[Metric] = []
     tags: list[RunTag] = []
     params: list[Param] = []
     end = start
     while end < len(records):
         r = records[end]
-        if (r["kind"] == "status" or r["run_id"] != run_id or r["uri"] != target
+        if (r["kind"] in ("status", "files") or r["run_id"] != run_id or r["uri"] != target
                 or len(metrics) == BATCH_METRICS or len(tags) == BATCH_TAGS
                 or len(params) == BATCH_TAGS):
             break
@@ -350,6 +392,20 @@ def _send_one_call(client: MlflowClient, records: list[dict], start: int, sent: 
     sent.param += len(params)
     sent.runs.add(run_id)
     return end
+
+
+def _send_files(client: MlflowClient, record: dict, sent: Sent) -> None:
+    """Upload the folder of a `files` record to its run, then remove it; a folder that is
+    gone is reported (its files stay missing from the run, and its receipt says so)."""
+    folder = Path(record["dir"])
+    if not folder.is_dir():
+        log.warning("run %s: the folder of its kept files %s is gone: %s stay missing",
+                    record["run_id"], folder, ", ".join(record["paths"]))
+        return
+    client.log_artifacts(record["run_id"], str(folder))
+    shutil.rmtree(folder, ignore_errors=True)
+    sent.files += len(record["paths"])
+    sent.runs.add(record["run_id"])
 
 
 def _cannot(what: str, path: Path, error: OSError) -> str:
@@ -376,8 +432,10 @@ def send_pending(path: Path | None, known: Sequence[str] = ()) -> Sent | None:
 
 
 def find(paths: Iterable[str | Path]) -> list[Path]:
-    """The spool files named, or found under the directories named (recursively)."""
+    """The spool files named, or found under the directories named (recursively; not in
+    the folders of kept files, which may hold a copy of one as a run's file)."""
     found: list[Path] = []
     for p in map(Path, paths):
-        found += sorted(p.rglob(SPOOL_NAME)) if p.is_dir() else [p]
+        found += sorted(f for f in p.rglob(SPOOL_NAME)
+                        if FILES_NAME not in f.relative_to(p).parts) if p.is_dir() else [p]
     return found

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -323,31 +324,48 @@ def test_a_store_failing_while_the_run_is_created(tmp_path: Path,
 
 
 def test_params_config_datasets_and_tags_do_not_stop_a_run_when_the_store_fails(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    """Once the run exists: params and tags are spooled like metric points, the files and
-    datasets are named in a warning, and mlp-sync sends what was spooled."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        mlp_log: pytest.LogCaptureFixture):
+    """Once the run exists: params and tags are spooled like metric points, the config
+    files kept beside the spool (said once the outage was warned about), the datasets
+    named in a warning, and mlp-sync sends what was kept."""
     uri, recorder = _recorder(tmp_path, "start")
     outage = _Outage(monkeypatch)
     refused = MlflowException("API request failed: 503 Service Unavailable")
-    for name in ("log_artifact", "log_artifacts", "log_dict", "log_text", "log_inputs",
-                 "log_table"):
+    upload = MlflowClient.log_artifacts
+    for name in ("log_artifact", "log_artifacts", "log_inputs"):
         monkeypatch.setattr(MlflowClient, name, lambda *a, **k: (_ for _ in ()).throw(refused))
     resolved = OmegaConf.to_container(OmegaConf.structured(configlib.Config))
+    hydra_dir = tmp_path / ".hydra"
+    hydra_dir.mkdir()
+    (hydra_dir / "config.yaml").write_text("optim:\n  lr: 0.1\n")
+    mlp_log.set_level(logging.INFO, logger="mlp")
     with pytest.warns(UserWarning) as caught:
-        recorder.log_config(resolved, ["optim.lr=0.1"], tmp_path)
+        recorder.log_config(resolved, ["optim.lr=0.1"], hydra_dir)
         recorder.log_datasets({"train": mlflow.data.from_numpy(np.zeros((2, 3)), name="d")})
         recorder.on_epoch(1, {"val_acc": 0.3})
     said = " ".join(str(w.message) for w in caught)
-    assert "the config files not recorded" in said and "the datasets not recorded" in said
+    assert "does not answer" in said and "the datasets not recorded" in said
     assert "kept in" in said
-    kinds = [r["kind"] for r in spool.Spool(tmp_path / "ckpt" / spool.SPOOL_NAME).read()]
+    assert "the config files not recorded yet" in mlp_log.text
+    records = spool.Spool(tmp_path / "ckpt" / spool.SPOOL_NAME).read()
+    kinds = [r["kind"] for r in records]
     assert kinds.count("param") == len(tracking.run_params(resolved)) and "metric" in kinds
+    [kept] = [r for r in records if r["kind"] == "files"]
+    assert kept["paths"] == ["config/hydra/config.yaml", "config/overrides.txt",
+                             "config/resolved.yaml"]
     outage.end()
+    monkeypatch.setattr(MlflowClient, "log_artifacts", upload)
     assert sync.main([str(tmp_path / "ckpt")]) == 0
-    assert "params" in capsys.readouterr().out
-    run = MlflowClient(uri).get_run(recorder.run_id)
+    assert "params, 3 files" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    run = client.get_run(recorder.run_id)
     assert run.data.params == tracking.run_params(resolved)
     assert run.data.metrics[metrics.ACC_VAL] == 0.3
+    stored = client.download_artifacts(recorder.run_id, "config", str(tmp_path / "back"))
+    assert (Path(stored) / "hydra" / "config.yaml").read_text() == "optim:\n  lr: 0.1\n"
+    assert (Path(stored) / "overrides.txt").read_text() == "optim.lr=0.1\n"
+    assert not Path(kept["dir"]).exists()  # sent, then removed
 
 
 def test_a_full_disk_under_the_spool_ends_the_run_failed(tmp_path: Path,
@@ -567,6 +585,61 @@ def test_a_partial_outage_leaves_a_receipt_that_mlp_sync_and_the_next_sweep_comp
         assert point_counts(client, child.info.run_id) == expected
         assert client.get_run(parent.info.run_id).data.tags["mlp.sweep.outcome"] == (
             "1 of 1 finished")
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_files_an_artifact_store_refuses_are_kept_counted_and_sent_by_mlp_sync(
+        tmp_path: Path, run_env: dict):
+    """A proxy answers 503 to every artifact upload while the tracking server takes the
+    points: the run trains, ends FINISHED with its points all stored and `mlp.record`
+    counting the files it lacks, and exits 4 naming mlp-sync; mlp-sync uploads the kept
+    files, and the run then holds the very files of a clean run of the same seed."""
+    db = tmp_path / "server" / "mlflow.db"
+    db.parent.mkdir()
+    args = [*QUICK, "trainer.epochs=2", "seed=5"]
+    with mlflow_server(db, free_port(), run_env) as uri, OutageProxy(
+            uri, lambda body: False, uploads=True) as proxy:
+        client = MlflowClient(uri)
+        clean = mlp_train([*args, f"tracking.uri={uri}", "tracking.experiment=clean"],
+                          tmp_path, run_env)
+        assert clean.returncode == 0, clean.stderr[-3000:]
+        (clean_run,) = _runs(client, "clean")
+        files = _files(client, clean_run.info.run_id)
+        assert "plots/curves.png" in files and "model_npz/model.npz" in files
+
+        proxy.open, ckpt = True, tmp_path / "ckpt"
+        out = mlp_train([*args, f"tracking.uri={proxy.url}", "tracking.experiment=refused",
+                         f"trainer.checkpoint_dir={ckpt}"], tmp_path, run_env)
+        assert out.returncode == 4, out.stderr[-3000:]
+        assert proxy.refused > 0
+        assert out.stderr.strip().splitlines()[-1].endswith(f"send it with: mlp-sync {ckpt}")
+        (run,) = _runs(client, "refused")
+        run_id = run.info.run_id
+        assert run.info.status == "FINISHED"
+        assert point_counts(client, run_id) == point_counts(client, clean_run.info.run_id)
+        assert _files(client, run_id) == {}  # the files went nowhere but beside the spool
+        assert run.data.tags[metrics.RECORD_TAG] == (
+            f"incomplete: 0 points, 0 tags, {len(files)} files in {ckpt / spool.SPOOL_NAME}")
+
+        proxy.open = False
+        synced = subprocess.run([tool("mlp-sync"), str(ckpt)], env=run_env,
+                                capture_output=True, text=True, timeout=120)
+        assert synced.returncode == 0, synced.stderr
+        assert f"run {run_id}: record complete" in synced.stdout
+        assert client.get_run(run_id).data.tags[metrics.RECORD_TAG] == "complete"
+        assert _files(client, run_id).keys() == files.keys()
+        # The same bytes where nothing depends on the clock or the run's own id.
+        same = [p for p in files if p.startswith(("plots/", "model_npz/", "gradcheck/"))]
+        assert same and all(_files(client, run_id)[p] == files[p] for p in same)
+
+
+def _files(client: MlflowClient, run_id: str, folder: str | None = None) -> dict[str, int]:
+    """The run's artifact files (every folder, recursively), with their sizes."""
+    found: dict[str, int] = {}
+    for info in client.list_artifacts(run_id, folder):
+        found |= _files(client, run_id, info.path) if info.is_dir else {info.path: info.file_size}
+    return found
 
 
 # -- 5. runs killed with SIGKILL --------------------------------------------------------------

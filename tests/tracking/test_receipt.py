@@ -6,8 +6,10 @@ whose log_batch fails for the calls chosen (a partial outage: set_tag and the en
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import matplotlib.figure
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -85,7 +87,7 @@ def test_a_partial_outage_ends_finished_with_an_incomplete_receipt_that_mlp_sync
     assert run.info.status == "FINISHED"  # how training ended; the record is apart
     assert _counts(client, recorder.run_id) == _each(1)
     # 4 keys x 3 epochs of points; the heartbeat's later values are still in the spool
-    assert run.data.tags[keys.RECORD_TAG] == f"incomplete: 12 points, 1 tags in {path}"
+    assert run.data.tags[keys.RECORD_TAG] == f"incomplete: 12 points, 1 tags, 0 files in {path}"
     assert not recorder.receipt.complete
     assert recorder.receipt.sync_command() == f"mlp-sync {path.parent}"
 
@@ -94,6 +96,67 @@ def test_a_partial_outage_ends_finished_with_an_incomplete_receipt_that_mlp_sync
     assert f"run {recorder.run_id}: record complete" in capsys.readouterr().out
     assert client.get_run(recorder.run_id).data.tags[keys.RECORD_TAG] == "complete"
     assert _counts(client, recorder.run_id) == _each(4)
+
+
+def test_files_the_store_refused_make_the_record_incomplete_until_mlp_sync_sends_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Artifacts count in the receipt: a run whose figures the store refused (a proxy
+    that takes metrics but not uploads) is not `complete`; the files are kept beside the
+    spool, byte for byte, without holding the run's next points back, and mlp-sync sends
+    them and completes the record."""
+    recorder = _recorder(tmp_path)
+    monkeypatch.setattr(recorder.sink, "RETRY_AFTER", 0.0)
+    upload = MlflowClient.log_artifacts
+
+    def refused(*args, **kwargs):
+        raise MlflowException("API request to .../mlflow-artifacts/artifacts failed: 403")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", refused)
+    figure = matplotlib.figure.Figure(figsize=(2, 1))
+    figure.subplots().plot([1, 2], [3, 4])
+    _train(recorder, 2)
+    with pytest.warns(UserWarning) as caught:
+        recorder.log_files("the parameters", {"model_npz/model.npz": b"weights"})
+        recorder.log_figure(figure, "curves")
+        _train(recorder, 4, first=3)  # the files kept do not hold the next points back
+        client, path = recorder.client, tmp_path / "ckpt" / spool.SPOOL_NAME
+        assert _counts(client, recorder.run_id) == _each(4)
+        recorder.finish("FINISHED")
+    said = [str(w.message) for w in caught]
+    assert re.match(r"the figure plots/curves.png not recorded yet.*kept in "
+                    r".*tracking-spool-files", said[1])
+    assert "0 metric points, 0 tags, 2 files are kept in" in said[-1]
+    tags = client.get_run(recorder.run_id).data.tags
+    assert tags[keys.RECORD_TAG] == f"incomplete: 0 points, 0 tags, 2 files in {path}"
+    assert json.loads(tags[keys.RECORD_EXPECTED_TAG])["files"] == [
+        "model_npz/model.npz", "plots/curves.png"]
+    assert client.list_artifacts(recorder.run_id) == []
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", upload)
+    assert sync.main([str(path.parent)]) == 0
+    assert f"run {recorder.run_id}: record complete" in capsys.readouterr().out
+    assert client.get_run(recorder.run_id).data.tags[keys.RECORD_TAG] == "complete"
+    back = Path(client.download_artifacts(recorder.run_id, "", str(tmp_path / "back")))
+    assert (back / "model_npz" / "model.npz").read_bytes() == b"weights"
+    assert (back / "plots" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (path.parent / spool.FILES_NAME).exists() or not any(
+        (path.parent / spool.FILES_NAME).iterdir())
+
+
+def test_a_file_missing_from_the_store_is_counted_even_without_an_upload_error(
+        tmp_path: Path):
+    """The receipt reads the store back: a file the run logged but the store does not
+    hold (deleted, or lost by an artifact store that answered) is missing."""
+    recorder = _recorder(tmp_path)
+    _train(recorder, 1)
+    recorder.log_files("the report", {"gradcheck/report.json": "{}", "plots/a.png": b"png"})
+    artifacts = Path(recorder.client.get_run(recorder.run_id).info.artifact_uri.removeprefix(
+        "file://"))
+    (artifacts / "plots" / "a.png").unlink()
+    recorder.finish("FINISHED")
+    assert recorder.receipt.files == 1 and not recorder.receipt.complete
+    assert recorder.client.get_run(recorder.run_id).data.tags[keys.RECORD_TAG].startswith(
+        "incomplete: 0 points, 0 tags, 1 files in ")
 
 
 def test_mlp_sync_says_the_sweep_outcome_again_once_its_children_are_complete(
@@ -185,7 +248,7 @@ def test_incomplete_exits_4_naming_the_sync_command(capsys: pytest.CaptureFixtur
         exits.incomplete("run abc", kept)
     assert exited.value.code == exits.EXIT_INCOMPLETE == 4
     assert capsys.readouterr().err.strip() == (
-        "mlp-lab: run abc trained, but its record is incomplete: 3 points, 1 tags in "
+        "mlp-lab: run abc trained, but its record is incomplete: 3 points, 1 tags, 0 files in "
         "/runs/a/ckpt/tracking-spool.jsonl; send it with: mlp-sync /runs/a/ckpt")
 
 
