@@ -1,9 +1,10 @@
 """What the console commands exit with, and the messages that go with it: 0 success,
 1 failure (a run that diverged or crashed; a sweep with any failed job), 2 a config (or
 data, or store, or a checkpoint) refused before work, 3 a failed gradient check, 4 trained
-but the record is incomplete (the store lacks points or tags the run produced: they are in
-its spool, and the last line names the `mlp-sync` command that sends them; a sweep with an
-incomplete child and no failed one), 130 interrupted (a sweep too)."""
+but the record is incomplete (the store lacks points, tags, files or the model the run
+produced: they are in its spool or beside it, and the last line names the `mlp-sync`
+command that sends them; a sweep with an incomplete child and no failed one), 130
+interrupted (a sweep too)."""
 
 from __future__ import annotations
 

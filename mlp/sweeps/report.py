@@ -484,14 +484,17 @@ def _register_best(client: MlflowClient, report: Report, name: str) -> Registrat
     """Register the best run's model as a version of `name` (created the first time; the
     version the run already has when a sweep is run again) and move the alias @champion
     to it when its validation accuracy beats the current champion's (or there is none).
-    None when no run finished or the best run logged no model."""
+    None when no run finished or the best run has no model READY."""
     if report.best is None or report.best["val_acc"] is None:
         return None
     best = report.best
     parent = client.get_run(report.parent_run_id) if report.parent_run_id else None
     experiment_ids = [parent.info.experiment_id] if parent else []
-    models = client.search_logged_models(
+    # READY only: an upload that failed leaves a model without its files (the run keeps
+    # it beside its spool, and mlp-sync logs it again).
+    models = [m for m in client.search_logged_models(
         experiment_ids, filter_string=f"source_run_id = '{best['run_id']}'")
+        if str(m.status).endswith("READY")]
     if not models:
         return None
     try:

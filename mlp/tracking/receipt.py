@@ -2,18 +2,20 @@
 and where it is kept.
 
 A run counts what it hands to its sink (`Sink.produced`: each distinct metric point, per
-key; each tag key) and the files it logs as artifacts (`RunRecorder.log_files`: figures,
-config files, the gradient check's table and report, the parameters), and, at its end
-(`RunRecorder.finish`), reads the store back (one `get_metric_history` per key, one
-`list_artifacts` per folder of files) and sets two tags:
+key; each tag key), the files it logs as artifacts (`RunRecorder.log_files`: figures,
+config files, the gradient check's table and report, the parameters) and its servable
+model (`RunRecorder.log_model`), and, at its end (`RunRecorder.finish`), reads the store
+back (one `get_metric_history` per key, one `list_artifacts` per folder of files, one
+search of the run's logged models) and sets two tags:
 
 - `mlp.record.expected`: what the store must hold, JSON `{"points": {key: n}, "tags":
-  [key, ...], "files": [path, ...]}` (`Expected`), so that `mlp-sync` and later runs can
-  check again;
-- `mlp.record`: `complete`, or `incomplete: <n> points, <m> tags, <k> files in <spool
-  file>` (points the store lacks, tags it lacks or holds an older value of, files it
-  lacks: what is still in the spool, or beside it for files). A receipt of an earlier
-  version, without files, reads as before.
+  [key, ...], "files": [path, ...], "models": [name, ...]}` (`Expected`), so that
+  `mlp-sync` and later runs can check again;
+- `mlp.record`: `complete`, or `incomplete: <n> points, <m> tags, <k> files, <j> models
+  in <spool file>` (points the store lacks, tags it lacks or holds an older value of,
+  files it lacks, models it holds none READY of: what is still in the spool, or beside it
+  for files and models). A receipt of an earlier version, without files or models, reads
+  as before.
 
 Both are set whenever the store answers `set-tag`, whatever `log-batch` does; when it does
 not answer at all, they go to the run's spool, with the counts of what the spool holds of
@@ -37,6 +39,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 
@@ -48,53 +51,57 @@ log = logging.getLogger("mlp")
 
 COMPLETE = "complete"
 INCOMPLETE = "incomplete"
-_INCOMPLETE = re.compile(r"incomplete: (\d+) points, (\d+) tags(?:, (\d+) files)? in (.+)")
+_INCOMPLETE = re.compile(r"incomplete: \d+ points, \d+ tags(?:, \d+ files)?(?:, \d+ models)? "
+                         r"in (?P<spool>.+)")
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What the store must hold of a run: metric points per key, tag keys, and the paths
-    of its files among the run's artifacts."""
+    """What the store must hold of a run: metric points per key, tag keys, the paths of
+    its files among the run's artifacts, and the names of its servable models."""
 
     points: Mapping[str, int] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
 
     def to_tag(self) -> str:
         return json.dumps({"points": dict(sorted(self.points.items())),
-                           "tags": sorted(self.tags), "files": sorted(self.files)},
-                          separators=(",", ":"))
+                           "tags": sorted(self.tags), "files": sorted(self.files),
+                           "models": sorted(self.models)}, separators=(",", ":"))
 
     @classmethod
     def from_tag(cls, text: str) -> Expected:
         data = json.loads(text)
         return cls({k: int(n) for k, n in data["points"].items()}, tuple(data["tags"]),
-                   tuple(data.get("files", ())))
+                   tuple(data.get("files", ())), tuple(data.get("models", ())))
 
 
 @dataclass(frozen=True)
 class Receipt:
-    """The outcome of a check: `points`, `tags` and `files` missing from the store (what
-    the spool at `spool` holds of the run when the store did not answer: `answered`
-    False)."""
+    """The outcome of a check: `points`, `tags`, `files` and `models` missing from the
+    store (what the spool at `spool` holds of the run when the store did not answer:
+    `answered` False)."""
 
     points: int
     tags: int
     spool: Path | None
     answered: bool = True
     files: int = 0
+    models: int = 0
 
     @property
     def complete(self) -> bool:
-        return self.answered and self.points == 0 and self.tags == 0 and self.files == 0
+        return (self.answered and self.points == 0 and self.tags == 0 and self.files == 0
+                and self.models == 0)
 
     def tag(self) -> str:
         """The value of `mlp.record`."""
         if self.complete:
             return COMPLETE
         where = self.spool if self.spool is not None else "no spool (lost)"
-        return (f"{INCOMPLETE}: {self.points} points, {self.tags} tags, {self.files} files "
-                f"in {where}")
+        return (f"{INCOMPLETE}: {self.points} points, {self.tags} tags, {self.files} files, "
+                f"{self.models} models in {where}")
 
     def sync_command(self) -> str | None:
         """The command that sends what is kept (None without a spool)."""
@@ -115,6 +122,16 @@ def stored_files(client: MlflowClient, run_id: str, paths: Sequence[str]) -> set
             for info in client.list_artifacts(run_id, folder or None) if not info.is_dir}
 
 
+def stored_models(client: MlflowClient, run: Any, names: Sequence[str]) -> set[str]:
+    """Those of the model `names` the store holds READY from `run` (a Run)."""
+    if not names:
+        return set()
+    found = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'")
+    return {m.name for m in found if str(m.status).endswith("READY")}
+
+
 def check(client: MlflowClient, run_id: str, expected: Expected,
           spool: Path | None) -> Receipt:
     """Compare the store with `expected`: a tag counts as missing when the store lacks it
@@ -128,7 +145,8 @@ def check(client: MlflowClient, run_id: str, expected: Expected,
     points = sum(max(0, n - stored[k]) for k, n in expected.points.items())
     tags = sum(k not in run.data.tags or k in spooled for k in expected.tags)
     files = len(set(expected.files) - stored_files(client, run_id, expected.files))
-    return Receipt(points, tags, spool, files=files)
+    models = len(set(expected.models) - stored_models(client, run, expected.models))
+    return Receipt(points, tags, spool, files=files, models=models)
 
 
 def settle(client: MlflowClient, run_id: str, expected: Expected,
@@ -146,11 +164,12 @@ def settle(client: MlflowClient, run_id: str, expected: Expected,
                     str(e).splitlines()[0] if str(e) else "")
     if spool is None:
         return Receipt(sum(expected.points.values()), len(expected.tags), None, answered=False,
-                       files=len(expected.files))
+                       files=len(expected.files), models=len(expected.models))
     records = [r for r in spoollib.Spool(spool).read() if r["run_id"] == run_id]
     kinds = Counter(r["kind"] for r in records)
     receipt = Receipt(kinds["metric"], kinds["tag"], spool, answered=False,
-                      files=sum(len(r["paths"]) for r in records if r["kind"] == "files"))
+                      files=sum(len(r["paths"]) for r in records if r["kind"] == "files"),
+                      models=kinds["model"])
     spoollib.Spool(spool).append(spoollib.tag_records(client.tracking_uri, run_id, {
         RECORD_EXPECTED_TAG: expected.to_tag(), RECORD_TAG: receipt.tag()}))
     return receipt
@@ -174,7 +193,7 @@ def recheck(client: MlflowClient, run_id: str) -> Receipt | None:
 def spool_of(record: str) -> Path | None:
     """The spool file an `incomplete: ...` receipt names (None for any other value)."""
     found = _INCOMPLETE.fullmatch(record)
-    return Path(found.group(4)) if found else None
+    return Path(found["spool"]) if found else None
 
 
 def is_incomplete(record: str | None) -> bool:

@@ -14,9 +14,9 @@ A run's status and its record are two things. The status says how training ended
 FINISHED, FAILED (with `error.type` / `error.message`) or KILLED (interrupted, pruned, or
 found dead by `liveness`). The tag `mlp.record` says whether the store holds everything the
 run produced: at its end the run reads the store back and compares (`receipt`): `complete`,
-or `incomplete: <n> points, <m> tags, <k> files in <spool file>`, what `mlp-sync` (or the
-next `mlp-train` against the store) sends. `mlp-train` exits 4 for a run that trained but whose
-record is incomplete (`cli.exits`).
+or `incomplete: <n> points, <m> tags, <k> files, <j> models in <spool file>`, what
+`mlp-sync` (or the next `mlp-train` against the store) sends. `mlp-train` exits 4 for a
+run that trained but whose record is incomplete (`cli.exits`).
 
 Durable before acknowledged. An epoch's points (its metrics, and the batch losses logged
 during it) are in the store or on disk in the run's spool when `on_epoch` returns, which
@@ -35,10 +35,10 @@ StoreError naming the store, and `mlp-train` exits 2 before training, without a 
 tags, and the next command marks it KILLED, `liveness`.) Once the run exists, nothing else
 stops training: params and tags go through the sink like metric points (spooled when the
 store fails), the run's files (config files, the gradient check's table and report,
-figures, the parameters: `log_files`) are kept beside the spool and sent with it, and
-what has no place there (the datasets' entries, the servable model, which the parameters
-and the checkpoint can rebuild) is named in a warning when the store does not take it.
-The receipt counts the files too: a run whose figures the store did not take says so.
+figures, the parameters: `log_files`) and its servable model (`log_model`) are kept
+beside the spool and sent with it, and what has no place there (the datasets' entries)
+is named in a warning when the store does not take it. The receipt counts the files and
+the model too: a run whose figures the store did not take says so.
 
 MLflow's system-metrics sampler (`SystemMetricsMonitor`, MLflow 3.17) stops for good at
 its first failed call (reading the run's status or logging a sample): after a store
@@ -104,6 +104,7 @@ MODEL_STEP = -1  # the step a model is logged at: one where the run logs no metr
 DATASET_TRIES = 3  # log_inputs under parallel jobs: see RunRecorder.log_datasets
 OPEN_TRIES, OPEN_WAIT = 4, 2.0  # creating or reopening a run: waits of 2, 4 and 8 s
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+EXAMPLE_FILE = "example.npy"  # a kept model's input example, beside its data
 GRADCHECK_TABLE = "gradcheck/table.json"
 
 
@@ -192,6 +193,51 @@ def refused(error: MlflowException) -> bool:
     return 400 <= error.get_http_status_code() < 500
 
 
+def log_servable(client: MlflowClient, run_id: str, data: Path, name: str,
+                 example: Array) -> str:
+    """Log the servable MLflow pyfunc model `name` of run `run_id` from `data` (the folder
+    `serving.save` wrote): raw N x 3072 pixels on the 0-255 scale in, N x 10 class
+    probabilities out (`mlp.tracking.serving`), with a float64 tensor signature
+    (`serving.SIGNATURE_DTYPE` says why) and `example` (a few images) as its input
+    example; it carries the `mlp` package as code and requires NumPy only. Returns the
+    logged model's id; `ModelRefused` for a 4xx, the store's error otherwise."""
+    probs = serving._load_pyfunc(str(data)).predict(example)
+    signature = ModelSignature(
+        Schema([TensorSpec(np.dtype(serving.SIGNATURE_DTYPE), (-1, example.shape[1]))]),
+        Schema([TensorSpec(probs.dtype, (-1, probs.shape[1]))]))
+    # What mlflow.pyfunc.log_model does inside a fluent run, with this run and client:
+    # the logged model is created here (in the run's experiment, with its params),
+    # Model.log fills it and links it to the run.
+    run = client.get_run(run_id)
+    try:
+        logged = client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params,
+            tags=context_registry.resolve_tags())
+        with store.process_uri(client):
+            Model.log(
+                artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                model_id=logged.model_id, loader_module="mlp.tracking.serving",
+                data_path=str(data), code_paths=[str(Path(serving.__file__).parents[1])],
+                signature=signature, input_example=example,
+                pip_requirements=[f"numpy=={np.__version__}"],
+                # No metric is logged at this step: the model's metrics are the ones
+                # logged with its id (log_metrics(model_id=...)), not the run's at 0.
+                step=MODEL_STEP)
+    except MlflowException as e:
+        if refused(e):
+            raise ModelRefused(f"the store refused the model {name!r}: "
+                               f"{e.error_code}: {e.message}") from e
+        raise
+    return logged.model_id
+
+
+def log_kept_model(client: MlflowClient, run_id: str, folder: Path, name: str) -> str:
+    """`log_servable` from a folder `RunRecorder.log_model` kept beside a spool (the model's
+    data in `mlp/`, its input example): what sending a `model` record does."""
+    return log_servable(client, run_id, folder / "mlp", name,
+                        np.load(folder / EXAMPLE_FILE, allow_pickle=False))
+
+
 def _git(*args: str, cwd: Path) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
@@ -274,6 +320,7 @@ class RunRecorder:
         self._held = held or set()
         self._earlier: dict[str, int] = {}  # points the store held when the run was reopened
         self._files: set[str] = set()  # the artifact paths of the files it logged
+        self._models: set[str] = set()  # the names of the servable models it logged
         self.receipt: receipt.Receipt | None = None  # set by finish
 
     # -- Observer ---------------------------------------------------------------------------
@@ -338,7 +385,7 @@ class RunRecorder:
                     if self.sink.spool is None:
                         raise
                     error = e
-            self.sink.keep_files(staged, sorted(files), what, error)
+            self.sink.keep_folder(staged, "files", what, error, paths=sorted(files))
 
     def log_config(self, resolved: Mapping[str, Any], overrides: list[str],
                    hydra_dir: Path | None) -> None:
@@ -429,48 +476,31 @@ class RunRecorder:
         return path
 
     def log_model(self, model: MLP, normalizer: Normalizer, classes: tuple[str, ...],
-                  name: str, example: Array) -> str:
+                  name: str, example: Array) -> str | None:
         """The parameters (.npz) and a servable MLflow pyfunc model named after `name`
-        (`model_name`): raw N x 3072 pixels on the 0-255 scale in, N x 10 class
-        probabilities out (`mlp.tracking.serving`), with a float64 tensor signature
-        (`serving.SIGNATURE_DTYPE` says why) and `example` (a few images) as its input
-        example; it carries the `mlp` package as code and requires NumPy only. Returns the
-        logged model's id. Raises `ModelRefused` when the store refuses the model (a 4xx:
-        nothing a retry or the spool would change)."""
+        (`model_name`, `log_servable`); returns the logged model's id. The receipt expects
+        both. When the store fails (or failed a moment ago) and the run has a spool, the
+        model's data and example are kept beside it and logged when it is sent (None is
+        returned); without a spool the error propagates. Raises `ModelRefused` when the
+        store refuses the model (a 4xx: nothing a retry or the spool would change)."""
         example = np.asarray(example, dtype=serving.SIGNATURE_DTYPE)
         name = model_name(name)
+        self._models.add(name)
         with tempfile.TemporaryDirectory() as tmp:
-            data = serving.save(Path(tmp) / "mlp", model, normalizer, classes)
+            staged = Path(tmp) / "model"
+            data = serving.save(staged / "mlp", model, normalizer, classes)
+            np.save(staged / EXAMPLE_FILE, example)
             self.log_files("the parameters", {"model_npz/model.npz": data / "model.npz"})
-            probs = serving._load_pyfunc(str(data)).predict(example)
-            signature = ModelSignature(
-                Schema([TensorSpec(np.dtype(serving.SIGNATURE_DTYPE), (-1, example.shape[1]))]),
-                Schema([TensorSpec(probs.dtype, (-1, probs.shape[1]))]))
-            # What mlflow.pyfunc.log_model does inside a fluent run, with this run and
-            # client: the logged model is created here (in the run's experiment, with its
-            # params), Model.log fills it and links it to the run.
-            run = self.client.get_run(self.run_id)
-            try:
-                logged = self.client.create_logged_model(
-                    run.info.experiment_id, name=name, source_run_id=self.run_id,
-                    params=run.data.params, tags=context_registry.resolve_tags())
-                with store.process_uri(self.client):
-                    Model.log(
-                        artifact_path=None, name=name, flavor=mlflow.pyfunc,
-                        run_id=self.run_id, model_id=logged.model_id,
-                        loader_module="mlp.tracking.serving", data_path=str(data),
-                        code_paths=[str(Path(serving.__file__).parents[1])],
-                        signature=signature, input_example=example,
-                        pip_requirements=[f"numpy=={np.__version__}"],
-                        # No metric is logged at this step: the model's metrics are the ones
-                        # logged with its id (log_metrics(model_id=...)), not the run's at 0.
-                        step=MODEL_STEP)
-            except MlflowException as e:
-                if refused(e):
-                    raise ModelRefused(f"the store refused the model {name!r}: "
-                                       f"{e.error_code}: {e.message}") from e
-                raise
-        return logged.model_id
+            error = None
+            if not self.sink.offline():
+                try:
+                    return log_servable(self.client, self.run_id, data, name, example)
+                except store.STORE_ERRORS as e:
+                    if self.sink.spool is None:
+                        raise
+                    error = e
+            self.sink.keep_folder(staged, "model", f"the model {name!r}", error, name=name)
+            return None
 
     def describe(self, text: str) -> None:
         """The run's description (the Overview tab's Description: `mlflow.note.content`)."""
@@ -529,7 +559,7 @@ class RunRecorder:
         for key, n in self.sink.expected().items():
             points[key] = points.get(key, 0) + n
         return receipt.Expected(points, tuple(sorted(self.sink.produced_tags)),
-                                tuple(sorted(self._files)))
+                                tuple(sorted(self._files)), tuple(sorted(self._models)))
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
         """End the run FINISHED, FAILED (with the error as tags) or KILLED through the
@@ -546,7 +576,7 @@ class RunRecorder:
             # The files kept beside the spool (the points went with `end`): one more try
             # unless the store failed a moment ago; the receipt counts what is missing.
             if spool is not None and not self.sink.offline() and any(
-                    r["kind"] == "files" and r["run_id"] == self.run_id
+                    r["kind"] in spoollib.KEPT_KINDS and r["run_id"] == self.run_id
                     for r in self.sink.spool.read()):
                 spoollib.send_pending(spool, known=(self.client.tracking_uri,))
             self.receipt = receipt.settle(self.client, self.run_id, self.expected(), spool)

@@ -123,15 +123,15 @@ class Sink:
         self._sending = self._sender.submit(self._send, points, strict=self.spool is None)
         self._sending.result()
 
-    def keep_files(self, staged: Path, paths: Sequence[str], what: str,
-                   error: BaseException | None) -> None:
-        """Keep files the store did not take (`error`; None: it failed a moment ago, not
-        tried): the folder `staged` goes beside the spool, sent with it
-        (`Spool.keep_files`), and a warning says what is kept where. Without a spool the
-        error is raised."""
+    def keep_folder(self, staged: Path, kind: str, what: str, error: BaseException | None,
+                    **fields: object) -> None:
+        """Keep what the store did not take (`error`; None: it failed a moment ago, not
+        tried), staged in the folder `staged`: files or a model (`kind`, `fields`: see
+        `Spool.keep_folder`). It goes beside the spool, sent with it; a warning says what
+        is kept where. Without a spool the error is raised."""
         if self.spool is None:
             raise error if error is not None else RuntimeError(f"{what}: no spool")
-        folder = self.spool.keep_files(self.uri, self.run_id, staged, paths)
+        folder = self.spool.keep_folder(self.uri, self.run_id, staged, kind, **fields)
         message = (f"{what} not recorded yet: the MLflow store does not answer"
                    f"{f' ({type(error).__name__})' if error is not None else ''}; kept in "
                    f"{folder}, sent with the run's spool (mlp-sync {self.spool.path})")
@@ -283,11 +283,12 @@ class Sink:
         counts = {kind: sum(r["kind"] == kind for r in records)
                   for kind in ("metric", "tag", "status")}
         files = sum(len(r["paths"]) for r in records if r["kind"] == "files")
+        models = sum(r["kind"] == "model" for r in records)
         status_kept = "" if ended else " and its final status"
         warnings.warn(f"the MLflow store {self.uri} did not take everything: run {self.run_id} "
                       f"ended {status}, but {counts['metric']} metric points, {counts['tag']} "
-                      f"tags, {files} files{status_kept} are kept in {self.spool.path} "
-                      f"(files beside it). Send them when the "
+                      f"tags, {files} files, {models} models{status_kept} are kept in "
+                      f"{self.spool.path} (files and models beside it). Send them when the "
                       f"store is back with: mlp-sync {self.spool.path}", stacklevel=3)
 
 

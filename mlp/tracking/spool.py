@@ -22,7 +22,9 @@ A run's files (figures, config files, the gradient check's table, the parameters
 no place in a line: a `files` record names a folder beside the spool
 (`tracking-spool-files/`, the owner's only) that holds them, laid out by their paths in
 the run's artifacts, and `paths`, the files it must hold. Sending it uploads the folder
-(`log_artifacts`) and removes it; a folder that is gone is reported, and its files are
+(`log_artifacts`) and removes it. A `model` record names a folder that holds a servable
+model's data and input example, and its `name`: sending it logs the model
+(`recorder.log_servable`). A folder that is gone is reported, and what it held is
 missing from the run (its receipt says so).
 
 Lines without a frame (a bare record, as the previous version wrote them) are read too. A
@@ -65,6 +67,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -79,7 +82,8 @@ BATCH_METRICS, BATCH_TAGS = 1000, 100  # MLflow's limits for one log_batch (para
 # The fields every record has, and those of each kind.
 FIELDS = {"metric": {"key", "value", "step", "timestamp"}, "tag": {"key", "value"},
           "param": {"key", "value"}, "status": {"status", "end_time"},
-          "files": {"dir", "paths"}}
+          "files": {"dir", "paths"}, "model": {"dir", "name"}}
+KEPT_KINDS = ("files", "model")  # records whose content is a folder beside the spool
 COMMON = {"uri", "run_id", "kind"}
 
 
@@ -166,6 +170,7 @@ class Sent:
     param: int = 0
     status: int = 0
     files: int = 0
+    models: int = 0
     runs: set[str] = field(default_factory=set)
     already: int = 0
     damaged: list[Damaged] = field(default_factory=list)
@@ -173,6 +178,7 @@ class Sent:
     def __str__(self) -> str:
         params = f", {self.param} params" if self.param else ""
         params += f", {self.files} files" if self.files else ""
+        params += f", {self.models} models" if self.models else ""
         text = (f"{self.metric} metric points, {self.tag} tags{params} and {self.status} "
                 f"final statuses of {len(self.runs)} run(s)")
         if self.already:
@@ -222,20 +228,22 @@ class Spool:
         finally:
             os.close(fd)
 
-    def keep_files(self, uri: str, run_id: str, staged: Path, paths: Sequence[str]) -> Path:
-        """Keep the files of run `run_id` staged in the folder `staged` (laid out by
-        their artifact `paths`): the folder moves beside the spool and a `files` record
-        names it; returns where it went. SpoolError when it cannot be kept."""
+    def keep_folder(self, uri: str, run_id: str, staged: Path, kind: str,
+                    **fields: Any) -> Path:
+        """Keep the folder `staged` of run `run_id` (a `kind` of KEPT_KINDS: files laid
+        out by their artifact `paths`, or a `model` with its `name`): it moves beside the
+        spool and a record with `fields` names it; returns where it went. SpoolError when
+        it cannot be kept."""
         folder = self.path.parent / FILES_NAME / f"{run_id}-{uuid.uuid4().hex[:8]}"
         try:
             folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             shutil.move(staged, folder)
         except OSError as e:
             shutil.rmtree(folder, ignore_errors=True)
-            raise SpoolError(_cannot(f"keep {len(paths)} files of run {run_id} beside",
-                                     self.path, e)) from e
+            raise SpoolError(_cannot(f"keep the {kind} of run {run_id} beside", self.path,
+                                     e)) from e
         self.append([{"uri": secrets.without_credentials(uri), "run_id": run_id,
-                      "kind": "files", "dir": str(folder), "paths": sorted(paths)}])
+                      "kind": kind, "dir": str(folder), **fields}])
         return folder
 
     def scan(self) -> tuple[list[dict], list[Damaged]]:
@@ -285,7 +293,7 @@ class Spool:
             try:
                 while done < len(records):
                     first = records[done]
-                    if first["kind"] == "files" and not files:
+                    if first["kind"] in KEPT_KINDS and not files:
                         skipped.append(first)
                         done += 1
                         continue
@@ -362,8 +370,8 @@ def _send_one_call(client: MlflowClient, records: list[dict], start: int, sent: 
         sent.status += 1
         sent.runs.add(run_id)
         return start + 1
-    if first["kind"] == "files":
-        _send_files(client, first, sent)
+    if first["kind"] in KEPT_KINDS:
+        _send_folder(client, first, sent)
         return start + 1
     metrics: list[Metric] = []
     tags: list[RunTag] = []
@@ -371,7 +379,7 @@ def _send_one_call(client: MlflowClient, records: list[dict], start: int, sent: 
     end = start
     while end < len(records):
         r = records[end]
-        if (r["kind"] in ("status", "files") or r["run_id"] != run_id or r["uri"] != target
+        if (r["kind"] in ("status", *KEPT_KINDS) or r["run_id"] != run_id or r["uri"] != target
                 or len(metrics) == BATCH_METRICS or len(tags) == BATCH_TAGS
                 or len(params) == BATCH_TAGS):
             break
@@ -394,18 +402,26 @@ def _send_one_call(client: MlflowClient, records: list[dict], start: int, sent: 
     return end
 
 
-def _send_files(client: MlflowClient, record: dict, sent: Sent) -> None:
-    """Upload the folder of a `files` record to its run, then remove it; a folder that is
-    gone is reported (its files stay missing from the run, and its receipt says so)."""
-    folder = Path(record["dir"])
+def _send_folder(client: MlflowClient, record: dict, sent: Sent) -> None:
+    """Send the folder of a `files` record (uploaded to its run) or a `model` record (the
+    model logged), then remove it; a folder that is gone is reported (what it held stays
+    missing from the run, and its receipt says so)."""
+    folder, run_id = Path(record["dir"]), record["run_id"]
+    what = ", ".join(record["paths"]) if record["kind"] == "files" else record["name"]
     if not folder.is_dir():
-        log.warning("run %s: the folder of its kept files %s is gone: %s stay missing",
-                    record["run_id"], folder, ", ".join(record["paths"]))
+        log.warning("run %s: the folder %s it kept is gone: %s stay missing", run_id, folder,
+                    what)
         return
-    client.log_artifacts(record["run_id"], str(folder))
+    if record["kind"] == "files":
+        client.log_artifacts(run_id, str(folder))
+        sent.files += len(record["paths"])
+    else:
+        from mlp.tracking.recorder import log_kept_model  # it writes the spool: imports it
+
+        log_kept_model(client, run_id, folder, record["name"])
+        sent.models += 1
     shutil.rmtree(folder, ignore_errors=True)
-    sent.files += len(record["paths"])
-    sent.runs.add(record["run_id"])
+    sent.runs.add(run_id)
 
 
 def _cannot(what: str, path: Path, error: OSError) -> str:

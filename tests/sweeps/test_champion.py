@@ -21,13 +21,16 @@ def client(tmp_path: Path) -> MlflowClient:
     return client
 
 
-def _sweep_best(client: MlflowClient, name: str, val: float) -> rp.Report:
-    """A sweep's report whose best run (`name`, validation accuracy `val`) logged a model."""
+def _sweep_best(client: MlflowClient, name: str, val: float,
+                status: str = "READY") -> rp.Report:
+    """A sweep's report whose best run (`name`, validation accuracy `val`) logged a model
+    (left `status`: a failed upload leaves it FAILED)."""
     exp = client.get_experiment_by_name("mlp-lab").experiment_id
     parent = client.create_run(exp, run_name="lr_reg").info.run_id
     run = client.create_run(exp, run_name=name).info.run_id
     client.log_batch(run, metrics=[Metric(keys.ACC_BEST_VAL, val, 0, 1)])
-    client.create_logged_model(exp, name=name, source_run_id=run)
+    logged = client.create_logged_model(exp, name=name, source_run_id=run)
+    client.finalize_logged_model(logged.model_id, status)  # as Model.log leaves it
     best = {"run": name, "run_id": run, "val_acc": val, "status": "FINISHED"}
     return rp.Report("t", [], [best], [], best, experiment="mlp-lab", parent_run_id=parent)
 
@@ -64,3 +67,11 @@ def test_a_search_name_with_characters_mlflow_refuses_still_registers(client):
     name = rp.registered_name("my.exp", "lr=0.01 reg=1e-4")
     assert name == "mlp-lab-my_exp-lr_0_01_reg_1e-4"
     assert rp._register_best(client, _sweep_best(client, "a", 0.3), name).version == "1"
+
+
+def test_a_model_whose_upload_failed_is_not_registered(client):
+    """The best run's only model is FAILED (its files never arrived; the run keeps it
+    beside its spool for mlp-sync): nothing is registered, no version points at it."""
+    name = rp.registered_name("mlp-lab", "lr_reg")
+    assert rp._register_best(client, _sweep_best(client, "lr_1", 0.45, "FAILED"), name) is None
+    assert client.search_model_versions(f"name = '{name}'") == []

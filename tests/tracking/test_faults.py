@@ -620,7 +620,9 @@ def test_files_an_artifact_store_refuses_are_kept_counted_and_sent_by_mlp_sync(
         assert point_counts(client, run_id) == point_counts(client, clean_run.info.run_id)
         assert _files(client, run_id) == {}  # the files went nowhere but beside the spool
         assert run.data.tags[metrics.RECORD_TAG] == (
-            f"incomplete: 0 points, 0 tags, {len(files)} files in {ckpt / spool.SPOOL_NAME}")
+            f"incomplete: 0 points, 0 tags, {len(files)} files, 1 models in "
+            f"{ckpt / spool.SPOOL_NAME}")
+        assert not _models(client, run)  # not logged: kept beside the spool too
 
         proxy.open = False
         synced = subprocess.run([tool("mlp-sync"), str(ckpt)], env=run_env,
@@ -629,9 +631,19 @@ def test_files_an_artifact_store_refuses_are_kept_counted_and_sent_by_mlp_sync(
         assert f"run {run_id}: record complete" in synced.stdout
         assert client.get_run(run_id).data.tags[metrics.RECORD_TAG] == "complete"
         assert _files(client, run_id).keys() == files.keys()
+        assert _models(client, run) == _models(client, clean_run)  # logged by mlp-sync
         # The same bytes where nothing depends on the clock or the run's own id.
         same = [p for p in files if p.startswith(("plots/", "model_npz/", "gradcheck/"))]
         assert same and all(_files(client, run_id)[p] == files[p] for p in same)
+
+
+def _models(client: MlflowClient, run) -> list[tuple[str, str]]:
+    """(status, the artifacts' names) of the READY servable models logged from `run`."""
+    found = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                        filter_string=f"source_run_id = '{run.info.run_id}'")
+    return sorted((str(m.status), ",".join(sorted(
+        a.path for a in client.list_logged_model_artifacts(m.model_id))))
+        for m in found if str(m.status).endswith("READY"))
 
 
 def _files(client: MlflowClient, run_id: str, folder: str | None = None) -> dict[str, int]:

@@ -10,13 +10,17 @@ import re
 from pathlib import Path
 
 import matplotlib.figure
+import mlflow.pyfunc
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mlp.cli import exits, sync
+from mlp.core.model import MLP
+from mlp.data import Normalizer
 from mlp.sweeps import callback
-from mlp.tracking import glance, keys, receipt, spool, store
+from mlp.tracking import glance, keys, receipt, serving, spool, store
 from mlp.tracking import recorder as tracking
 
 
@@ -87,7 +91,8 @@ def test_a_partial_outage_ends_finished_with_an_incomplete_receipt_that_mlp_sync
     assert run.info.status == "FINISHED"  # how training ended; the record is apart
     assert _counts(client, recorder.run_id) == _each(1)
     # 4 keys x 3 epochs of points; the heartbeat's later values are still in the spool
-    assert run.data.tags[keys.RECORD_TAG] == f"incomplete: 12 points, 1 tags, 0 files in {path}"
+    assert run.data.tags[keys.RECORD_TAG] == (
+        f"incomplete: 12 points, 1 tags, 0 files, 0 models in {path}")
     assert not recorder.receipt.complete
     assert recorder.receipt.sync_command() == f"mlp-sync {path.parent}"
 
@@ -125,9 +130,10 @@ def test_files_the_store_refused_make_the_record_incomplete_until_mlp_sync_sends
     said = [str(w.message) for w in caught]
     assert re.match(r"the figure plots/curves.png not recorded yet.*kept in "
                     r".*tracking-spool-files", said[1])
-    assert "0 metric points, 0 tags, 2 files are kept in" in said[-1]
+    assert "0 metric points, 0 tags, 2 files, 0 models are kept in" in said[-1]
     tags = client.get_run(recorder.run_id).data.tags
-    assert tags[keys.RECORD_TAG] == f"incomplete: 0 points, 0 tags, 2 files in {path}"
+    assert tags[keys.RECORD_TAG] == (
+        f"incomplete: 0 points, 0 tags, 2 files, 0 models in {path}")
     assert json.loads(tags[keys.RECORD_EXPECTED_TAG])["files"] == [
         "model_npz/model.npz", "plots/curves.png"]
     assert client.list_artifacts(recorder.run_id) == []
@@ -143,6 +149,49 @@ def test_files_the_store_refused_make_the_record_incomplete_until_mlp_sync_sends
         (path.parent / spool.FILES_NAME).iterdir())
 
 
+def test_a_servable_model_the_store_refused_is_kept_and_logged_by_mlp_sync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """The servable model counts in the receipt: kept beside the spool (its data and input
+    example) when the store fails, logged by mlp-sync, and then it predicts what the
+    trained model does."""
+    recorder = _recorder(tmp_path)
+    monkeypatch.setattr(recorder.sink, "RETRY_AFTER", 0.0)
+    create = MlflowClient.create_logged_model
+
+    def down(*args, **kwargs):
+        raise MlflowException("API request to .../logged-models failed: 503")
+
+    monkeypatch.setattr(MlflowClient, "create_logged_model", down)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+    normalizer = Normalizer("mean_image")
+    normalizer.fit(images)
+    model = MLP(input_dim=3072, num_classes=10, hidden_sizes=[8], seed=0)
+    _train(recorder, 1)
+    with pytest.warns(UserWarning) as caught:
+        assert recorder.log_model(model, normalizer, tuple("abcdefghij"), "lr=0.1",
+                                  example=images[:3]) is None
+        recorder.finish("FINISHED")
+    said = [str(w.message) for w in caught]
+    assert said[0].startswith("the model 'lr_0_1' not recorded yet")
+    assert "0 files, 1 models are kept in" in said[-1]
+    client, path = recorder.client, tmp_path / "ckpt" / spool.SPOOL_NAME
+    assert client.get_run(recorder.run_id).data.tags[keys.RECORD_TAG] == (
+        f"incomplete: 0 points, 0 tags, 0 files, 1 models in {path}")
+
+    monkeypatch.setattr(MlflowClient, "create_logged_model", create)
+    assert sync.main([str(path.parent)]) == 0
+    assert "1 models" in capsys.readouterr().out
+    assert client.get_run(recorder.run_id).data.tags[keys.RECORD_TAG] == "complete"
+    (logged,) = client.search_logged_models(
+        experiment_ids=[client.get_run(recorder.run_id).info.experiment_id])
+    assert logged.name == "lr_0_1" and str(logged.status).endswith("READY")
+    with store.process_uri(client):
+        served = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+    expected = serving.softmax(model.scores(normalizer(images, np.float64)))
+    assert np.allclose(served.predict(images.astype(np.float64)), expected)
+
+
 def test_a_file_missing_from_the_store_is_counted_even_without_an_upload_error(
         tmp_path: Path):
     """The receipt reads the store back: a file the run logged but the store does not
@@ -156,7 +205,7 @@ def test_a_file_missing_from_the_store_is_counted_even_without_an_upload_error(
     recorder.finish("FINISHED")
     assert recorder.receipt.files == 1 and not recorder.receipt.complete
     assert recorder.client.get_run(recorder.run_id).data.tags[keys.RECORD_TAG].startswith(
-        "incomplete: 0 points, 0 tags, 1 files in ")
+        "incomplete: 0 points, 0 tags, 1 files, 0 models in ")
 
 
 def test_mlp_sync_says_the_sweep_outcome_again_once_its_children_are_complete(
@@ -248,7 +297,8 @@ def test_incomplete_exits_4_naming_the_sync_command(capsys: pytest.CaptureFixtur
         exits.incomplete("run abc", kept)
     assert exited.value.code == exits.EXIT_INCOMPLETE == 4
     assert capsys.readouterr().err.strip() == (
-        "mlp-lab: run abc trained, but its record is incomplete: 3 points, 1 tags, 0 files in "
+        "mlp-lab: run abc trained, but its record is incomplete: 3 points, 1 tags, 0 files, "
+        "0 models in "
         "/runs/a/ckpt/tracking-spool.jsonl; send it with: mlp-sync /runs/a/ckpt")
 
 
