@@ -110,10 +110,10 @@ def curves_figure(history: dict[str, list[float]]) -> Figure:
     its final value written at the last epoch (val - train for the loss, train - val in
     percentage points for the accuracy, as the gap_loss / gap_acc metrics), and the epoch of
     the best validation accuracy is marked."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     epochs = np.arange(1, len(history["train_loss"]) + 1)
-    fig = _figure((11, 4.2), (0.8, 0.5, 0.2, 0.35), wspace=0.2)
+    fig = _figure((11, 4.2), (0.95, 0.5, 0.2, 0.35), wspace=0.22)
     ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, key, name in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy")):
         train = np.asarray(history[f"train_{key}"], dtype=float)
@@ -133,6 +133,9 @@ def curves_figure(history: dict[str, list[float]]) -> Figure:
         # room around a single epoch, which matplotlib would otherwise zoom into.
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlim(0.5, epochs[-1] + 0.5)
+        # At most 4 significant digits and never an offset ("+1e0" over a flat curve):
+        # the labels keep to the margin, from 0.0002 to 2.5e+04.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.4g}"))
         ax.grid(alpha=0.3)
     val_acc = np.asarray(history["val_acc"], dtype=float)
     if np.isfinite(val_acc).any():
@@ -150,7 +153,7 @@ def glance_figure(history: dict[str, list[float]]) -> Figure:
     the result on the Overview's first screen): train and validation accuracy per epoch
     (history as in `curves_figure`), the gap between them shaded, the best validation
     epoch marked."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     epochs = np.arange(1, len(history["train_acc"]) + 1)
     train = np.asarray(history["train_acc"], dtype=float)
@@ -176,6 +179,9 @@ def glance_figure(history: dict[str, list[float]]) -> Figure:
         # Ticks where the curves are, not up in the legend's room (no accuracy of 1.2).
         ticks = MaxNLocator(2).tick_values(lo, hi)
         ax.set_yticks(ticks[(ticks >= lo - 0.08 * span) & (ticks <= hi)])
+    # Short labels, never an offset ("+1e0" over the title of a flat curve at 1.0): in
+    # 27 pixels of margin, "0.45" fits, "1.000000" does not.
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
     ax.legend(fontsize=6, frameon=False, handlelength=1, loc="upper center", ncols=3,
               borderaxespad=0.1, columnspacing=1)
     glance.small_axes(ax)
