@@ -554,12 +554,20 @@ class RunRecorder:
 
     def expected(self) -> receipt.Expected:
         """What the store must hold of the run: the points counted when it was reopened
-        plus what this attempt handed to its sink, and the tag keys it set there."""
+        plus what this attempt handed to its sink, the tag keys it set there, and the
+        files and models it logged or its spool still keeps for it (an earlier attempt's,
+        which a resume could not send)."""
         points = dict(self._earlier)
         for key, n in self.sink.expected().items():
             points[key] = points.get(key, 0) + n
+        files, models = set(self._files), set(self._models)
+        for r in self.sink.spool.read() if self.sink.spool is not None else ():
+            if r["run_id"] == self.run_id and r["kind"] == "files":
+                files.update(r["paths"])
+            elif r["run_id"] == self.run_id and r["kind"] == "model":
+                models.add(r["name"])
         return receipt.Expected(points, tuple(sorted(self.sink.produced_tags)),
-                                tuple(sorted(self._files)), tuple(sorted(self._models)))
+                                tuple(sorted(files)), tuple(sorted(models)))
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
         """End the run FINISHED, FAILED (with the error as tags) or KILLED through the

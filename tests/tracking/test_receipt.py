@@ -192,6 +192,27 @@ def test_a_servable_model_the_store_refused_is_kept_and_logged_by_mlp_sync(
     assert np.allclose(served.predict(images.astype(np.float64)), expected)
 
 
+def test_a_resumed_run_counts_the_files_an_earlier_attempt_still_keeps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An attempt killed with figures kept beside the spool, resumed while uploads still
+    fail: the resumed attempt logs no figure itself, yet its record is not complete."""
+    first = _recorder(tmp_path)
+    staged = tmp_path / "staged" / "plots"
+    staged.mkdir(parents=True)
+    (staged / "curves.png").write_bytes(b"png")
+    first.sink.spool.keep_folder(first.client.tracking_uri, first.run_id, staged.parent,
+                                 "files", paths=["plots/curves.png"])
+    monkeypatch.setattr(MlflowClient, "log_artifacts", lambda *a, **k: (_ for _ in ()).throw(
+        MlflowException("API request to .../mlflow-artifacts/artifacts failed: 503")))
+    resumed = tracking.start_run(first.client, first.client.get_run(
+        first.run_id).info.experiment_id, "run", {}, run_id=first.run_id,
+        spool_path=tmp_path / "ckpt" / spool.SPOOL_NAME)
+    _train(resumed, 1)
+    with pytest.warns(UserWarning, match="1 files, 0 models are kept"):
+        resumed.finish("FINISHED")
+    assert resumed.receipt.files == 1 and not resumed.receipt.complete
+
+
 def test_a_file_missing_from_the_store_is_counted_even_without_an_upload_error(
         tmp_path: Path):
     """The receipt reads the store back: a file the run logged but the store does not
