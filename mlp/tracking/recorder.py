@@ -581,12 +581,6 @@ class RunRecorder:
         try:
             self.sink.end(status)
             spool = self.sink.spool.path if self.sink.spool is not None else None
-            # The files kept beside the spool (the points went with `end`): one more try
-            # unless the store failed a moment ago; the receipt counts what is missing.
-            if spool is not None and not self.sink.offline() and any(
-                    r["kind"] in spoollib.KEPT_KINDS and r["run_id"] == self.run_id
-                    for r in self.sink.spool.read()):
-                spoollib.send_pending(spool, known=(self.client.tracking_uri,))
             self.receipt = receipt.settle(self.client, self.run_id, self.expected(), spool)
         finally:
             if self._monitor is not None:

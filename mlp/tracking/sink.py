@@ -163,7 +163,8 @@ class Sink:
 
     def end(self, status: str) -> None:
         """Send what is left, one forced try included, and end the run with `status`
-        (FINISHED, FAILED or KILLED). Without a spool a store that fails raises, except
+        (FINISHED, FAILED or KILLED), then, when the store took the end, what the spool
+        keeps beside it (files, a model). Without a spool a store that fails raises, except
         what a FAILED or KILLED run could not send (its own error must not be hidden: it
         is warned about); with one, what is left goes to the spool, the status too when the
         store does not take it, and a warning says what is kept where and how to send it
@@ -180,6 +181,11 @@ class Sink:
                 if self.spool is None:
                     raise
                 ended = False
+            if self.spool is not None and ended and self.spool.pending():
+                # The store answers: the files and model kept beside the spool (which the
+                # points did not wait for) go now; a store that still refuses them is
+                # warned about and they stay for mlp-sync.
+                spoollib.send_pending(self.spool.path, known=(self.client.tracking_uri,))
             if self.spool is not None and (not ended or self.spool.pending()):
                 self._spool_end(status, ended)
 

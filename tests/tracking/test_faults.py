@@ -983,18 +983,22 @@ def test_a_run_the_store_cannot_create_exits_2_before_training(tmp_path: Path,
 @pytest.mark.e2e
 def test_a_store_failing_as_the_run_starts_does_not_stop_training(tmp_path: Path,
                                                                   run_env: dict):
-    """Params, tags and the gradient check's points refused at the start are spooled and
-    sent at the end; the config files and datasets are named in warnings."""
+    """Params, tags and the gradient check's points refused at the start are spooled, the
+    config files and the gradient check's table kept beside the spool, all sent at the
+    end (the record complete, exit 0); the datasets are named in a warning."""
     out = _faulty_train("start", [*QUICK, "tracking.plots=false", "tracking.log_model=false"],
                         tmp_path, run_env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "the config files not recorded" in out.stderr
+    assert "does not answer" in out.stderr
     assert "the datasets not recorded" in out.stderr and "Traceback" not in out.stderr
     client, (run,) = runs_of(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED"
     assert run.data.params["model.hidden_sizes"] == "[32]"
     assert metrics.GRADCHECK_MAX in run.data.metrics
     assert steps(client, run, metrics.ACC_VAL) == [1, 2]
+    assert run.data.tags[metrics.RECORD_TAG] == "complete"
+    assert {"config/resolved.yaml", "config/overrides.txt", "gradcheck/table.json",
+            "gradcheck/report.json"} <= set(_files(client, run.info.run_id))
 
 
 @pytest.mark.e2e
