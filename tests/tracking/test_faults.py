@@ -40,6 +40,7 @@ from helpers import (
     OutageProxy,
     listing,
     member,
+    migrated_store,
     mlp_train,
     point_counts,
     runs_of,
@@ -168,7 +169,7 @@ class _Outage:
 
 
 def _recorder(tmp_path: Path, name: str) -> tuple[str, tracking.RunRecorder]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     client, experiment = store.connect(uri, name)
     return uri, tracking.start_run(client, experiment, name, {}, log_every_steps=1,
                                    spool_path=tmp_path / "ckpt" / spool.SPOOL_NAME)

@@ -13,6 +13,7 @@ import matplotlib.figure
 import mlflow.pyfunc
 import numpy as np
 import pytest
+from helpers import migrated_store
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -42,7 +43,7 @@ class _FailingBatches:
 
 
 def _recorder(tmp_path: Path, with_spool: bool = True) -> tracking.RunRecorder:
-    client, experiment = store.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "receipt")
+    client, experiment = store.connect(migrated_store(tmp_path / "mlflow.db"), "receipt")
     return tracking.start_run(client, experiment, "run", {}, log_every_steps=1,
                               spool_path=tmp_path / "ckpt" / spool.SPOOL_NAME
                               if with_spool else None)
@@ -231,7 +232,7 @@ def test_a_file_missing_from_the_store_is_counted_even_without_an_upload_error(
 
 def test_mlp_sync_says_the_sweep_outcome_again_once_its_children_are_complete(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    client, experiment = store.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "receipt")
+    client, experiment = store.connect(migrated_store(tmp_path / "mlflow.db"), "receipt")
     parent = client.create_run(experiment, run_name="lr_reg",
                                tags={"mlp.sweep": "true"}).info.run_id
     recorder = tracking.start_run(client, experiment, "lr=0.1", {}, log_every_steps=1,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import migrated_store
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
@@ -27,7 +28,7 @@ from mlp.tracking import recorder as tracking
 
 
 def _start(tmp_path: Path, name: str, **kwargs) -> tracking.RunRecorder:
-    client, experiment = store.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", name)
+    client, experiment = store.connect(migrated_store(tmp_path / "mlflow.db"), name)
     return tracking.start_run(client, experiment, name, {}, **kwargs)
 
 
