@@ -165,11 +165,10 @@ def settle(client: MlflowClient, run_id: str, expected: Expected,
     if spool is None:
         return Receipt(sum(expected.points.values()), len(expected.tags), None, answered=False,
                        files=len(expected.files), models=len(expected.models))
-    records = [r for r in spoollib.Spool(spool).read() if r["run_id"] == run_id]
-    kinds = Counter(r["kind"] for r in records)
-    receipt = Receipt(kinds["metric"], kinds["tag"], spool, answered=False,
-                      files=sum(len(r["paths"]) for r in records if r["kind"] == "files"),
-                      models=kinds["model"])
+    kinds = Counter(r["kind"] for r in spoollib.Spool(spool).read() if r["run_id"] == run_id)
+    files, models = spoollib.Spool(spool).kept(run_id)
+    receipt = Receipt(kinds["metric"], kinds["tag"], spool, answered=False, files=len(files),
+                      models=len(models))
     spoollib.Spool(spool).append(spoollib.tag_records(client.tracking_uri, run_id, {
         RECORD_EXPECTED_TAG: expected.to_tag(), RECORD_TAG: receipt.tag()}))
     return receipt

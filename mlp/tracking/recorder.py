@@ -363,9 +363,9 @@ class RunRecorder:
     def log_files(self, what: str, files: Mapping[str, bytes | str | Path]) -> None:
         """Files as the run's artifacts, in one upload: {artifact path: its content (bytes,
         or text as UTF-8) or a local file}. The receipt expects each of them. When the
-        store fails (or failed a moment ago: `Sink.offline`) and the run has a spool, they
-        are kept beside it and sent with it (`Sink.keep_files`), `what` named in a
-        warning; without a spool the store's error propagates."""
+        store fails (or failed a moment ago) and the run has a spool, they are kept beside
+        it and sent with it (`Sink.send_or_keep`), `what` named in a warning; without a
+        spool the store's error propagates."""
         self._files.update(files)
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / "files"
@@ -376,16 +376,8 @@ class RunRecorder:
                     shutil.copyfile(content, target)
                 else:
                     target.write_bytes(content.encode() if isinstance(content, str) else content)
-            error = None
-            if not self.sink.offline():
-                try:
-                    self.client.log_artifacts(self.run_id, str(staged))
-                    return
-                except store.STORE_ERRORS as e:
-                    if self.sink.spool is None:
-                        raise
-                    error = e
-            self.sink.keep_folder(staged, "files", what, error, paths=sorted(files))
+            self.sink.send_or_keep(lambda: self.client.log_artifacts(self.run_id, str(staged)),
+                                   staged, "files", what, paths=sorted(files))
 
     def log_config(self, resolved: Mapping[str, Any], overrides: list[str],
                    hydra_dir: Path | None) -> None:
@@ -491,16 +483,9 @@ class RunRecorder:
             data = serving.save(staged / "mlp", model, normalizer, classes)
             np.save(staged / EXAMPLE_FILE, example)
             self.log_files("the parameters", {"model_npz/model.npz": data / "model.npz"})
-            error = None
-            if not self.sink.offline():
-                try:
-                    return log_servable(self.client, self.run_id, data, name, example)
-                except store.STORE_ERRORS as e:
-                    if self.sink.spool is None:
-                        raise
-                    error = e
-            self.sink.keep_folder(staged, "model", f"the model {name!r}", error, name=name)
-            return None
+            return self.sink.send_or_keep(
+                lambda: log_servable(self.client, self.run_id, data, name, example), staged,
+                "model", f"the model {name!r}", name=name)
 
     def describe(self, text: str) -> None:
         """The run's description (the Overview tab's Description: `mlflow.note.content`)."""
@@ -561,11 +546,10 @@ class RunRecorder:
         for key, n in self.sink.expected().items():
             points[key] = points.get(key, 0) + n
         files, models = set(self._files), set(self._models)
-        for r in self.sink.spool.read() if self.sink.spool is not None else ():
-            if r["run_id"] == self.run_id and r["kind"] == "files":
-                files.update(r["paths"])
-            elif r["run_id"] == self.run_id and r["kind"] == "model":
-                models.add(r["name"])
+        if self.sink.spool is not None:
+            kept_files, kept_models = self.sink.spool.kept(self.run_id)
+            files.update(kept_files)
+            models.update(kept_models)
         return receipt.Expected(points, tuple(sorted(self.sink.produced_tags)),
                                 tuple(sorted(files)), tuple(sorted(models)))
 

@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -49,6 +50,7 @@ from mlp.tracking import spool as spoollib
 from mlp.tracking import store
 
 log = logging.getLogger("mlp")
+T = TypeVar("T")
 
 BATCH = 1000  # MLflow's limit of metric points in one log_batch
 BATCH_KEYS = 100  # MLflow's limit of tags, and of params, in one log_batch
@@ -123,14 +125,29 @@ class Sink:
         self._sending = self._sender.submit(self._send, points, strict=self.spool is None)
         self._sending.result()
 
-    def keep_folder(self, staged: Path, kind: str, what: str, error: BaseException | None,
-                    **fields: object) -> None:
-        """Keep what the store did not take (`error`; None: it failed a moment ago, not
-        tried), staged in the folder `staged`: files or a model (`kind`, `fields`: see
-        `Spool.keep_folder`). It goes beside the spool, sent with it; a warning says what
-        is kept where. Without a spool the error is raised."""
-        if self.spool is None:
-            raise error if error is not None else RuntimeError(f"{what}: no spool")
+    def send_or_keep(self, send: Callable[[], T], staged: Path, kind: str, what: str,
+                     **fields: object) -> T | None:
+        """`send()`, which stores what the folder `staged` holds (files, or a model:
+        `kind` and `fields` as for `Spool.keep_folder`), unless the store failed a moment
+        ago (`offline`). When it fails, or was not tried, `staged` is kept beside the spool
+        and sent with it, a warning names `what` and where it is, and None is returned;
+        without a spool the store's error propagates."""
+        error = None
+        if not self.offline():
+            try:
+                return send()
+            except store.STORE_ERRORS as e:
+                if self.spool is None:
+                    raise
+                error = e
+        self._keep_folder(staged, kind, what, error, **fields)
+        return None
+
+    def _keep_folder(self, staged: Path, kind: str, what: str, error: BaseException | None,
+                     **fields: object) -> None:
+        """Keep the folder `staged` beside the spool (`error`: why; None when the store
+        failed a moment ago and was not tried), said once per outage."""
+        assert self.spool is not None  # offline, or a failure with a spool: send_or_keep
         folder = self.spool.keep_folder(self.uri, self.run_id, staged, kind, **fields)
         message = (f"{what} not recorded yet: the MLflow store does not answer"
                    f"{f' ({type(error).__name__})' if error is not None else ''}; kept in "
@@ -138,7 +155,7 @@ class Sink:
         if self.offline():  # said once per outage; the run's end counts them all
             log.info("%s", message)
             return
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=4)
         if error is not None:
             self._offline_until = time.monotonic() + self.RETRY_AFTER
 
@@ -288,8 +305,7 @@ class Sink:
         records = [r for r in self.spool.read() if r["run_id"] == self.run_id]
         counts = {kind: sum(r["kind"] == kind for r in records)
                   for kind in ("metric", "tag", "status")}
-        files = sum(len(r["paths"]) for r in records if r["kind"] == "files")
-        models = sum(r["kind"] == "model" for r in records)
+        files, models = (len(kept) for kept in self.spool.kept(self.run_id))
         status_kept = "" if ended else " and its final status"
         warnings.warn(f"the MLflow store {self.uri} did not take everything: run {self.run_id} "
                       f"ended {status}, but {counts['metric']} metric points, {counts['tag']} "

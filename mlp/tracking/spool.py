@@ -246,6 +246,13 @@ class Spool:
                       "kind": kind, "dir": str(folder), **fields}])
         return folder
 
+    def kept(self, run_id: str) -> tuple[list[str], list[str]]:
+        """What the file keeps beside it for run `run_id`: the artifact paths of its
+        `files` records and the names of its `model` records."""
+        records = [r for r in self.read() if r["run_id"] == run_id]
+        return ([p for r in records if r["kind"] == "files" for p in r["paths"]],
+                [r["name"] for r in records if r["kind"] == "model"])
+
     def scan(self) -> tuple[list[dict], list[Damaged]]:
         """The records in order, and the damaged lines skipped (([], []) without a file)."""
         if not self.path.is_file():

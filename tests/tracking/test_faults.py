@@ -515,6 +515,22 @@ class _EpochOutage:
         return self.seen > 1
 
 
+def _incomplete_through(proxy: OutageProxy, args: list[str], ckpt: Path, cwd: Path,
+                        env: dict):
+    """One `mlp-train args` (naming its experiment) through the proxy, opened, with its
+    checkpoints and spool in `ckpt`: it must exit 4 with the proxy having refused
+    something and its last line naming `mlp-sync ckpt`; returns its run."""
+    proxy.open = True
+    out = mlp_train([*args, f"tracking.uri={proxy.url}", f"trainer.checkpoint_dir={ckpt}"],
+                    cwd, env)
+    assert out.returncode == 4, out.stderr[-3000:]
+    assert proxy.refused > 0
+    assert out.stderr.strip().splitlines()[-1].endswith(f"send it with: mlp-sync {ckpt}")
+    experiment = next(a for a in args if a.startswith("tracking.experiment="))
+    (run,) = _runs(MlflowClient(proxy.upstream), experiment.partition("=")[2])
+    return run
+
+
 def _runs(client: MlflowClient, experiment: str, parents: bool = False) -> list:
     """The training runs of an experiment, or its sweep parents."""
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
@@ -542,13 +558,9 @@ def test_a_partial_outage_leaves_a_receipt_that_mlp_sync_and_the_next_sweep_comp
         assert clean_run.data.tags[metrics.RECORD_TAG] == "complete"
         expected = point_counts(client, clean_run.info.run_id)
 
-        proxy.open, ckpt = True, tmp_path / "ckpt"
-        out = mlp_train([*args, f"tracking.uri={proxy.url}", "tracking.experiment=partial",
-                         f"trainer.checkpoint_dir={ckpt}"], tmp_path, run_env)
-        assert out.returncode == 4, out.stderr[-3000:]
-        assert proxy.refused > 0
-        assert out.stderr.strip().splitlines()[-1].endswith(f"send it with: mlp-sync {ckpt}")
-        (run,) = _runs(client, "partial")
+        ckpt = tmp_path / "ckpt"
+        run = _incomplete_through(proxy, [*args, "tracking.experiment=partial"], ckpt,
+                                  tmp_path, run_env)
         held = point_counts(client, run.info.run_id)
         missing = sum(expected.values()) - sum(held.values())
         assert run.info.status == "FINISHED" and missing > 0
@@ -609,13 +621,9 @@ def test_files_an_artifact_store_refuses_are_kept_counted_and_sent_by_mlp_sync(
         files = _files(client, clean_run.info.run_id)
         assert "plots/curves.png" in files and "model_npz/model.npz" in files
 
-        proxy.open, ckpt = True, tmp_path / "ckpt"
-        out = mlp_train([*args, f"tracking.uri={proxy.url}", "tracking.experiment=refused",
-                         f"trainer.checkpoint_dir={ckpt}"], tmp_path, run_env)
-        assert out.returncode == 4, out.stderr[-3000:]
-        assert proxy.refused > 0
-        assert out.stderr.strip().splitlines()[-1].endswith(f"send it with: mlp-sync {ckpt}")
-        (run,) = _runs(client, "refused")
+        ckpt = tmp_path / "ckpt"
+        run = _incomplete_through(proxy, [*args, "tracking.experiment=refused"], ckpt,
+                                  tmp_path, run_env)
         run_id = run.info.run_id
         assert run.info.status == "FINISHED"
         assert point_counts(client, run_id) == point_counts(client, clean_run.info.run_id)

@@ -42,6 +42,18 @@ class _FailingBatches:
         monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
 
 
+def _refuse(monkeypatch: pytest.MonkeyPatch, method: str, failed: str):
+    """Make `MlflowClient.<method>` fail as a store that answers `failed` would; returns
+    the real method, to put back."""
+    real = getattr(MlflowClient, method)
+
+    def refused(*args, **kwargs):
+        raise MlflowException(f"API request to {failed}")
+
+    monkeypatch.setattr(MlflowClient, method, refused)
+    return real
+
+
 def _recorder(tmp_path: Path, with_spool: bool = True) -> tracking.RunRecorder:
     client, experiment = store.connect(migrated_store(tmp_path / "mlflow.db"), "receipt")
     return tracking.start_run(client, experiment, "run", {}, log_every_steps=1,
@@ -112,12 +124,7 @@ def test_files_the_store_refused_make_the_record_incomplete_until_mlp_sync_sends
     them and completes the record."""
     recorder = _recorder(tmp_path)
     monkeypatch.setattr(recorder.sink, "RETRY_AFTER", 0.0)
-    upload = MlflowClient.log_artifacts
-
-    def refused(*args, **kwargs):
-        raise MlflowException("API request to .../mlflow-artifacts/artifacts failed: 403")
-
-    monkeypatch.setattr(MlflowClient, "log_artifacts", refused)
+    upload = _refuse(monkeypatch, "log_artifacts", ".../mlflow-artifacts/artifacts failed: 403")
     figure = matplotlib.figure.Figure(figsize=(2, 1))
     figure.subplots().plot([1, 2], [3, 4])
     _train(recorder, 2)
@@ -157,12 +164,7 @@ def test_a_servable_model_the_store_refused_is_kept_and_logged_by_mlp_sync(
     trained model does."""
     recorder = _recorder(tmp_path)
     monkeypatch.setattr(recorder.sink, "RETRY_AFTER", 0.0)
-    create = MlflowClient.create_logged_model
-
-    def down(*args, **kwargs):
-        raise MlflowException("API request to .../logged-models failed: 503")
-
-    monkeypatch.setattr(MlflowClient, "create_logged_model", down)
+    create = _refuse(monkeypatch, "create_logged_model", ".../logged-models failed: 503")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
     normalizer = Normalizer("mean_image")
@@ -203,8 +205,7 @@ def test_a_resumed_run_counts_the_files_an_earlier_attempt_still_keeps(
     (staged / "curves.png").write_bytes(b"png")
     first.sink.spool.keep_folder(first.client.tracking_uri, first.run_id, staged.parent,
                                  "files", paths=["plots/curves.png"])
-    monkeypatch.setattr(MlflowClient, "log_artifacts", lambda *a, **k: (_ for _ in ()).throw(
-        MlflowException("API request to .../mlflow-artifacts/artifacts failed: 503")))
+    _refuse(monkeypatch, "log_artifacts", ".../mlflow-artifacts/artifacts failed: 503")
     resumed = tracking.start_run(first.client, first.client.get_run(
         first.run_id).info.experiment_id, "run", {}, run_id=first.run_id,
         spool_path=tmp_path / "ckpt" / spool.SPOOL_NAME)
