@@ -10,6 +10,11 @@ again.
 
     python experiments/accuracy_ideas.py --archive ../shared/data/cifar-10-python.tar.gz
     python experiments/accuracy_ideas.py --archive ... --only ema label_smoothing
+    python experiments/accuracy_ideas.py --archive ... --epochs 140 \
+        --out experiments/results/accuracy_ideas_full.md --only baseline 150_epochs  # round 2
+
+Each run's output is kept in `--workdir` as <name>.log; with GNU time installed its peak
+resident memory is measured too (`/usr/bin/time -v`).
 """
 
 from __future__ import annotations
@@ -31,8 +36,20 @@ VARIANTS = {  # name -> overrides on top of experiment=best_mlp trainer.epochs=E
     "pca_whitening": ["data.whiten.name=pca", "data.whiten.components=512"],
     "zca_whitening": ["data.whiten.name=zca"],
     "wider_2048": ["model.hidden_sizes=[2048,2048]"],
+    # round 2, at full length (--epochs 140 --out experiments/results/accuracy_ideas_full.md)
+    # on the preset with PCA to 256 components, label smoothing and test-time views
+    "pca_512_flip_only": ["data.whiten.components=512", "data.augment.test_shift=0",
+                          "model.label_smoothing=0", "trainer.epochs=150"],
+    "pca_256_flip_only": ["data.augment.test_shift=0", "model.label_smoothing=0",
+                          "trainer.epochs=150"],
+    "reg_1e-3_flip_only": ["data.augment.test_shift=0", "model.label_smoothing=0",
+                           "model.reg=1e-3", "trainer.epochs=150"],
+    "no_label_smoothing": ["model.label_smoothing=0", "trainer.epochs=150"],
+    "150_epochs": ["trainer.epochs=150"],
 }
 DONE = re.compile(r"done: accuracy train ([\d.]+) / val ([\d.]+) / test ([\d.]+)")
+PEAK = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
+TIME = Path("/usr/bin/time")
 
 
 def run(name: str, overrides: list[str], archive: Path, workdir: Path, epochs: int) -> dict:
@@ -41,26 +58,32 @@ def run(name: str, overrides: list[str], archive: Path, workdir: Path, epochs: i
     command = [str(tool), "experiment=best_mlp", f"trainer.epochs={epochs}",
                f"data.archive={archive.resolve()}", "trainer.progress=false",
                "tracking.experiment=accuracy-ideas", f"tracking.run_name={name}", *overrides]
+    if TIME.exists():  # GNU time's peak resident memory of the run
+        command = [str(TIME), "-v", *command]
     t0 = time.perf_counter()
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    (workdir / f"{name}.log").write_text(done.stdout + done.stderr)
     found = DONE.search(done.stdout + done.stderr)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     train, val, test = map(float, found.groups())
+    peak = PEAK.search(done.stderr)
     return {"name": name, "overrides": overrides, "epochs": epochs, "train_acc": train,
-            "val_acc": val, "test_acc": test, "wall_s": round(wall, 1)}
+            "val_acc": val, "test_acc": test, "wall_s": round(wall, 1),
+            "peak_mib": round(int(peak.group(1)) / 1024) if peak else None}
 
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["name"] == "baseline"), None)
-    lines = ["| change | overrides | epochs | test acc | vs baseline | val acc | wall |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| change | overrides | epochs | test acc | vs baseline | val acc | wall | peak |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         delta = f"{100 * (r['test_acc'] - base['test_acc']):+.1f}" if base else ""
         lines.append(f"| {r['name']} | `{' '.join(r['overrides']) or '-'}` | {r['epochs']} | "
                      f"{100 * r['test_acc']:.1f}% | {delta} | {100 * r['val_acc']:.1f}% | "
-                     f"{int(r['wall_s'] // 60)}:{int(r['wall_s'] % 60):02d} |")
+                     f"{int(r['wall_s'] // 60)}:{int(r['wall_s'] % 60):02d} | "
+                     f"{'' if r.get('peak_mib') is None else str(r['peak_mib']) + ' MiB'} |")
     return "\n".join(lines) + "\n"
 
 

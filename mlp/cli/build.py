@@ -189,6 +189,7 @@ def build_trainer(cfg: DictConfig, splits: datalib.Splits, output_dir: Path) -> 
         train_eval_size=t.train_eval_size, eval_batch_size=t.eval_batch_size,
         patience=t.patience, diverge_factor=t.diverge_factor,
         augment_pad=cfg.data.augment.pad, augment_flip=cfg.data.augment.flip,
+        test_flip=cfg.data.augment.test_flip, test_shift=cfg.data.augment.test_shift,
         checkpoint_dir=Path(t.checkpoint_dir) if t.checkpoint_dir else output_dir / "checkpoints",
         progress=t.progress, prefetch=t.prefetch, health=cfg.tracking.health, seed=cfg.seed,
         ema=t.ema, ema_every=t.ema_every)

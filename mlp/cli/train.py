@@ -369,7 +369,8 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
             with recorder.sink.unless_offline("the model"):
                 model_id = recorder.log_model(trainer.model, trainer.normalizer,
                                               splits.classes, name,
-                                              example=np.asarray(splits.X_test[:3]))
+                                              example=np.asarray(splits.X_test[:3]),
+                                              scoring=trainer.test_scoring)
         except tracking.ModelRefused as e:  # the rest is recorded, then the run fails
             refusal = e
     recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},

@@ -186,6 +186,11 @@ class AugmentConfig:
     pad: int = field(default=0, metadata=rule(Allowed(lambda v: 0 <= v <= 16,
                                                       "an integer in [0, 16]")))
     flip: bool = False                        # random horizontal flip
+    # evaluate (and serve) on each image and its mirror image, averaging their scores
+    test_flip: bool = False
+    # test (and serve) on the image moved this many pixels up, down, left, right too (0: off)
+    test_shift: int = field(default=0, metadata=rule(Allowed(lambda v: 0 <= v <= 16,
+                                                             "an integer in [0, 16]")))
 
 
 @dataclass

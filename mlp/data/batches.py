@@ -1,4 +1,6 @@
-"""Stage 6, augment and batch: random crops and flips, and the epoch's minibatches."""
+"""Stage 6, augment and batch: random crops and flips, the epoch's minibatches, and the
+moved and mirror images that test-time augmentation averages over
+(`data.augment.test_shift`, `.test_flip`)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,30 @@ def augment(X: np.ndarray, rng: np.random.Generator, pad: int = 4, flip: bool = 
         out[mirrored] = out[mirrored, :, :, ::-1]
     return out.reshape(B, DIM)
 
+
+def shift(X: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Every image moved: X (N, 3072) -> a new (N, 3072) array of X's dtype,
+    out[i, c, y, x] = X[i, c, y + dy, x + dx], zero where that falls outside the image
+    (the crop `augment` takes at offset (pad + dy, pad + dx) of the zero-padded image)."""
+    images = X.reshape(len(X), 3, IMAGE_SIZE, IMAGE_SIZE)
+    out = np.zeros_like(images)
+    rows, cols = _overlap(dy), _overlap(dx)
+    out[:, :, rows[0], cols[0]] = images[:, :, rows[1], cols[1]]
+    return out.reshape(len(X), DIM)
+
+
+def _overlap(d: int) -> tuple[slice, slice]:
+    """(destination, source) slices of one axis moved by d: out[k] = image[k + d]."""
+    if d >= 0:
+        return slice(0, max(IMAGE_SIZE - d, 0)), slice(min(d, IMAGE_SIZE), IMAGE_SIZE)
+    return slice(min(-d, IMAGE_SIZE), IMAGE_SIZE), slice(0, max(IMAGE_SIZE + d, 0))
+
+
+def mirror(X: np.ndarray) -> np.ndarray:
+    """Every image mirrored left-right: X (N, 3072) -> a new (N, 3072) array of X's dtype,
+    out[i, c, y, x] = X[i, c, y, 31 - x] (the flip `augment` draws at random)."""
+    images = X.reshape(len(X), 3, IMAGE_SIZE, IMAGE_SIZE)
+    return np.ascontiguousarray(images[..., ::-1]).reshape(len(X), DIM)
 
 
 def batches(

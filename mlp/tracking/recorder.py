@@ -96,6 +96,7 @@ from mlp.tracking import glance, keys, liveness, masking, receipt, serving, stor
 from mlp.tracking import spool as spoollib
 from mlp.tracking.names import model_name, short_number
 from mlp.tracking.sink import Sink
+from mlp.training.inference import PLAIN, Scoring
 
 Array = np.ndarray
 
@@ -468,9 +469,10 @@ class RunRecorder:
         return path
 
     def log_model(self, model: MLP, normalizer: Normalizer, classes: tuple[str, ...],
-                  name: str, example: Array) -> str | None:
+                  name: str, example: Array, scoring: Scoring = PLAIN) -> str | None:
         """The parameters (.npz) and a servable MLflow pyfunc model named after `name`
-        (`model_name`, `log_servable`); returns the logged model's id. The receipt expects
+        (`model_name`, `log_servable`), scoring images as the run tested them
+        (`scoring`); returns the logged model's id. The receipt expects
         both. When the store fails (or failed a moment ago) and the run has a spool, the
         model's data and example are kept beside it and logged when it is sent (None is
         returned); without a spool the error propagates. Raises `ModelRefused` when the
@@ -480,7 +482,7 @@ class RunRecorder:
         self._models.add(name)
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / "model"
-            data = serving.save(staged / "mlp", model, normalizer, classes)
+            data = serving.save(staged / "mlp", model, normalizer, classes, scoring)
             np.save(staged / EXAMPLE_FILE, example)
             self.log_files("the parameters", {"model_npz/model.npz": data / "model.npz"})
             return self.sink.send_or_keep(

@@ -3,15 +3,20 @@
 A model logged by mlp-lab is an MLflow pyfunc model whose `loader_module` is this module
 and which carries the `mlp` package as its code (`code_paths`), so it loads, predicts
 and serves (`mlflow models serve -m models:/<name>@champion --env-manager local`) where
-mlp-lab is not installed: its whole import chain (this module, `mlp.core`, `mlp.data`)
-needs NumPy and the standard library only. Its data directory holds the trained
-parameters (`model.npz`), the training split's normalizer (`normalizer.npz`, with its
-whitening projection when the run whitened) and the class names (`classes.json`).
+mlp-lab is not installed: its whole import chain (this module, `mlp.core`, `mlp.data`,
+`mlp.training.inference`) needs NumPy and the standard library only. Its data directory
+holds the trained parameters (`model.npz`), the training split's normalizer
+(`normalizer.npz`, with its whitening projection when the run whitened), the class names
+(`classes.json`) and the views the run's test averaged its scores over (`scoring.json`,
+`inference.Scoring`: `{"flip": true, "shift": 3}`; a model logged before the file
+existed scores images as they are). It scores as the run's test did
+(`mlp.training.inference.scores`), so it is as accurate as the run recorded.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ import numpy as np
 
 from mlp.core.model import MLP
 from mlp.data import Normalizer
+from mlp.training import inference
 
 Array = np.ndarray
 
@@ -30,6 +36,7 @@ signature would truncate them to 0 and answer 200). MLflow checks a tensor's dty
 strictly, so in Python `load_model(...).predict` takes float64 arrays
 (`X.astype(np.float64)` for uint8 images)."""
 SCALE = 255
+SCORING_FILE = "scoring.json"
 
 
 def softmax(scores: Array) -> Array:
@@ -42,8 +49,10 @@ def softmax(scores: Array) -> Array:
 class PixelClassifier:
     """What `mlflow.pyfunc.load_model` returns for an mlp-lab model."""
 
-    def __init__(self, model: MLP, normalizer: Normalizer, classes: list[str]) -> None:
+    def __init__(self, model: MLP, normalizer: Normalizer, classes: list[str],
+                 scoring: inference.Scoring = inference.PLAIN) -> None:
         self.model, self.normalizer, self.classes = model, normalizer, classes
+        self.scoring = scoring
 
     def predict(self, model_input: Any, params: dict | None = None) -> Array:
         """model_input: (N, 3072) pixels, uint8 or floats on the 0-255 scale (an array, a
@@ -65,15 +74,18 @@ class PixelClassifier:
         if X.dtype.kind == "f" and X.size and X.max() <= 1:
             raise ValueError(f"pixel values are all within [0, 1]: expected the 0-{SCALE} "
                              f"scale (multiply images on a 0-1 scale by {SCALE})")
-        return softmax(self.model.scores(self.normalizer(X, np.float64)))
+        return softmax(inference.scores(self.model, self.normalizer, X, np.float64,
+                                        self.scoring))
 
 
-def save(directory: Path, model: MLP, normalizer: Normalizer, classes: tuple[str, ...]) -> Path:
+def save(directory: Path, model: MLP, normalizer: Normalizer, classes: tuple[str, ...],
+         scoring: inference.Scoring = inference.PLAIN) -> Path:
     """Write the files `_load_pyfunc` reads into `directory` (created) and return it."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory / "model.npz")
     np.savez(directory / "normalizer.npz", **normalizer.state_dict())
     (directory / "classes.json").write_text(json.dumps(list(classes)))
+    (directory / SCORING_FILE).write_text(json.dumps(asdict(scoring)))
     return directory
 
 
@@ -83,4 +95,8 @@ def _load_pyfunc(data_path: str) -> PixelClassifier:
     with np.load(path / "normalizer.npz", allow_pickle=False) as f:
         normalizer.load_state_dict({k: f[k] for k in f.files})
     classes = json.loads((path / "classes.json").read_text())
-    return PixelClassifier(MLP.load(path / "model.npz"), normalizer, classes)
+    scoring = path / SCORING_FILE
+    views = json.loads(scoring.read_text()) if scoring.exists() else {}
+    return PixelClassifier(MLP.load(path / "model.npz"), normalizer, classes,
+                           inference.Scoring(flip=bool(views.get("flip", False)),
+                                             shift=int(views.get("shift", 0))))

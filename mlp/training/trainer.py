@@ -38,7 +38,7 @@ from mlp.core.step import step
 from mlp.data.batches import batches
 from mlp.data.normalize import Normalizer
 from mlp.data.splits import Splits
-from mlp.training import checkpoint
+from mlp.training import checkpoint, inference
 from mlp.training.ema import EMA
 
 Array = np.ndarray
@@ -81,6 +81,8 @@ class TrainSettings:
     diverge_factor: float = 100.0
     augment_pad: int = 0
     augment_flip: bool = False
+    test_flip: bool = False  # every evaluation: each image and its mirror image
+    test_shift: int = 0      # the test's (and the served model's): shifted views too
     prefetch: bool = True
     checkpoint_dir: Path | None = None
     progress: bool = True
@@ -184,7 +186,7 @@ class Trainer:
                     break
         self.model.set_params(self.best_params, self.best_buffers)
         test_loss, test_acc, test_pred = self.evaluate(self.splits.X_test, self.splits.y_test,
-                                                       self.model)
+                                                       self.model, self.test_scoring)
         return TrainResult(history=st.history, best_epoch=st.best_epoch,
                            best_val_acc=st.best_val_acc, test_loss=test_loss, test_acc=test_acc,
                            test_pred=test_pred, epochs_run=st.epoch,
@@ -277,18 +279,27 @@ class Trainer:
 
     # -- evaluation and health ------------------------------------------------------------
 
-    def evaluate(self, X: Array, y: Array, model: MLP | None = None
-                 ) -> tuple[float, float, Array]:
+    @property
+    def test_scoring(self) -> inference.Scoring:
+        """How the test split and the served model score images: every view."""
+        return inference.Scoring(self.s.test_flip, self.s.test_shift)
+
+    def evaluate(self, X: Array, y: Array, model: MLP | None = None,
+                 scoring: inference.Scoring | None = None) -> tuple[float, float, Array]:
         """Mean data loss (`eval_loss_fn`), accuracy and predictions (N,) on uint8 X (N, D),
-        y (N,) of `model`'s current params (default: `evaluated`)."""
+        y (N,) of `model`'s current params (default: `evaluated`), scores averaged over
+        `scoring`'s views (default: the epochs' evaluation, with `test_flip` but no shift:
+        shifted views would cost 5x as much each epoch)."""
         model = self.evaluated if model is None else model
+        scoring = inference.Scoring(self.s.test_flip) if scoring is None else scoring
         total, preds = 0.0, np.empty(len(y), dtype=np.int64)
         out = None
         for i in range(0, len(y), self.s.eval_batch_size):
             chunk = X[i:i + self.s.eval_batch_size]
             if out is None or len(out) != len(chunk):
                 out = np.empty((len(chunk), self.normalizer.out_dim), dtype=self.dtype)
-            scores = model.scores(self.normalizer(chunk, self.dtype, out=out))
+            scores = inference.scores(model, self.normalizer, chunk, self.dtype, scoring,
+                                      out=out)
             total += float(model.eval_loss_fn(scores, y[i:i + len(chunk)])[0]) * len(chunk)
             preds[i:i + len(chunk)] = scores.argmax(axis=1)
         n = max(len(y), 1)

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.e2e
 def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
     """The metric contract (mlp/metrics.py): keys, steps, values; params that act; tags,
     datasets, artifacts, the model and its metrics, the description."""
-    out = mlp_train([*QUICK, "model.reg=1e-3", "tracking.system_metrics=false"], tmp_path,
+    out = mlp_train([*QUICK, "model.reg=1e-3", "tracking.system_metrics=false",
+                     "data.augment.test_flip=true", "data.augment.test_shift=2"], tmp_path,
                     run_env)
     assert out.returncode == 0, out.stderr[-3000:]
     # Not a terminal: one line per epoch all the same, then the result and the commands.
@@ -70,7 +71,8 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
         assert [p.step for p in points] == [1, 2], key
     for tr, va, gap in zip(history[metrics.ACC_TRAIN], history[metrics.ACC_VAL],
                            history[metrics.ACC_GAP], strict=True):
-        assert gap.value == pytest.approx(tr.value - va.value, abs=1e-12)
+        # to 6 decimals, as the trainer rounds it (a 1/3 would show every digit of its noise)
+        assert gap.value == pytest.approx(round(tr.value - va.value, 6), abs=1e-12)
     batch = client.get_metric_history(rid, metrics.LOSS_BATCH)
     assert [p.step for p in batch] == [10]  # 240 images / 50 -> 5 steps an epoch, every 10th
     # the summary and the gradient check: one point each, at step 0 (a bar in the charts)
@@ -128,7 +130,10 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
     assert linked[metrics.ACC_TEST].dataset_name == "synthetic-test"
 
     # The model, loaded in a fresh process in another directory (no mlp-lab source there),
-    # gives 10 class probabilities per image whose argmax has the logged test accuracy.
+    # gives 10 class probabilities per image whose argmax has the logged test accuracy:
+    # it scores each image over its moved and mirror images, as the run's test did.
+    assert params["data.augment.test_flip"] == "True"
+    assert params["data.augment.test_shift"] == "2"
     archive = Path(os.environ["MLP_LAB_DATA"]) / "synthetic-300-100-0.tar.gz"
     raw = datalib.load_cifar10(archive.parent, archive, datalib.file_digest(archive),
                                progress=False)

@@ -599,6 +599,38 @@ def test_augment_is_deterministic_and_leaves_its_input_alone():
     assert np.array_equal(data.augment(X, np.random.default_rng(5), pad=0, flip=False), X)
 
 
+@pytest.mark.parametrize(("dy", "dx"), [(3, 0), (-3, 2), (0, -4), (0, 0), (40, 0)])
+def test_shift_moves_every_image_and_fills_with_zeros(dy: int, dx: int):
+    X = np.random.default_rng(5).integers(1, 256, (4, 3072), dtype=np.uint8)
+    images, moved = X.reshape(4, 3, 32, 32), data.shift(X, dy, dx).reshape(4, 3, 32, 32)
+    for y, x in [(0, 0), (31, 31), (5, 29), (28, 3), (16, 16)]:
+        inside = 0 <= y + dy < 32 and 0 <= x + dx < 32
+        expected = images[:, :, y + dy, x + dx] if inside else 0
+        assert np.array_equal(moved[:, :, y, x], np.broadcast_to(expected, (4, 3))), (y, x)
+    assert (moved == 0).sum() == 4 * 3 * (32 * 32 - max(32 - abs(dy), 0) * max(32 - abs(dx), 0))
+
+
+def test_a_shift_is_a_crop_augment_can_draw():
+    X = np.random.default_rng(6).integers(0, 256, (300, 3072), dtype=np.uint8)
+    cropped = data.augment(X, np.random.default_rng(7), pad=2, flip=False)
+    moves = {(dy, dx): data.shift(X, dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    for i in range(len(X)):  # every crop is one of the 25 moves of its image
+        assert any(np.array_equal(cropped[i], m[i]) for m in moves.values())
+
+
+def test_mirror_is_the_flip_augment_draws():
+    X = np.random.default_rng(3).integers(0, 256, (64, 3072), dtype=np.uint8)
+    mirrored = data.mirror(X)
+    images, seen = X.reshape(64, 3, 32, 32), mirrored.reshape(64, 3, 32, 32)
+    assert np.array_equal(seen[:, :, :, 0], images[:, :, :, 31])  # columns swap, rows stay
+    assert np.array_equal(seen[:, 2, 5, 7], images[:, 2, 5, 24])
+    assert np.array_equal(data.mirror(mirrored), X) and mirrored.dtype == X.dtype
+    flipped = data.augment(X, np.random.default_rng(4), pad=0, flip=True)
+    changed = (flipped != X).any(axis=1)
+    assert 0 < changed.sum() < 64  # some flipped, some not
+    assert np.array_equal(flipped[changed], mirrored[changed])
+
+
 # -- batches ----------------------------------------------------------------------------------
 
 

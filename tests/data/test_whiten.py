@@ -337,8 +337,11 @@ def test_a_zca_checkpoint_resumes_neither_a_pca_nor_an_unwhitened_run(tmp_path):
 # -- a whitened run, from the config to the served model -------------------------------------
 
 
-def test_a_pca_run_trains_checks_its_gradients_and_serves_what_it_evaluated(tmp_path):
+@pytest.mark.parametrize("views", [["data.augment.test_flip=false"],
+                                   ["data.augment.test_flip=true", "data.augment.test_shift=2"]])
+def test_a_pca_run_trains_checks_its_gradients_and_serves_what_it_evaluated(tmp_path, views):
     cfg = _compose(["data=synthetic", "data.whiten.name=pca", "data.whiten.components=32",
+                    *views,
                     "model.hidden_sizes=[16]", "trainer.epochs=3", "trainer.batch_size=50",
                     "trainer.train_eval_size=100", "trainer.progress=false", "optim.lr=0.02",
                     "gradcheck.max_width=8", "gradcheck.num_checks=10"])
@@ -355,7 +358,9 @@ def test_a_pca_run_trains_checks_its_gradients_and_serves_what_it_evaluated(tmp_
     plots.weights_figure(trainer.normalizer.image_weights(trainer.model.params["W1"]))
 
     served = serving._load_pyfunc(str(serving.save(
-        tmp_path / "model", trainer.model, trainer.normalizer, splits.classes)))
+        tmp_path / "model", trainer.model, trainer.normalizer, splits.classes,
+        trainer.test_scoring)))
+    assert served.scoring.views == (10 if "data.augment.test_shift=2" in views else 1)
     probs = served.predict(splits.X_test)
     assert probs.shape == (len(splits.y_test), 10)
     np.testing.assert_array_equal(probs.argmax(axis=1), result.test_pred)

@@ -10,9 +10,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from mlp import data
 from mlp.core.model import MLP
 from mlp.data import Normalizer
 from mlp.tracking import names, recorder, serving
+from mlp.training import inference
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,34 @@ def test_uint8_and_floats_on_the_0_255_scale_give_the_same_probabilities(classif
 def test_a_batch_on_another_scale_is_refused_naming_the_expected_one(classifier, pixels, words):
     with pytest.raises(ValueError, match=words):
         classifier.predict(pixels)
+
+
+def test_it_scores_each_image_over_the_views_of_its_scoring(classifier, tmp_path):
+    pixels = np.random.default_rng(2).integers(0, 256, (6, 3072)).astype(np.uint8)
+    model, norm = classifier.model, classifier.normalizer
+    views = inference.Scoring(flip=True, shift=3)
+    served = serving._load_pyfunc(str(serving.save(tmp_path / "views", model, norm,
+                                                   tuple(classifier.classes), views)))
+    assert served.scoring == views
+    moved = [data.shift(pixels, dy, dx) for dy, dx in [(0, 0), (-3, 0), (3, 0), (0, -3), (0, 3)]]
+    mean = np.mean([model.scores(norm(v, np.float64)) for m in moved
+                    for v in (m, data.mirror(m))], axis=0)
+    np.testing.assert_allclose(served.predict(pixels), serving.softmax(mean), rtol=1e-12)
+    # an image and its mirror image are one input to a model that scores both
+    flips = serving.PixelClassifier(model, norm, classifier.classes, inference.Scoring(True))
+    np.testing.assert_allclose(flips.predict(data.mirror(pixels)), flips.predict(pixels),
+                               rtol=1e-12)
+    assert not np.allclose(classifier.predict(data.mirror(pixels)), classifier.predict(pixels))
+
+
+def test_a_model_saved_before_its_scoring_was_scores_images_as_they_are(classifier, tmp_path):
+    path = serving.save(tmp_path / "old", classifier.model, classifier.normalizer,
+                        tuple(classifier.classes), inference.Scoring(flip=True, shift=2))
+    (path / serving.SCORING_FILE).unlink()  # what a model logged before the file existed has
+    assert serving._load_pyfunc(str(path)).scoring == inference.PLAIN
+    pixels = np.random.default_rng(3).integers(0, 256, (3, 3072)).astype(np.uint8)
+    np.testing.assert_array_equal(serving._load_pyfunc(str(path)).predict(pixels),
+                                  classifier.predict(pixels))
 
 
 def test_a_dark_uint8_batch_is_on_the_0_255_scale_whatever_its_values(classifier):
