@@ -68,6 +68,9 @@ def test_the_optuna_shorthands_are_split_off_after_a_call_only():
 SIDE_DOORS = [  # (command line, what the message must say): each refused before Hydra
     (["data.augment.flip=2"], "data.augment.flip=2 is not allowed: expected true or false"),
     (["experiment=best_mlp", "data.augment.flip=yes"], "data.augment.flip='yes'"),
+    (["data.augment.test_shift=17"],
+     "data.augment.test_shift=17 is not allowed: expected an integer in [0, 16]"),
+    (["data.augment.test_flip=maybe"], "data.augment.test_flip='maybe' is not allowed"),
     (["~model.reg"], "~model.reg is not allowed: expected a value for model.reg"),
     (["+hydra.launcher.n_job=2"], "hydra.launcher.n_job is not a setting of hydra/launcher=basic"),
     (["-m", "hydra/launcher=joblib", "hydra.launcher.n_job=2"], "did you mean n_jobs?"),
