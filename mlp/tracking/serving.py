@@ -95,8 +95,7 @@ def _load_pyfunc(data_path: str) -> PixelClassifier:
     with np.load(path / "normalizer.npz", allow_pickle=False) as f:
         normalizer.load_state_dict({k: f[k] for k in f.files})
     classes = json.loads((path / "classes.json").read_text())
-    scoring = path / SCORING_FILE
-    views = json.loads(scoring.read_text()) if scoring.exists() else {}
-    return PixelClassifier(MLP.load(path / "model.npz"), normalizer, classes,
-                           inference.Scoring(flip=bool(views.get("flip", False)),
-                                             shift=int(views.get("shift", 0))))
+    scoring = path / SCORING_FILE  # what `save` wrote, field for field
+    views = (inference.Scoring(**json.loads(scoring.read_text())) if scoring.exists()
+             else inference.PLAIN)
+    return PixelClassifier(MLP.load(path / "model.npz"), normalizer, classes, views)
