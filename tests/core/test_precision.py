@@ -4,7 +4,8 @@ The gradient checks run in float64. `gradcheck.check_step_precision` runs the st
 trainer runs it (`mlp.core.step.step`, fused where the optimizer allows, float32 arrays)
 and the float64 reference step (`fused=False`) from the same parameters, optimizer state
 and batch, and compares every parameter's move within `gradcheck.step_tolerance`:
-steps * 8 * sqrt(chain) * eps(float32), chain the longest chain of sums in the step.
+steps * 8 * sqrt(chain) * eps(float32), chain the longest chain of sums in the step, plus
+what storing the parameter in float32 rounds (`gradcheck.storage_share`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from mlp.core import gradcheck, optim
-from mlp.core.gradcheck import check_step_precision, step_tolerance
+from mlp.core.gradcheck import check_step_precision, step_tolerance, storage_share
 from mlp.core.layers import ACTIVATIONS
 from mlp.core.model import MLP
 from mlp.training import trainer as train
@@ -71,6 +72,46 @@ def test_the_tolerance_is_derived_from_float32_eps_and_the_sizes():
     assert step_tolerance(model, 256, 2) == pytest.approx(2 * 8 * np.sqrt(chain) * EPS32)
     assert step_tolerance(model.copy("float64"), 256, 2) == pytest.approx(
         2 * 8 * np.sqrt(chain) * float(np.finfo(np.float64).eps))
+
+
+def test_a_batch_norms_gamma_is_judged_with_what_float32_storage_rounds():
+    # best_mlp's net and step: gamma sits at 1, where float32's numbers are 1.2e-7 apart,
+    # and moves by ~1e-4 a step. Its gradient in float32 is as exact as any other; its
+    # stored move is off by more than the arithmetic's tolerance (measured 1.4e-4, 1.15e-4).
+    model = MLP(256, (1024, 1024), 10, norm="batch", reg=5e-4, label_smoothing=0.1, seed=0)
+    X, y = _batch(256, 256, 10)
+    grads = [net.loss_and_grads(X.astype(net.dtype), y)[1]["gamma1"]
+             for net in (model, model.copy("float64"))]
+    assert np.linalg.norm(grads[0] - grads[1]) < step_tolerance(model, 256, 1) / 10 * (
+        np.linalg.norm(grads[1]))
+    check = check_step_precision(model, "momentum", X, y, lr=0.05)
+    assert check.errors["gamma1"] > check.tol  # the arithmetic's share alone would fail it
+    assert check.passed, check
+    assert check.tol_of("W1") < check.tol_of("gamma1") < 20 * check.tol
+
+
+def test_the_storage_share_is_half_a_spacing_for_each_of_two_writes_a_step():
+    ones = np.ones(4, dtype=np.float32)
+    assert storage_share(ones, ones, 2) == pytest.approx(2 * 2 * EPS32)  # 4 entries: norm 2
+    assert storage_share(ones, 2 * ones, 1) == pytest.approx(2 * 2 * EPS32)  # spacing at 2
+    assert storage_share(ones.astype(np.float64), ones, 1) == pytest.approx(
+        2 * float(np.finfo(np.float64).eps))
+
+
+def test_a_gamma_moved_one_percent_off_in_float32_fails(monkeypatch):
+    # The storage share does not hide a wrong step: gamma's tolerance is ~1e-3 of its move.
+    model = MLP(256, (1024, 1024), 10, norm="batch", reg=5e-4, seed=0)
+    real = optim.Momentum._update
+
+    def off(self, p, g, *state, lr, scratch):
+        scale = 1.01 if p.dtype == np.float32 else 1.0  # the unfused params: the BNs'
+        real(self, p, g * scale, *state, lr=lr, scratch=scratch)
+
+    monkeypatch.setattr(optim.Momentum, "_update", off)
+    check = check_step_precision(model, "momentum", *_batch(256, 256, 10), lr=0.05)
+    assert not check.passed
+    assert {k for k, e in check.errors.items() if e >= check.tol_of(k)} == {
+        "gamma1", "beta1", "gamma2", "beta2"}
 
 
 def test_the_check_runs_the_trainers_step_fused_in_float32(monkeypatch):
@@ -156,4 +197,5 @@ def test_the_report_renders_and_serializes():
     assert "float32 step vs float64 reference" in str(check)
     assert "PASSED" in str(check)
     d = check.to_dict()
-    assert d["passed"] is True and set(d["errors"]) == {"W1", "b1", "W2", "b2"}
+    assert d["passed"] is True and set(d["errors"]) == set(d["tols"]) == {"W1", "b1", "W2", "b2"}
+    assert all(d["tols"][k] > d["tol"] for k in d["tols"]) and d["worst"] in d["errors"]
