@@ -2,10 +2,12 @@
 
 The gradient checks run in float64. `gradcheck.check_step_precision` runs the step as the
 trainer runs it (`mlp.core.step.step`, fused where the optimizer allows, float32 arrays)
-and the float64 reference step (`fused=False`) from the same parameters, optimizer state
-and batch, and compares every parameter's move within `gradcheck.step_tolerance`:
-steps * 8 * sqrt(chain) * eps(float32), chain the longest chain of sums in the step, plus
-what storing the parameter in float32 rounds (`gradcheck.storage_share`).
+and, before each step, the float64 reference step (`fused=False`) from the same
+parameters, optimizer state and batch, and compares every parameter's move within
+`gradcheck.step_tolerance`, 8 * sqrt(chain) * eps(float32), chain the longest chain of
+sums in the step, or 8 times what summing the batch in another order changes
+(`gradcheck.order_spread`), plus what storing the parameter in float32 rounds
+(`gradcheck.storage_share`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import numpy as np
 import pytest
 
 from mlp.core import gradcheck, optim
-from mlp.core.gradcheck import check_step_precision, step_tolerance, storage_share
+from mlp.core.gradcheck import (
+    check_step_precision,
+    check_step_precision_clear,
+    order_spread,
+    step_tolerance,
+    storage_share,
+)
 from mlp.core.layers import ACTIVATIONS
 from mlp.core.model import MLP
 from mlp.training import trainer as train
@@ -63,7 +71,8 @@ def test_the_benchmarks_nets_at_batch_256_are_within_tolerance(hidden: tuple[int
     model = MLP(3072, hidden, 10, reg=5e-4, seed=0)
     check = check_step_precision(model, "momentum", *_batch(256, 3072, 10), lr=1e-2)
     assert check.passed, check
-    assert check.max_rel_error < check.tol / 3, check  # measured 5e-6 to 2e-5: 10-25x below
+    # measured 9.4e-6, 2.5e-5, 1.8e-5 against 5.6e-5, 7.9e-5, 7.6e-5: 3 to 6 times below
+    assert check.max_rel_error < check.tol / 2, check
 
 
 def test_the_tolerance_is_derived_from_float32_eps_and_the_sizes():
@@ -114,6 +123,67 @@ def test_a_gamma_moved_one_percent_off_in_float32_fails(monkeypatch):
         "gamma1", "beta1", "gamma2", "beta2"}
 
 
+def test_rmsprop_on_a_batch_norm_net_is_judged_against_its_own_rounding():
+    # RMSProp divides each gradient entry by its own size: an entry that cancels over the
+    # batch moves by its rounding. Measured here: 1.2 to 1.4 tol on W1, beta1, W2, gamma2
+    # (the arithmetic's tolerance alone failed it); another order of the batch moves them
+    # 4 to 15 tol / 8.
+    model = MLP(256, (256, 256), 10, norm="batch", activation="tanh", reg=5e-4, seed=0)
+    X, y = _batch(256, 256, 10)
+    check = check_step_precision(model, "rmsprop", X, y, lr=0.05)
+    assert check.kinks == 0 and max(check.errors.values()) > check.tol
+    assert check.passed, check
+    assert max(check.tols.values()) < 30 * check.tol, check  # a spread, not a free pass
+
+
+def test_a_float32_rmsprop_step_one_percent_off_fails(monkeypatch):
+    model = MLP(256, (256, 256), 10, norm="batch", activation="tanh", reg=5e-4, seed=0)
+    real = optim.RMSProp._update
+
+    def off(self, p, g, *state, lr, scratch):
+        real(self, p, g, *state, lr=lr * (1.01 if p.dtype == np.float32 else 1.0),
+             scratch=scratch)
+
+    monkeypatch.setattr(optim.RMSProp, "_update", off)
+    check = check_step_precision(model, "rmsprop", *_batch(256, 256, 10), lr=0.05)
+    assert {k for k, e in check.errors.items() if e >= check.tol_of(k)} == set(check.errors)
+
+
+def test_another_order_of_the_batch_is_the_same_step_up_to_rounding_with_dropout():
+    # Each sample keeps its dropout mask in the permuted batch: without that, the two
+    # orders would train different nets and the spread would be the move itself.
+    model = MLP(64, (32, 32), 5, dropout=0.5, reg=1e-3, seed=0)
+    X, y = _batch(128, 64, 5)
+    net = model.copy()
+    start = {k: p.astype(np.float64) for k, p in net.params.items()}
+    train.step(net, optim.make_optimizer("momentum", net.params), X, y, 0.05)
+    moves = {k: net.params[k].astype(np.float64) - start[k] for k in start}
+    twin = model.copy()
+    spread = order_spread(twin, optim.make_optimizer("momentum", twin.params), X, y, 0.05,
+                          moves)
+    for k, move in moves.items():
+        assert spread[k] < 1e-5 * np.linalg.norm(move), k
+
+
+def test_the_clear_check_takes_the_first_batch_without_kinks(monkeypatch):
+    kinks, seen = [2, 1, 0, 0], []
+
+    def fake(model, optimizer, X, y, lr, steps):
+        seen.append(X)
+        return gradcheck.PrecisionCheck("float32", steps, 1e-4, {"W1": 0.0}, 0.0,
+                                        kinks[len(seen) - 1])
+
+    monkeypatch.setattr(gradcheck, "check_step_precision", fake)
+    model = MLP(20, (8,), 4, seed=0)
+    check = check_step_precision_clear(model, "sgd", ((i, None) for i in range(4)))
+    assert (check.kinks, check.batches, seen) == (0, 3, [0, 1, 2])
+    seen.clear()
+    check = check_step_precision_clear(model, "sgd", ((i, None) for i in range(2)))
+    assert (check.kinks, check.batches, seen) == (1, 2, [0, 1])  # every batch had kinks
+    with pytest.raises(ValueError, match="no batch"):
+        check_step_precision_clear(model, "sgd", iter(()))
+
+
 def test_the_check_runs_the_trainers_step_fused_in_float32(monkeypatch):
     # The function the trainer calls, with the trainer's arguments: fused, float32 arrays.
     assert gradcheck.step is train.step
@@ -125,8 +195,9 @@ def test_the_check_runs_the_trainers_step_fused_in_float32(monkeypatch):
 
     monkeypatch.setattr(gradcheck, "step", spy)
     check_step_precision(MLP(20, (8,), 4, seed=0), "momentum", *_batch(8, 20, 4), steps=2)
-    assert calls == [("float32", "float32", True, "Momentum")] * 2 + [
-        ("float64", "float64", False, "Momentum")] * 2
+    assert calls == [("float32", "float32", True, "Momentum"),  # the path that trains,
+                     ("float64", "float64", False, "Momentum"),  # its float64 twin,
+                     ("float32", "float32", True, "Momentum")] * 2  # the batch reordered
 
 
 def test_the_checked_float32_step_is_bit_for_bit_the_trainers_step():
@@ -135,19 +206,40 @@ def test_the_checked_float32_step_is_bit_for_bit_the_trainers_step():
     twin = model.copy()
     optimizer = optim.make_optimizer("momentum", twin.params)
     start = {k: p.copy() for k, p in twin.params.items()}
-    for _ in range(2):
-        train.step(twin, optimizer, X, y, 0.05)
+    train.step(twin, optimizer, X, y, 0.05)
     moved = {k: twin.params[k].astype(np.float64) - start[k].astype(np.float64) for k in start}
     reference = model.copy("float64")
     ref_opt = optim.make_optimizer("momentum", reference.params)
-    for _ in range(2):
-        train.step(reference, ref_opt, X.astype(np.float64), y, 0.05, fused=False)
+    train.step(reference, ref_opt, X.astype(np.float64), y, 0.05, fused=False)
     ref_moved = {k: reference.params[k] - start[k].astype(np.float64) for k in start}
-    check = check_step_precision(model, "momentum", X, y, lr=0.05, steps=2)
+    check = check_step_precision(model, "momentum", X, y, lr=0.05, steps=1)
     rms = np.sqrt(np.mean(np.concatenate([m.ravel() for m in ref_moved.values()]) ** 2))
     for k in moved:
         scale = max(np.linalg.norm(ref_moved[k]), np.sqrt(moved[k].size) * rms)
         assert check.errors[k] == np.linalg.norm(moved[k] - ref_moved[k]) / scale
+
+
+def test_each_step_is_judged_from_the_state_the_float32_path_reached(monkeypatch):
+    # The float64 twin of step 2 starts from the float32 path's parameters and velocity
+    # after step 1, not from its own step 1: rounding does not carry from step to step.
+    model = MLP(20, (8,), 4, reg=1e-3, seed=0)
+    X, y = _batch(8, 20, 4)
+    starts = []
+
+    def spy(net, optimizer, X, y, lr, fused=True, guard=None):
+        starts.append((net.dtype.name, fused, {k: p.astype(np.float64) for k, p in
+                                               net.params.items()}, optimizer.state_dict()))
+        return train.step(net, optimizer, X, y, lr, fused=fused, guard=guard)
+
+    monkeypatch.setattr(gradcheck, "step", spy)
+    check_step_precision(model, "momentum", X, y, lr=0.05, steps=2)
+    low, ref, order = starts[3:]  # step 2: the path that trains, its float64 twin, the order
+    assert (low[:2], ref[:2], order[:2]) == (("float32", True), ("float64", False),
+                                             ("float32", True))
+    for k in low[2]:
+        assert np.array_equal(ref[2][k], low[2][k]) and np.array_equal(order[2][k], low[2][k])
+        assert np.array_equal(ref[3][f"v/{k}"], low[3][f"v/{k}"])
+    assert np.any(low[3]["v/W1"] != 0) and int(ref[3]["t"]) == int(low[3]["t"]) == 1
 
 
 def test_the_callers_model_is_not_touched():
