@@ -1,5 +1,6 @@
-"""`mlp-gradcheck [overrides]`: the gradient check of a config's exact training step,
-alone, logged as its own run."""
+"""`mlp-gradcheck [overrides]`: the checks of a config's exact training step, alone,
+logged as their own run: its gradients against finite differences (float64), and the step
+in the dtype it trains in against the float64 step (`build.run_step_precision`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ configlib.register()
 
 
 def check(cfg: DictConfig) -> bool:
-    """The gradient check alone for a config, logged as its own run."""
+    """The gradient check and the check of the step in its dtype, for a config, logged as
+    their own run; True when both pass."""
     try:
         configlib.validate(cfg)
     except ValueError as e:
@@ -35,9 +37,12 @@ def check(cfg: DictConfig) -> bool:
         recorder.log_config(resolved, job.overrides, job.output_dir / ".hydra")
         report = build.run_gradcheck(cfg)
         recorder.log_gradcheck(report)
+        precision = build.run_step_precision(cfg)
+        recorder.log_step_precision(precision)
     print(report)
+    print(f"training step in {precision.dtype}: {precision}")
     print(masking.mask(f"MLflow run {recorder.run_id} at {client.tracking_uri}"))
-    return report.passed
+    return report.passed and precision.passed
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mlp.conf", config_name="gradcheck")
@@ -47,7 +52,7 @@ def _gradcheck_app(cfg: DictConfig) -> None:
 
 
 def gradcheck_main() -> None:
-    """`mlp-gradcheck [overrides]`: exit 0 when the check passes, 3 when it fails."""
+    """`mlp-gradcheck [overrides]`: exit 0 when both checks pass, 3 when one fails."""
     masking.install()
     exits.check_command_line_or_exit("gradcheck")
     _gradcheck_app()

@@ -280,11 +280,13 @@ def test_gradcheck_command_logs_its_own_run(tmp_path: Path, run_env: dict):
     out = mlp_train(["model.hidden_sizes=[20,15]", "model.activation=tanh", "model.reg=0.1",
                      "gradcheck.max_width=8"], tmp_path, run_env, command="mlp-gradcheck")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "PASSED" in out.stdout
+    assert "PASSED" in out.stdout and "training step in float32: " in out.stdout
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert len(runs) == 1 and runs[0].data.tags["mlp.kind"] == "gradcheck"
     assert runs[0].data.tags["gradcheck.passed"] == "true"
     assert runs[0].data.metrics[metrics.GRADCHECK_MAX] < 1e-7
+    assert runs[0].data.tags["gradcheck.step_float32"].startswith("passed ")
+    assert 0 < runs[0].data.metrics["rel_error/step_float32"] < 1e-4
 
 
 LOGGER = """
