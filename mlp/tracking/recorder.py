@@ -453,7 +453,8 @@ class RunRecorder:
         check: metric `rel_error/step_<dtype>` (at SUMMARY_STEP) and its log10, tag
         `gradcheck.step_<dtype>` (passed or failed; the parameter nearest its tolerance,
         its error and that tolerance; the arithmetic's share of it; the kinks, and which
-        batch the check ran on when the first ones had kinks)."""
+        batch the check ran on when the first ones had kinks), and every parameter's error
+        and tolerance as JSON at full precision (`gradcheck/step_<dtype>.json`)."""
         key = keys.STEP_PRECISION_PREFIX + check.dtype
         self.sink.add(_points({key: check.max_rel_error,
                                key + keys.LOG10: _log10(check.max_rel_error)}, keys.SUMMARY_STEP))
@@ -463,6 +464,8 @@ class RunRecorder:
                        f"{check.errors.get(worst, 0.0):.2e} (tol {check.tol_of(worst):.2e}, "
                        f"arithmetic {check.tol:.2e}, {check.kinks} kinks"
                        f"{f' on batch {check.batches}' if check.batches > 1 else ''})"})
+        self.log_files("the step check's report", {
+            f"gradcheck/step_{check.dtype}.json": json.dumps(check.to_dict(), indent=2)})
 
     def log_figure(self, figure: Any, name: str, dpi: int | None = None) -> str:
         """A matplotlib figure as plots/<name>.png (at `dpi`, else matplotlib's); returns

@@ -118,7 +118,8 @@ def test_a_run_is_fully_recorded(tmp_path: Path, run_env: dict):
     artifacts = _all_artifacts(client, rid)
     for path in ("plots/curves.png", "plots/confusion_matrix.png", "plots/per_class_accuracy.png",
                  "plots/first_layer_weights.png", "gradcheck/table.json",
-                 "gradcheck/report.json", "config/resolved.yaml", "config/overrides.txt",
+                 "gradcheck/report.json", "gradcheck/step_float32.json", "config/resolved.yaml",
+                 "config/overrides.txt",
                  "config/hydra/config.yaml", "model_npz/model.npz"):
         assert path in artifacts, (path, sorted(artifacts))
 

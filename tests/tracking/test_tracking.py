@@ -20,7 +20,7 @@ from mlflow.protos import databricks_pb2
 from omegaconf import OmegaConf
 
 from mlp.config import schema as configlib
-from mlp.core.gradcheck import check_model
+from mlp.core.gradcheck import check_model, check_step_precision_clear
 from mlp.core.model import MLP
 from mlp.data import Normalizer
 from mlp.tracking import keys, names, store
@@ -102,6 +102,31 @@ def test_the_stored_gradient_check_equals_the_computed_one(tmp_path: Path,
     full = json.loads(Path(client.download_artifacts(recorder.run_id, "gradcheck/report.json",
                                                      str(tmp_path))).read_text())
     assert full["max_rel_error"] == report.max_rel_error
+
+
+def test_the_stored_step_check_equals_the_computed_one(tmp_path: Path):
+    """The float32 step check reads back from the metric, the tag and the JSON report: every
+    parameter's error and own tolerance at full precision, the worst named in the tag."""
+    model = MLP(input_dim=8, hidden_sizes=[6], num_classes=3, norm="batch", reg=0.1, seed=1)
+    rng = np.random.default_rng(0)
+    check = check_step_precision_clear(model, "rmsprop", (
+        (rng.standard_normal((16, 8), dtype=np.float32), rng.integers(0, 3, 16))
+        for _ in range(8)))
+    recorder = _start(tmp_path, "step")
+    recorder.log_step_precision(check)
+    recorder.finish("FINISHED")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(recorder.run_id)
+    assert run.data.metrics[keys.STEP_PRECISION_PREFIX + "float32"] == pytest.approx(
+        check.max_rel_error, rel=1e-6)
+    worst = check.worst
+    assert run.data.tags["gradcheck.step_float32"].startswith(
+        f"passed {worst} {check.errors[worst]:.2e} (tol {check.tols[worst]:.2e}, ")
+    stored = json.loads(Path(client.download_artifacts(
+        recorder.run_id, "gradcheck/step_float32.json", str(tmp_path))).read_text())
+    assert stored["errors"] == check.errors and stored["tols"] == check.tols
+    assert (stored["passed"], stored["worst"], stored["batches"]) == (True, worst,
+                                                                       check.batches)
 
 
 @pytest.mark.parametrize(("model", "lr", "name"), [
