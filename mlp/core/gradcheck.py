@@ -509,8 +509,9 @@ def check_step_precision(
     zero = _zero_gradient(model)
     net = model.copy()  # the path that trains, step after step
     opt = make(net.params)
-    worst: dict[str, tuple[float, float]] = {}  # per parameter, its (error, tol) of the step
-    kinks, loss_err = 0, 0.0  # where the error is nearest its tolerance
+    # per parameter, (error, tolerance) of the step where it came nearest its tolerance
+    worst: dict[str, tuple[float, float]] = {}
+    kinks, loss_err = 0, 0.0
     for _ in range(steps):
         ref, ref_opt = _twin(net, opt, make, np.float64)
         twin, twin_opt = _twin(net, opt, make, net.dtype)
