@@ -359,7 +359,7 @@ class PrecisionCheck:
     batches: int = 1
 
     def tol_of(self, name: str) -> float:
-        """The tolerance of parameter `name`: `tol` plus its storage share."""
+        """The tolerance of parameter `name` (`tols`; `tol` for one not in it)."""
         return self.tols.get(name, self.tol)
 
     @property
@@ -390,7 +390,7 @@ class PrecisionCheck:
                 f"{worst} {error:.2e} of {self.tol_of(worst):.2e} allowed (arithmetic "
                 f"{self.tol:.2e}), max {self.max_rel_error:.2e}, loss "
                 f"{self.loss_rel_error:.1e}, {self.kinks} kinks"
-                f"{f' (batch {self.batches} of {self.batches})' if self.batches > 1 else ''}"
+                f"{f' on batch {self.batches}' if self.batches > 1 else ''}"
                 f": {'PASSED' if self.passed else 'FAILED'}")
 
 
@@ -505,6 +505,7 @@ def check_step_precision(
     """
     make = _maker(optimizer)
     X = np.asarray(X).astype(model.dtype)
+    X64 = X.astype(np.float64)
     tol = step_tolerance(model, len(y), 1) if tol is None else tol
     zero = _zero_gradient(model)
     net = model.copy()  # the path that trains, step after step
@@ -517,8 +518,7 @@ def check_step_precision(
         twin, twin_opt = _twin(net, opt, make, net.dtype)
         start = {k: p.copy() for k, p in net.params.items()}
         loss, kink_state = _kinked_step(net, opt, X, y, lr, fused=True)
-        ref_loss, ref_kink_state = _kinked_step(ref, ref_opt, X.astype(np.float64), y, lr,
-                                                fused=False)
+        ref_loss, ref_kink_state = _kinked_step(ref, ref_opt, X64, y, lr, fused=False)
         low = {k: net.params[k].astype(np.float64) - start[k].astype(np.float64) for k in start}
         moved = {k: ref.params[k] - start[k].astype(np.float64) for k in start}
         checked = [k for k in moved if k not in zero]
