@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from mlp import data as datalib
 from mlp.cli import build, exits
 from mlp.config import schema as configlib
 from mlp.sweeps import callback as sweeplib
-from mlp.tracking import cluster, deferred, glance, liveness, masking, names, plots, receipt
+from mlp.tracking import cluster, deferred, glance, liveness, masking, names, painter, receipt
 from mlp.tracking import keys as metrics
 from mlp.tracking import recorder as tracking
 from mlp.tracking import spool as spoollib
@@ -349,22 +350,9 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
     recorder.log_metrics({metrics.ACC_BEST_VAL: result.best_val_acc,
                           metrics.BEST_EPOCH: result.best_epoch}, step=metrics.SUMMARY_STEP)
     plotted = False  # whether the figure the description shows is in
-    if cfg.tracking.plots:
-        with recorder.sink.unless_offline("the figures"):
-            classes = splits.classes
-            recorder.log_figure(plots.curves_figure(result.history), "curves")
-            recorder.log_figure(plots.glance_figure(result.history), glance.NAME,
-                                dpi=glance.IMAGE_DPI)
-            plotted = True
-            recorder.log_figure(plots.confusion_figure(splits.y_test, result.test_pred,
-                                                       classes), "confusion_matrix")
-            recorder.log_figure(plots.per_class_figure(splits.y_test, result.test_pred,
-                                                       classes), "per_class_accuracy")
-            recorder.log_figure(plots.weights_figure(
-                trainer.normalizer.image_weights(trainer.model.params["W1"])),
-                "first_layer_weights")
+    figures = _figures(trainer, splits, result) if cfg.tracking.plots else {}
     model_id = refusal = None
-    if cfg.tracking.log_model:
+    if cfg.tracking.log_model:  # logged while the figures are drawn (`painter.submit`)
         try:
             with recorder.sink.unless_offline("the model"):
                 model_id = recorder.log_model(trainer.model, trainer.normalizer,
@@ -373,6 +361,11 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
                                               scoring=trainer.test_scoring)
         except tracking.ModelRefused as e:  # the rest is recorded, then the run fails
             refusal = e
+    if figures:
+        with recorder.sink.unless_offline("the figures"):
+            for figure, png in figures.items():
+                recorder.log_png(png.result(), figure)
+                plotted = plotted or figure == glance.NAME
     recorder.log_metrics({metrics.ACC_TEST: result.test_acc, metrics.LOSS_TEST: result.test_loss},
                          step=metrics.SUMMARY_STEP, model_id=model_id, dataset=datasets["test"])
     widths = [trainer.model.arch.input_dim, *cfg.model.hidden_sizes, len(splits.classes)]
@@ -383,6 +376,23 @@ def record_result(recorder: tracking.RunRecorder, cfg: DictConfig, trainer: Trai
             (run.info.experiment_id, recorder.run_id) if plotted else None))
     if refusal is not None:
         raise refusal
+
+
+def _figures(trainer: Trainer, splits: datalib.Splits,
+             result: TrainResult) -> dict[str, Future[bytes]]:
+    """A trained run's figures, each a future PNG named after its file (`painter.submit`),
+    in the order they are logged."""
+    history, classes = result.history, splits.classes
+    return {
+        "curves": painter.submit("curves", history),
+        glance.NAME: painter.submit(glance.NAME, history, dpi=glance.IMAGE_DPI),
+        "confusion_matrix": painter.submit("confusion_matrix", splits.y_test,
+                                           result.test_pred, classes),
+        "per_class_accuracy": painter.submit("per_class_accuracy", splits.y_test,
+                                             result.test_pred, classes),
+        "first_layer_weights": painter.submit(
+            "first_layer_weights", trainer.normalizer.image_weights(trainer.model.params["W1"])),
+    }
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mlp.conf", config_name="config")

@@ -323,9 +323,10 @@ class SweepCallback(Callback):
         """Report on the parent, then end it with the outcome (see the module docstring),
         once every job's deferred tail has ended (`tracking.deferred`)."""
         global _outcome
-        from mlp.tracking import deferred
+        from mlp.tracking import deferred, painter
 
         tails_failed = deferred.wait()
+        painter.stop()  # every tail has its figures
         if self.parent is None or self.client is None:
             return
         watch = _slurm_watch

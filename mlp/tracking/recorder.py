@@ -470,10 +470,15 @@ class RunRecorder:
     def log_figure(self, figure: Any, name: str, dpi: int | None = None) -> str:
         """A matplotlib figure as plots/<name>.png (at `dpi`, else matplotlib's); returns
         that path."""
-        path = f"plots/{name}.png"
         png = io.BytesIO()
         figure.savefig(png, format="png", **({} if dpi is None else {"dpi": dpi}))
-        self.log_files(f"the figure {path}", {path: png.getvalue()})
+        return self.log_png(png.getvalue(), name)
+
+    def log_png(self, png: bytes, name: str) -> str:
+        """A figure drawn already (PNG bytes, `painter.png`) as plots/<name>.png; returns
+        that path."""
+        path = f"plots/{name}.png"
+        self.log_files(f"the figure {path}", {path: png})
         return path
 
     def log_model(self, model: MLP, normalizer: Normalizer, classes: tuple[str, ...],
