@@ -54,6 +54,9 @@ log = logging.getLogger("mlp")
 CONF_PACKAGE = "mlp.conf"
 SWEEP_GROUP = "hparams_search"
 PARAMS = "hydra.sweeper.params"
+# The sweepers that walk a grid (they cannot sample an interval): Hydra's own and mlp-lab's
+# default, the same grid composed once per job (hydra_plugins/mlp_grid_sweeper).
+GRID_SWEEPERS = ("basic", "mlp_grid")
 _PLUGIN_KEYS = ("hydra.launcher.", "hydra.sweeper.", "+hydra.launcher.", "+hydra.sweeper.")
 # Every combination of a sweep is checked whole up to this many (a typical grid has fewer
 # than 100, and each costs ~1 ms; a group swept costs a composition, ~0.2 s); beyond, each
@@ -397,14 +400,14 @@ def _check_sweep(config_name: str, extra: list[str], base: DictConfig, sweeps: l
     """Every combination of a sweep (`-m`): the sweeper's settings (checked by the sweeper
     itself), then its params with the command line's sweep overrides (which win)."""
     sweeper = OmegaConf.to_container(base.hydra.sweeper, resolve=True)
-    # A sweeper's constructor checks its settings; Hydra's basic sweeper refuses to be built
-    # from a config (its settings are typed by its structured config, checked above).
-    if not str(sweeper.get("_target_", "")).startswith("hydra._internal."):
+    # A sweeper's constructor checks its settings; a grid sweeper's settings are typed by
+    # its structured config, checked above (and Hydra's refuses to be built from a config).
+    chosen_sweeper = base.hydra.runtime.choices.get("hydra/sweeper")
+    if chosen_sweeper not in GRID_SWEEPERS:
         try:
             instantiate(OmegaConf.create(sweeper))
         except InstantiationException as e:
             raise OverrideError(str(e.__cause__ or e)) from None
-    chosen_sweeper = base.hydra.runtime.choices.get("hydra/sweeper")
     params = sweeper.get("params") or {}
     entries = []
     for key, expression in params.items():
@@ -413,9 +416,8 @@ def _check_sweep(config_name: str, extra: list[str], base: DictConfig, sweeps: l
             schema.check_key(schema_key, where=f"{PARAMS}.")
         line = f"{key}={expression}"
         entries.append(split_modifiers(line)[0] if chosen_sweeper == "mlp_optuna" else line)
-    # Hydra's basic sweeper lists a grid: it cannot sample an interval.
     dims = _dimensions([*_parse(entries), *sweeps], groups_, schema,
-                       intervals=chosen_sweeper != "basic")
+                       intervals=chosen_sweeper not in GRID_SWEEPERS)
     composed: dict[tuple, dict[str, Any]] = {}
     for combo in _combinations(dims):
         chosen = tuple((k, str(v)) for k, v in combo.items() if k in groups_)
