@@ -146,7 +146,10 @@ class _Painter:
         # job's working directory (hydra.job.chdir) or how it was found here.
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, "MPLBACKEND": "agg", "PYTHONPATH": path}
+        # One BLAS thread: a figure's arrays are small, and the cores are the training's.
+        env = {**os.environ, "MPLBACKEND": "agg", "PYTHONPATH": path,
+               **dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"),
+                               "1")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlp.tracking.painter"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env)
