@@ -127,6 +127,13 @@ _last_splits: tuple[str, datalib.Splits] | None = None
 _last_fit: tuple[datalib.Splits, str, dict[str, np.ndarray]] | None = None
 
 
+def data_key(cfg: DictConfig) -> str:
+    """What a run's splits are made of: two configs with the same key get the same Splits."""
+    d = cfg.data
+    return json.dumps([str(archive_path(cfg)), str(data_root(cfg)), d.name, d.md5, d.val_size,
+                       d.limit, OmegaConf.to_container(d.synthetic), cfg.seed], default=str)
+
+
 def load_data(cfg: DictConfig) -> datalib.Splits:
     """CIFAR-10 (a local archive, the cache, or the download) or the synthetic set, split
     as configured. The splits are read only: the jobs of a sweep in one process whose
@@ -134,8 +141,7 @@ def load_data(cfg: DictConfig) -> datalib.Splits:
     global _last_splits
     archive = archive_path(cfg)
     d = cfg.data
-    key = json.dumps([str(archive), str(data_root(cfg)), d.name, d.md5, d.val_size, d.limit,
-                      OmegaConf.to_container(d.synthetic), cfg.seed], default=str)
+    key = data_key(cfg)
     if _last_splits is not None and _last_splits[0] == key:
         return _last_splits[1]
     # The generated archive is its own reference: its md5 keeps it from reading as unverified.

@@ -14,7 +14,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from mlp.config.command_line import check_command_line
+from mlp.config.command_line import Checked, check_command_line
 from mlp.sweeps import slurm
 from mlp.tracking import masking, store
 from mlp.tracking.receipt import Receipt
@@ -63,16 +63,22 @@ def connect(cfg: DictConfig, launch_dir: Path) -> tuple[MlflowClient, str]:
         sys.exit(EXIT_CONFIG)
 
 
-def check_command_line_or_exit(config_name: str = "config") -> None:
+def check_command_line_or_exit(config_name: str = "config") -> Checked | None:
     """Refuse the command line when a config it asks for (every combination of a sweep)
     breaks the schema, or when a sweep's SLURM jobs ask for more than a node of their
     partition has (they would wait forever), before Hydra creates a directory, a store is
-    opened or a job is submitted (exit 2)."""
+    opened or a job is submitted (exit 2). Returns what was checked (`check_command_line`)."""
     try:
-        sweep = check_command_line(sys.argv[1:], config_name)
-        launcher = sweep.hydra.launcher if sweep is not None else {}
+        checked = check_command_line(sys.argv[1:], config_name)
+        launcher = checked.config.hydra.launcher if checked and checked.sweep else {}
         if slurm.is_slurm(launcher):
             request = OmegaConf.to_container(launcher, resolve=False)
             slurm.check_request(request, slurm.partition(request.get("partition")))
     except ValueError as e:  # OverrideError, ConfigError, the code's own checks
         config_error(e)
+    return checked
+
+
+def data_problem(e: ValueError) -> None:
+    print(masking.mask(f"mlp-lab: data problem: {e}"), file=sys.stderr)
+    sys.exit(EXIT_CONFIG)

@@ -409,7 +409,14 @@ def train_main() -> None:
     line saying how its jobs ended, and exits 1 when any failed, else 4 when any job's
     record is incomplete (see `sweeps.callback.SweepOutcome`)."""
     masking.install()
-    exits.check_command_line_or_exit()
+    checked = exits.check_command_line_or_exit()
+    if checked is not None and checked.runs and not checked.sweep:
+        # A data problem exits 2 before Hydra creates a directory or a store is opened; the
+        # run then finds its splits loaded (`build.load_data` keeps the last ones).
+        try:
+            build.load_data(checked.config)
+        except datalib.DataError as e:
+            exits.data_problem(e)
     # SIGTERM (a scheduler, `kill`) ends the run or sweep like Ctrl-C: the run is recorded
     # KILLED, a sweep's parent too, and its SLURM jobs are cancelled (atexit).
     signal.signal(signal.SIGTERM, _interrupt)

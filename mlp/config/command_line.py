@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import is_dataclass
+from dataclasses import dataclass, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -331,11 +331,23 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
         raise OverrideError(": ".join(why)) from None
 
 
-def check_command_line(argv: list[str], config_name: str = "config") -> DictConfig | None:
+@dataclass(frozen=True)
+class Checked:
+    """What a checked command line asks for: its composed config (a sweep's: the `hydra`
+    node holds the launcher the jobs will go through, for the launcher's own checks),
+    whether it is a sweep (`-m`) or one run, and whether it runs it (not with --cfg, which
+    prints the config)."""
+
+    config: DictConfig
+    sweep: bool
+    runs: bool
+
+
+def check_command_line(argv: list[str], config_name: str = "config") -> Checked | None:
     """Raise OverrideError for the first problem of the configuration(s) that `argv` (a
-    command line after the program name) asks for; see the module docstring. Returns the
-    composed config of a sweep (`-m`; its `hydra` node holds the launcher the jobs will go
-    through, for the launcher's own checks), None otherwise."""
+    command line after the program name) asks for; see the module docstring. Returns what
+    it composed (`Checked`), or None for a command line that composes nothing (--help,
+    --hydra-help, --info, shell completion)."""
     args, _ = get_args_parser().parse_known_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return None
@@ -390,9 +402,9 @@ def check_command_line(argv: list[str], config_name: str = "config") -> DictConf
             _check_plugin(base.hydra, kind)
         if not args.multirun:
             schema.check(_user_part(base))
-            return None
+            return Checked(base, sweep=False, runs=not args.cfg)
         _check_sweep(config_name, extra, base, sweeps, groups_, schema)
-        return base
+        return Checked(base, sweep=True, runs=not args.cfg)
 
 
 def _check_sweep(config_name: str, extra: list[str], base: DictConfig, sweeps: list[Override],

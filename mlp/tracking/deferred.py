@@ -5,7 +5,8 @@ the run and the receipt: `cli.train.record_result` and `RunRecorder.finishing`) 
 none of the next job's work, and the next job needs nothing of it. In a sweep whose jobs
 run in the sweep's own process (Hydra's basic launcher), `SweepCallback` allows deferring
 (`allow`): each job hands its tail to one helper thread (`run`) and the next job starts at
-once. Tails run one at a time, in the order the jobs ended.
+once. Tails run one at a time, in the order the jobs ended; their figures are drawn by
+the painter process (`tracking.painter`), which leaves the cores to the training.
 
 Nothing is lost or claimed early. The sweep waits for every tail (`wait`) before it reads
 its outcome from the store: a tail that fails ends its run FAILED (with the error's tags,

@@ -4,6 +4,7 @@ it ran in (no outputs/, multirun/, mlflow.db)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,19 @@ def test_mlp_gradcheck_is_checked_the_same_way(tmp_path: Path, run_env: dict):
     assert out.returncode == 2
     assert "gradcheck.enabled=1 is not allowed: expected true or false" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_problem_is_refused_before_anything_exists(tmp_path: Path, run_env: dict):
+    """A run whose data cannot be had (here an archive that is not the one its md5 names)
+    exits 2 before Hydra makes its folder or the store its file."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"not the archive")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**run_env, "MLP_LAB_DATA": str(tmp_path / "data")}
+    out = mlp_train([f"data.archive={archive}", "data.md5=" + "0" * 32], work, env)
+    assert out.returncode == 2, out.stderr
+    assert re.search(r"mlp-lab: data problem: .*cifar-10-python.tar.gz: md5 is [0-9a-f]{32}, "
+                     r"expected 0{32} \(data.md5\)", out.stderr), out.stderr
+    assert "Traceback" not in out.stderr
+    assert list(work.iterdir()) == []
