@@ -85,7 +85,7 @@ SPANS = [
     ("mlp.tracking.plots", "confusion_figure", "figures"),
     ("mlp.tracking.plots", "per_class_figure", "figures"),
     ("mlp.tracking.plots", "weights_figure", "figures"),
-    ("mlp.tracking.recorder", "RunRecorder.log_figure", "figures"),
+    ("mlp.tracking.recorder", "RunRecorder.log_png", "figures"),
     ("mlp.tracking.painter", "_ask", "figures"),
     ("mlp.tracking.recorder", "RunRecorder.log_model", "model"),
     ("mlp.tracking.recorder", "RunRecorder.finish", "run end"),

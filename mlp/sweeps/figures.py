@@ -9,7 +9,6 @@ and returns a `matplotlib.figure.Figure` (no pyplot), or None when its param doe
 from __future__ import annotations
 
 import ast
-import io
 from collections.abc import Iterable, Mapping, Sequence
 
 import matplotlib
@@ -18,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mlp.tracking import glance, keys
+from mlp.tracking import plots as run_plots
 from mlp.tracking.names import short_number
 
 FIGURE_DPI = 110
@@ -204,9 +204,7 @@ def activation_figure(rows: Sequence[dict], swept: Sequence[str]) -> Figure | No
 
 
 def png(fig: Figure, dpi: int = FIGURE_DPI) -> bytes:
-    """The figure as PNG bytes at `dpi`."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    """The figure as PNG bytes at `dpi` (a sweep's figures are drawn at FIGURE_DPI)."""
+    return run_plots.png(fig, dpi)
 
 

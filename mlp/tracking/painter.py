@@ -69,10 +69,7 @@ class FigureFailed(RuntimeError):
 
 def draw(figure: str, args: list[Any], dpi: int | None = None) -> bytes:
     """FIGURES[figure](*args) as PNG bytes at `dpi` (matplotlib's default when None)."""
-    fig = FIGURES[figure](*args)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", **({} if dpi is None else {"dpi": dpi}))
-    return buffer.getvalue()
+    return plots.png(FIGURES[figure](*args), dpi)
 
 
 def _pack(figure: str, args: list[Any], dpi: int | None) -> bytes:
@@ -224,11 +221,6 @@ def submit(figure: str, *args: Any, dpi: int | None = None) -> Future[bytes]:
             _client = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlp-painter")
         client = _client
     return client.submit(_ask, request, figure, list(args), dpi)
-
-
-def png(figure: str, *args: Any, dpi: int | None = None) -> bytes:
-    """`submit(...)`'s PNG, waited for."""
-    return submit(figure, *args, dpi=dpi).result()
 
 
 def _now(figure: str, args: list[Any], dpi: int | None) -> Future[bytes]:

@@ -11,6 +11,7 @@ and in a sweep the figures are drawn on the thread that records a run's tail
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,13 @@ def _figure(figsize: tuple[float, float], margins: tuple[float, float, float, fl
     fig.subplots_adjust(left=left / w, bottom=bottom / h, right=1 - right / w, top=1 - top / h,
                         **adjust)
     return fig
+
+
+def png(fig: Figure, dpi: float | None = None) -> bytes:
+    """The figure as PNG bytes at `dpi` (matplotlib's default when None)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **({} if dpi is None else {"dpi": dpi}))
+    return buffer.getvalue()
 
 
 def room_left(fig: Figure) -> tuple[float, float, float, float]:

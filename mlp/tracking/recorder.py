@@ -55,7 +55,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import contextlib
-import io
 import json
 import platform
 import shlex
@@ -467,16 +466,9 @@ class RunRecorder:
         self.log_files("the step check's report", {
             f"gradcheck/step_{check.dtype}.json": json.dumps(check.to_dict(), indent=2)})
 
-    def log_figure(self, figure: Any, name: str, dpi: int | None = None) -> str:
-        """A matplotlib figure as plots/<name>.png (at `dpi`, else matplotlib's); returns
-        that path."""
-        png = io.BytesIO()
-        figure.savefig(png, format="png", **({} if dpi is None else {"dpi": dpi}))
-        return self.log_png(png.getvalue(), name)
-
     def log_png(self, png: bytes, name: str) -> str:
-        """A figure drawn already (PNG bytes, `painter.png`) as plots/<name>.png; returns
-        that path."""
+        """A figure drawn already (PNG bytes: `painter.submit`, `plots.png`) as
+        plots/<name>.png; returns that path."""
         path = f"plots/{name}.png"
         self.log_files(f"the figure {path}", {path: png})
         return path

@@ -49,7 +49,7 @@ def test_the_painter_draws_what_would_be_drawn_here_byte_for_byte(sweep):
     arguments = _arguments()
     assert set(arguments) == set(painter.FIGURES)
     for name, args in arguments.items():
-        drawn = painter.png(name, *args, dpi=40)
+        drawn = painter.submit(name, *args, dpi=40).result()
         assert drawn.startswith(b"\x89PNG"), name
         assert drawn == painter.draw(name, list(args), dpi=40), name
     assert painter._painter is not None  # drawn there, not here
@@ -57,11 +57,11 @@ def test_the_painter_draws_what_would_be_drawn_here_byte_for_byte(sweep):
 
 def test_the_painter_runs_at_the_lowest_priority_and_outlives_ctrl_c(sweep):
     history = _arguments()["curves"]
-    painter.png("curves", *history, dpi=20)
+    painter.submit("curves", *history, dpi=20).result()
     pid = painter._painter.proc.pid
     assert os.getpriority(os.PRIO_PROCESS, pid) == painter.NICE
     os.kill(pid, signal.SIGINT)  # what Ctrl-C sends the sweep's whole process group
-    assert painter.png("curves", *history, dpi=20).startswith(b"\x89PNG")
+    assert painter.submit("curves", *history, dpi=20).result().startswith(b"\x89PNG")
     assert painter._painter.proc.pid == pid and painter._painter.proc.poll() is None
     painter.stop()
     assert painter._painter is None
@@ -69,25 +69,25 @@ def test_the_painter_runs_at_the_lowest_priority_and_outlives_ctrl_c(sweep):
 
 def test_a_painter_that_dies_costs_no_figure(sweep, mlp_log):
     history = _arguments()["curves"]
-    painter.png("curves", *history, dpi=20)
+    painter.submit("curves", *history, dpi=20).result()
     proc = painter._painter.proc
     proc.kill()
     proc.wait()
-    drawn = painter.png("curves", *history, dpi=20)
+    drawn = painter.submit("curves", *history, dpi=20).result()
     assert drawn == painter.draw("curves", list(history), dpi=20)
     assert "the figure painter stopped" in mlp_log.text
     assert painter._painter is None and painter._given_up  # drawn here from then on
-    assert painter.png("glance", *history, dpi=20).startswith(b"\x89PNG")
+    assert painter.submit("glance", *history, dpi=20).result().startswith(b"\x89PNG")
 
 
 def test_a_painter_that_does_not_answer_is_stopped(sweep, monkeypatch, mlp_log):
     history = _arguments()["curves"]
-    painter.png("curves", *history, dpi=20)
+    painter.submit("curves", *history, dpi=20).result()
     proc = painter._painter.proc
     monkeypatch.setattr(painter, "ANSWER_WITHIN", 0.5)
     os.kill(proc.pid, signal.SIGSTOP)  # hung
     started = time.monotonic()
-    assert painter.png("curves", *history, dpi=20).startswith(b"\x89PNG")
+    assert painter.submit("curves", *history, dpi=20).result().startswith(b"\x89PNG")
     assert time.monotonic() - started < 10
     assert "no answer within" in mlp_log.text
     assert proc.poll() is not None  # killed, not left behind
@@ -95,7 +95,7 @@ def test_a_painter_that_does_not_answer_is_stopped(sweep, monkeypatch, mlp_log):
 
 def test_a_figures_own_error_is_raised_as_its_own(sweep):
     with pytest.raises(ValueError, match=r"expected first-layer weights \(3072, H\)"):
-        painter.png("first_layer_weights", np.zeros((10, 4), dtype=np.float32))
+        painter.submit("first_layer_weights", np.zeros((10, 4), dtype=np.float32)).result()
     assert painter._painter.proc.poll() is None  # the painter goes on
 
 
@@ -103,7 +103,8 @@ def test_alone_the_figures_are_drawn_here(monkeypatch):
     monkeypatch.setattr(deferred, "_pool", None)
     monkeypatch.setattr(painter, "_painter", None)
     history = _arguments()["curves"]
-    assert painter.png("curves", *history, dpi=20) == painter.draw("curves", list(history), 20)
+    drawn = painter.submit("curves", *history, dpi=20)
+    assert drawn.done() and drawn.result() == painter.draw("curves", list(history), 20)
     assert painter._painter is None
 
 

@@ -21,7 +21,7 @@ from mlp.cli import exits, sync
 from mlp.core.model import MLP
 from mlp.data import Normalizer
 from mlp.sweeps import callback
-from mlp.tracking import glance, keys, receipt, serving, spool, store
+from mlp.tracking import glance, keys, plots, receipt, serving, spool, store
 from mlp.tracking import recorder as tracking
 
 
@@ -130,7 +130,7 @@ def test_files_the_store_refused_make_the_record_incomplete_until_mlp_sync_sends
     _train(recorder, 2)
     with pytest.warns(UserWarning) as caught:
         recorder.log_files("the parameters", {"model_npz/model.npz": b"weights"})
-        recorder.log_figure(figure, "curves")
+        recorder.log_png(plots.png(figure), "curves")
         _train(recorder, 4, first=3)  # the files kept do not hold the next points back
         client, path = recorder.client, tmp_path / "ckpt" / spool.SPOOL_NAME
         assert _counts(client, recorder.run_id) == _each(4)
