@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -46,9 +47,14 @@ def incomplete(what: str, receipt: Receipt) -> None:
     sys.exit(EXIT_INCOMPLETE)
 
 
-def config_error(e: ValueError) -> None:
-    print(masking.mask(f"mlp-lab: invalid configuration: {e}"), file=sys.stderr)
+def refused(what: str, error: object) -> NoReturn:
+    """A command refused before work: one line, `mlp-lab: <what>: <error>`, and exit 2."""
+    print(masking.mask(f"mlp-lab: {what}: {error}"), file=sys.stderr)
     sys.exit(EXIT_CONFIG)
+
+
+def config_error(e: ValueError) -> NoReturn:
+    refused("invalid configuration", e)
 
 
 def connect(cfg: DictConfig, launch_dir: Path) -> tuple[MlflowClient, str]:
@@ -78,7 +84,3 @@ def check_command_line_or_exit(config_name: str = "config") -> Checked | None:
         config_error(e)
     return checked
 
-
-def data_problem(e: ValueError) -> None:
-    print(masking.mask(f"mlp-lab: data problem: {e}"), file=sys.stderr)
-    sys.exit(EXIT_CONFIG)

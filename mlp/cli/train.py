@@ -66,8 +66,7 @@ class Job:
         (named and, when known, tagged with its config hash like the job's other runs), and
         NaN for the sweeper, so that the sweep goes on and counts it failed at its end."""
         if self.parent is None:
-            print(masking.mask(f"mlp-lab: {what}: {error}"), file=sys.stderr)
-            sys.exit(exits.EXIT_CONFIG)
+            exits.refused(what, error)
         log.error("job cannot run, the sweep goes on: %s", error)
         client, experiment_id = exits.connect(cfg, self.launch_dir)
         tags = tracking.environment_tags(self.launch_dir, self.overrides, {})
@@ -416,7 +415,7 @@ def train_main() -> None:
         try:
             build.load_data(checked.config)
         except datalib.DataError as e:
-            exits.data_problem(e)
+            exits.refused("data problem", e)
     # SIGTERM (a scheduler, `kill`) ends the run or sweep like Ctrl-C: the run is recorded
     # KILLED, a sweep's parent too, and its SLURM jobs are cancelled (atexit).
     signal.signal(signal.SIGTERM, _interrupt)

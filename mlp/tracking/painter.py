@@ -136,7 +136,7 @@ def _encoded(text: str) -> bytes:
 
 
 class _Painter:
-    """One painter process and the lock that keeps its requests one at a time."""
+    """One painter process, asked by one thread (`_client`): one request at a time."""
 
     def __init__(self) -> None:
         # The painter imports this package from where this process did, whatever the
@@ -150,21 +150,19 @@ class _Painter:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlp.tracking.painter"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env)
-        self.lock = threading.Lock()
 
     def ask(self, request: bytes) -> bytes:
         proc = self.proc
         assert proc.stdin is not None and proc.stdout is not None
-        with self.lock:
-            try:
-                _write(proc.stdin, _LENGTH.pack(len(request)), request)
-                ready, _, _ = select.select([proc.stdout], [], [], ANSWER_WITHIN)
-                if not ready:
-                    raise PainterGone(f"no answer within {ANSWER_WITHIN:g} s")
-                status = _read(proc.stdout, 1)
-                body = _read(proc.stdout, _LENGTH.unpack(_read(proc.stdout, _LENGTH.size))[0])
-            except (OSError, EOFError, struct.error) as e:
-                raise PainterGone(f"{type(e).__name__}: {e}") from e
+        try:
+            _write(proc.stdin, _LENGTH.pack(len(request)), request)
+            ready, _, _ = select.select([proc.stdout], [], [], ANSWER_WITHIN)
+            if not ready:
+                raise PainterGone(f"no answer within {ANSWER_WITHIN:g} s")
+            status = _read(proc.stdout, 1)
+            body = _read(proc.stdout, _LENGTH.unpack(_read(proc.stdout, _LENGTH.size))[0])
+        except (OSError, EOFError, struct.error) as e:
+            raise PainterGone(f"{type(e).__name__}: {e}") from e
         if status == _ERROR:
             raise FigureFailed(body.decode())
         if status != _OK:
@@ -199,7 +197,6 @@ def _the_painter() -> _Painter | None:
     with _lock:
         if _painter is None and not _given_up:
             _painter = _Painter()
-            atexit.register(stop)
         return _painter
 
 
@@ -267,6 +264,9 @@ def stop() -> None:
         painter, _painter = _painter, None
     if painter is not None:
         painter.stop()
+
+
+atexit.register(stop)  # a painter ends with the process that asked it (a no-op without one)
 
 
 def _main() -> None:
