@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, MlflowException, store.StoreError) as e:
         print(f"mlp-report: {e}", file=sys.stderr)
         return 2
-    figs = rp.figures(client, runs, report, top=args.top)
+    images = rp.pngs(rp.figures(client, runs, report, top=args.top))
     print(report)
     print()
     out = args.out or Path("outputs", "reports", re.sub(r"[^\w.-]+", "_",
                                                          args.sweep or args.experiment))
-    for path in rp.write_report(report, figs, out):
+    for path in rp.write_report(report, images, out):
         print(f"wrote {path}")
     if report.best is not None:
         b = report.best
@@ -61,6 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         if b["overrides"]:
             print(f"  reproduce: {rp.reproduce_command(b['overrides'])}")
     if args.log:
-        rp.log_on_parent(client, client.get_run(report.parent_run_id), report, runs, figs)
+        rp.log_on_parent(client, client.get_run(report.parent_run_id), report, runs, images)
         print(f"\nlogged on parent run {report.parent_run_id}")
     return 0

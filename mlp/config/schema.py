@@ -250,8 +250,9 @@ class TrainerConfig:
     epochs: int = field(default=_TRAIN.epochs, metadata=rule(POSITIVE_INT))
     batch_size: int = field(default=_TRAIN.batch_size, metadata=rule(POSITIVE_INT))
     dtype: str = field(default=_TRAIN.dtype, metadata=rule(one_of(TRAIN_DTYPES)))
-    # train metrics on this fixed subset
-    train_eval_size: int = field(default=_TRAIN.train_eval_size, metadata=rule(POSITIVE_INT))
+    # train metrics on this fixed subset (null: as many images as data.val_size)
+    train_eval_size: int | None = field(default=_TRAIN.train_eval_size, metadata=rule(Allowed(
+        lambda v: v is None or v > 0, "null (as many as data.val_size) or an integer > 0")))
     eval_batch_size: int = field(default=_TRAIN.eval_batch_size, metadata=rule(POSITIVE_INT))
     # early stop after N epochs without better
     patience: int | None = field(default=_TRAIN.patience, metadata=rule(Allowed(

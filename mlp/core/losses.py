@@ -33,7 +33,7 @@ def softmax_loss(scores: Array, y: Array, label_smoothing: float = 0.0) -> tuple
     target = shifted[rows, y]
     if label_smoothing:
         target = (1 - label_smoothing) * target + label_smoothing * shifted.mean(axis=1)
-    loss = np.mean(np.log(sums[:, 0]) - target)
+    loss = np.add.reduce(np.log(sums[:, 0]) - target) / n  # np.mean's value, at less cost
     dscores = exp
     dscores /= sums
     if label_smoothing:

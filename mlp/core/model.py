@@ -407,10 +407,11 @@ class MLP:
 
     def _check_y(self, y: Array, n: int) -> Array:
         y = np.asarray(y)
-        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        if y.shape != (n,) or y.dtype.kind not in "iu":
             raise ValueError(f"y has shape {y.shape} and dtype {y.dtype}: expected ({n},) "
                              "integer class ids")
-        if n and (y.min() < 0 or y.max() >= self.arch.num_classes):
+        # One pass at every step: as unsigned, a negative label is above every class id.
+        if n and y.view(f"u{y.itemsize}").max() >= self.arch.num_classes:
             raise ValueError(f"y has labels in [{y.min()}, {y.max()}]: expected labels in "
                              f"[0, {self.arch.num_classes - 1}]")
         return y

@@ -323,7 +323,10 @@ class SweepCallback(Callback):
         """Report on the parent, then end it with the outcome (see the module docstring),
         once every job's deferred tail has ended (`tracking.deferred`)."""
         global _outcome
-        from mlp.tracking import deferred, painter
+        # The report's modules (matplotlib among them: most of a second) load while the
+        # last job's tail is still recorded, mostly by the painter on the other core.
+        from mlp.sweeps import report
+        from mlp.tracking import deferred, liveness, painter
 
         tails_failed = deferred.wait()
         painter.stop()  # every tail has its figures
@@ -336,9 +339,6 @@ class SweepCallback(Callback):
             if watch.array_ids:
                 self.client.set_tag(self.parent["run_id"], "slurm.array_job_id",
                                     " ".join(sorted(watch.array_ids)))
-        from mlp.sweeps import report
-        from mlp.tracking import liveness
-
         client = self.client
         run_id = self.parent["run_id"]
         liveness.reap_dead_runs(client)  # a job killed outright did not end its run

@@ -375,12 +375,17 @@ def _histories(client: MlflowClient, rows: Iterable[dict]
 # -- output --------------------------------------------------------------------------------
 
 
-def write_report(report: Report, figs: Mapping[str, Figure], out_dir: Path) -> list[Path]:
-    """report.md, report.html (figures embedded) and <figure>.png in out_dir (created);
-    returns their paths."""
+def pngs(figs: Mapping[str, Figure]) -> dict[str, bytes]:
+    """The report's figures as PNG bytes, drawn once for every copy of the report (on
+    disk and on the parent: half a second per drawing of a sweep's figures)."""
+    return {name: plots.png(fig) for name, fig in figs.items()}
+
+
+def write_report(report: Report, images: Mapping[str, bytes], out_dir: Path) -> list[Path]:
+    """report.md, report.html (the figures `images`, PNG bytes from `pngs`, embedded) and
+    <figure>.png in out_dir (created); returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = {name: plots.png(fig) for name, fig in figs.items()}
     paths = [out_dir / "report.md", out_dir / "report.html"]
     paths[0].write_text(report.to_markdown(images), encoding="utf-8")
     paths[1].write_text(report.to_html(images), encoding="utf-8")
@@ -526,7 +531,7 @@ def _register_best(client: MlflowClient, report: Report, name: str) -> Registrat
 
 
 def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Sequence[Run],
-                  figs: Mapping[str, Figure]) -> Registration | None:
+                  images: Mapping[str, bytes]) -> Registration | None:
     """The parent is the sweep's comparison: the shared config as params, the best child's
     metrics under the children's keys, its curves' last values at its last epoch (where
     its curves end in the charts, not a stray point at step 0) and its summary at
@@ -539,7 +544,7 @@ def log_on_parent(client: MlflowClient, parent: Run, report: Report, runs: Seque
     rows = plots.finished(_rows_of(report, runs))[:GLANCE_RUNS]
     first = plots.glance_figure(rows, _histories(client, rows))
     with tempfile.TemporaryDirectory() as tmp:
-        write_report(report, figs, Path(tmp))
+        write_report(report, images, Path(tmp))
         if first is not None:
             (Path(tmp) / glance.PATH).parent.mkdir()
             (Path(tmp) / glance.PATH).write_bytes(plots.png(first, dpi=glance.IMAGE_DPI))
@@ -582,8 +587,8 @@ def log_sweep_report(client: MlflowClient, parent_run_id: str, out_dir: Path | N
     parent = client.get_run(parent_run_id)
     experiment = client.get_experiment(parent.info.experiment_id).name
     report, runs = make_report(client, experiment, parent_run_id)
-    figs = figures(client, runs, report)
+    images = pngs(figures(client, runs, report))
     if out_dir is not None:
-        write_report(report, figs, out_dir)
-    log_on_parent(client, parent, report, runs, figs)
+        write_report(report, images, out_dir)
+    log_on_parent(client, parent, report, runs, images)
     return report

@@ -71,7 +71,7 @@ def gib(n: int) -> str:
 
 def estimate(hidden_sizes: Sequence[int], *, batch_size: int, n_train: int, n_val: int,
              n_test: int, dtype: str = "float32", optimizer: str = "momentum",
-             eval_batch_size: int = 1000, train_eval_size: int = 5000,
+             eval_batch_size: int = 1000, train_eval_size: int | None = None,
              activation: str = "relu", maxout_pieces: int = 2, norm: str | None = None,
              dropout: float = 0.0, health: bool = True, input_dim: int = INPUT_DIM,
              num_classes: int = NUM_CLASSES, whiten: str = "none",
@@ -99,7 +99,7 @@ def estimate(hidden_sizes: Sequence[int], *, batch_size: int, n_train: int, n_va
     params += (dims[-1] + 1) * num_classes
     acts += 2 * num_classes  # scores and their softmax / margins
     buffers = len(optim.make_optimizer(optimizer, {}).buffers)
-    pixel_rows = n_train + n_val + n_test + min(train_eval_size, n_train)
+    pixel_rows = n_train + n_val + n_test + min(train_eval_size or max(n_val, 1), n_train)
     parts = {
         "parameters and gradients": (2 * params + stats) * item,
         "optimizer state": 2 * buffers * params * item,

@@ -75,7 +75,7 @@ class TrainSettings:
     epochs: int = 10
     batch_size: int = 200
     dtype: str = "float32"
-    train_eval_size: int = 5000
+    train_eval_size: int | None = None  # None: as many images as the validation split
     eval_batch_size: int = 1000
     patience: int | None = None
     diverge_factor: float = 100.0
@@ -155,7 +155,9 @@ class Trainer:
         self.evaluated = self.ema.model if self.ema else model
         self.best_params = {n: p.copy() for n, p in model.params.items()}
         self.best_buffers = {n: b.copy() for n, b in model.buffers.items()}
-        n_eval = min(settings.train_eval_size, len(splits.y_train))
+        # The train side of the gap as precise as its validation side: as many images.
+        n_eval = min(settings.train_eval_size or max(len(splits.y_val), 1),
+                     len(splits.y_train))
         eval_rows = np.random.default_rng([settings.seed, 2]).choice(
             len(splits.y_train), n_eval, replace=False)
         self.train_eval = (splits.X_train[np.sort(eval_rows)], splits.y_train[np.sort(eval_rows)])

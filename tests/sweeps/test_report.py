@@ -275,7 +275,8 @@ def test_the_heatmap_marks_cells_whose_runs_all_failed():
 def test_write_report_writes_markdown_html_and_pngs(client, tmp_path: Path):
     runs = rp.collect_runs(client, "mlp-lab", "sweep_lr_reg")
     report = rp.build_report(client, "mlp-lab", "sweep_lr_reg")
-    paths = rp.write_report(report, rp.figures(client, runs, report), tmp_path / "out")
+    paths = rp.write_report(report, rp.pngs(rp.figures(client, runs, report)),
+                            tmp_path / "out")
     assert [p.name for p in paths] == ["report.md", "report.html", "val_acc_heatmap.png",
                                        "top_curves.png"]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
