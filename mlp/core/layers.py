@@ -98,7 +98,9 @@ class Linear(Layer):
     def forward(self, x: Array) -> Array:
         self.x = x
         W = self.params["W"]
-        out = np.matmul(x, W, out=self._out("out", (len(x), W.shape[1]), np.result_type(x, W)))
+        # np.dot, not np.matmul: the same BLAS call in float32 and float64, and half the
+        # time without BLAS (the gradient check's 80-bit forward passes: 0.67 -> 0.33 s).
+        out = np.dot(x, W, out=self._out("out", (len(x), W.shape[1]), np.result_type(x, W)))
         out += self.params["b"]  # in place: no second (N, H) array
         return out
 
