@@ -177,6 +177,22 @@ def test_valid_command_lines_pass_the_check():
         check_command_line(argv)
 
 
+def test_every_example_of_the_help_passes_the_check(tmp_path: Path):
+    """What `mlp-train --help` shows as examples runs (its placeholder archive, made real)."""
+    import shlex
+
+    from mlp.config.command_line import check_command_line
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"")
+    footer = OmegaConf.load(CONF / "config.yaml").hydra.help.footer
+    examples = [line.split("(")[0].replace("/path/to/cifar-10-python.tar.gz", str(archive))
+                for line in footer.splitlines() if line.strip().startswith("mlp-train ")]
+    assert len(examples) >= 5, footer
+    for example in examples:
+        check_command_line(shlex.split(example)[1:])
+
+
 @pytest.mark.e2e
 def test_the_installed_command_refuses_a_typo(tmp_path: Path, run_env):
     from conftest import tool
