@@ -9,7 +9,7 @@ sweep's wall time (the whole command, interpreter start to exit). Two sweeps:
   49,000 training images (`data.val_size=1000`), `optim.lr` x `model.reg` 2 x 2;
 - `small`: 3072-200-10 on 12,000 images (`data.limit`), 4 epochs, `optim.lr` x 4.
 
-The sweep runs `mlp.cli.train.train_main` (what the `mlp-train` script runs) in a child
+The sweep runs `mlp.cli.train.main` (what the `mlp-train` script runs) in a child
 interpreter with perf_counter spans wrapped around the functions a job calls; a span's
 time excludes the spans nested in it, so the rows add up. Rows that name work on a
 helper thread (`[bg]`) are off the critical path and not part of the job's wall time.
@@ -160,7 +160,7 @@ def child(out: Path, argv: list[str]) -> None:
 
     atexit.register(dump)
     sys.argv = ["mlp-train", *argv]
-    train_module.train_main()
+    getattr(train_module, "main", train_module.train_main)()  # what `mlp-train` runs
 
 
 # -- the parent: sweeps, separate processes, the table -----------------------------------

@@ -8,7 +8,11 @@ interrupted (a sweep too)."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,6 +37,34 @@ EXIT_INCOMPLETE = 4  # trained, but the record is incomplete (`mlp.record`, rece
 
 
 EXIT_INTERRUPTED = 130
+
+
+def leave(main: Callable[[], object]) -> NoReturn:
+    """Run a command's `main`, then end the process with its exit code without Python's
+    teardown of every module it imported (mlflow, SQLAlchemy, pandas, matplotlib: 0.5 s
+    after the imports alone, 1 s after a sweep, measured here). What that teardown does
+    which matters is done first, in Python's order: the threads that are not daemons are
+    stopped and joined, the atexit handlers run (a sweep's parent run ended, the painter stopped,
+    logging flushed), stdout and stderr are flushed. An exception other than SystemExit
+    with a number takes Python's own way out (its traceback, its exit code)."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        if e.code is not None and not isinstance(e.code, int):
+            raise
+        code = e.code or 0
+    # What Python's own exit calls, in its order: threading's exit callbacks (a thread
+    # pool's workers, MLflow's async logging among them, are told to stop), the join of
+    # every thread that is not a daemon, then the atexit handlers.
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a stream closed
+            pass
+    os._exit(code)
 
 
 class GradcheckFailed(RuntimeError):

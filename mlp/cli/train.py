@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import numpy as np
@@ -401,6 +401,12 @@ def _train_app(cfg: DictConfig) -> float:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main() -> NoReturn:
+    """The `mlp-train` command: `train_main`, then out without Python's teardown
+    (`exits.leave`)."""
+    exits.leave(train_main)
 
 
 def train_main() -> None:
