@@ -165,6 +165,12 @@ def child(out: Path, argv: list[str]) -> None:
 
 # -- the parent: sweeps, separate processes, the table -----------------------------------
 
+# `mlp-train` as the checkout on PYTHONPATH defines it (`--src`: its entry point may differ
+# from the installed script's).
+MLP_TRAIN = [sys.executable, "-c", "import sys; sys.argv[0] = 'mlp-train'; "
+             "from mlp.cli import train; getattr(train, 'main', train.train_main)()"]
+
+
 def env_for(args: argparse.Namespace, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ, MLP_LAB_DATA=str(args.data), MLFLOW_DISABLE_TELEMETRY="true")
     if args.src:
@@ -237,8 +243,7 @@ def run_separate(args: argparse.Namespace, sweep: str, experiment: str, cwd: Pat
     at a time as there are cores: the wall time of the batch."""
     cores = os.cpu_count() or 1
     env = env_for(args, threads=1)
-    script = str(Path(sys.executable).parent / "mlp-train")
-    pending = [[script, *job, *common(args, experiment)] for job in jobs_of(sweep)]
+    pending = [[*MLP_TRAIN, *job, *common(args, experiment)] for job in jobs_of(sweep)]
     running: list[subprocess.Popen] = []
     start = time.perf_counter()
     while pending or running:
@@ -257,7 +262,7 @@ def run_separate(args: argparse.Namespace, sweep: str, experiment: str, cwd: Pat
 def prepare(args: argparse.Namespace, cwd: Path) -> None:
     """The store's tables and the data cache, made before anything is timed."""
     env = env_for(args)
-    subprocess.run([str(Path(sys.executable).parent / "mlp-train"), "debug=fast",
+    subprocess.run([*MLP_TRAIN, "debug=fast",
                     "tracking.plots=false", "tracking.log_model=false",
                     *common(args, "bench-warmup")], cwd=cwd, env=env, check=True,
                    capture_output=True, timeout=args.timeout)
