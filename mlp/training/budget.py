@@ -39,6 +39,7 @@ import numpy as np
 from mlp.core import optim
 from mlp.data.normalize import output_dim
 from mlp.errors import ConfigError
+from mlp.training.trainer import train_eval_count
 
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000  # images in the official archive
 INPUT_DIM, NUM_CLASSES = 3072, 10
@@ -99,7 +100,7 @@ def estimate(hidden_sizes: Sequence[int], *, batch_size: int, n_train: int, n_va
     params += (dims[-1] + 1) * num_classes
     acts += 2 * num_classes  # scores and their softmax / margins
     buffers = len(optim.make_optimizer(optimizer, {}).buffers)
-    pixel_rows = n_train + n_val + n_test + min(train_eval_size or max(n_val, 1), n_train)
+    pixel_rows = n_train + n_val + n_test + train_eval_count(train_eval_size, n_val, n_train)
     parts = {
         "parameters and gradients": (2 * params + stats) * item,
         "optimizer state": 2 * buffers * params * item,

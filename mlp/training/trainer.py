@@ -68,6 +68,13 @@ class Observer(Protocol):
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
+def train_eval_count(train_eval_size: int | None, n_val: int, n_train: int) -> int:
+    """How many training images the train metrics are measured on each epoch: the
+    setting, else (None) as many as validation, so that both sides of the gap are equally
+    precise; at least 1, at most the training split."""
+    return min(train_eval_size or max(n_val, 1), n_train)
+
+
 @dataclass
 class TrainSettings:
     """The loop's knobs (see `conf/config.yaml`, group `trainer`)."""
@@ -155,9 +162,8 @@ class Trainer:
         self.evaluated = self.ema.model if self.ema else model
         self.best_params = {n: p.copy() for n, p in model.params.items()}
         self.best_buffers = {n: b.copy() for n, b in model.buffers.items()}
-        # The train side of the gap as precise as its validation side: as many images.
-        n_eval = min(settings.train_eval_size or max(len(splits.y_val), 1),
-                     len(splits.y_train))
+        n_eval = train_eval_count(settings.train_eval_size, len(splits.y_val),
+                                  len(splits.y_train))
         eval_rows = np.random.default_rng([settings.seed, 2]).choice(
             len(splits.y_train), n_eval, replace=False)
         self.train_eval = (splits.X_train[np.sort(eval_rows)], splits.y_train[np.sort(eval_rows)])
