@@ -36,6 +36,15 @@ def test_a_rule_refuses_a_value_of_another_type_instead_of_crashing():
     assert not configlib.RULES["model.hidden_sizes"](None)
 
 
+def test_the_train_subset_is_null_or_a_positive_count():
+    rule = configlib.RULES["trainer.train_eval_size"]
+    assert rule(None) and rule(1) and rule(5000)
+    assert not rule(0) and not rule(-3) and not rule("all")
+    with pytest.raises(ConfigError, match=r"trainer\.train_eval_size=0 is not allowed: "
+                                          r"expected null \(as many as data\.val_size\)"):
+        check_command_line(["trainer.train_eval_size=0"])
+
+
 def test_files_that_must_exist_are_checked_with_the_config(tmp_path: Path):
     cfg = configlib.schema_keys()
     for key in ("data.archive", "trainer.resume"):

@@ -241,9 +241,12 @@ def test_x_of_wrong_width_raises_value_error():
 
 
 @pytest.mark.parametrize("bad", [7, -1])
-def test_labels_out_of_range_raise_value_error(bad):
+# The range is checked in one pass, the labels viewed as unsigned of their own width.
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int8])
+def test_labels_out_of_range_raise_value_error(bad, dtype):
     model = MLP(D, [20], C)
     X, y = _data()
+    y = y.astype(dtype)
     y[3] = bad
     with pytest.raises(ValueError, match=r"y has labels in .*expected labels in \[0, 6\]"):
         model.loss_and_grads(X, y)

@@ -288,6 +288,22 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None) -> set[str]:
     return {f.path for f in client.list_artifacts(run_id, path)}
 
 
+def test_the_report_on_disk_and_on_the_parent_draw_each_figure_once(client, store, tmp_path,
+                                                                    monkeypatch):
+    drawn: list[object] = []
+    real = rp.plots.png
+    monkeypatch.setattr(rp.plots, "png", lambda fig, *a, **k: drawn.append(fig) or real(fig, *a,
+                                                                                      **k))
+    logged: dict[str, bytes] = {}
+    monkeypatch.setattr(rp, "log_on_parent", lambda client, parent, report, runs, images:
+                        logged.update(images))  # the store stays as the other tests expect
+    rp.log_sweep_report(client, store["parent"], tmp_path / "report")
+    assert len(drawn) == len(set(map(id, drawn))) == 2  # the heatmap and the curves, once
+    assert logged.keys() == {"val_acc_heatmap", "top_curves"}
+    for name, png in logged.items():
+        assert (tmp_path / "report" / f"{name}.png").read_bytes() == png
+
+
 def test_log_sweep_report_puts_the_report_on_the_parent(client, store):
     report = rp.log_sweep_report(client, store["parent"])
     assert report.best["run_id"] == store["lr_reg"]["0.01", "0.0001"]

@@ -15,7 +15,13 @@ from mlp import data as datalib
 from mlp.core import optim
 from mlp.core.model import MLP
 from mlp.training.checkpoint import CheckpointError
-from mlp.training.trainer import DivergenceError, Interrupted, Trainer, TrainSettings
+from mlp.training.trainer import (
+    DivergenceError,
+    Interrupted,
+    Trainer,
+    TrainSettings,
+    train_eval_count,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +62,16 @@ class Recorder:
 
     def on_epoch(self, epoch: int, metrics: dict) -> None:
         self.epochs.append((epoch, metrics))
+
+
+def test_the_train_subset_is_as_large_as_validation_unless_set(splits: datalib.Splits):
+    assert (len(splits.y_train), len(splits.y_val)) == (300, 100)
+    trainer = make_trainer(splits)
+    assert len(trainer.train_eval[1]) == 200  # set
+    trainer.s.train_eval_size = None
+    assert len(Trainer(trainer.model, trainer.optimizer, trainer.schedule, splits,
+                       trainer.normalizer, trainer.s).train_eval[1]) == 100  # as validation
+    assert train_eval_count(None, 0, 300) == 1 and train_eval_count(None, 500, 300) == 300
 
 
 def test_training_lowers_the_loss_and_beats_chance(splits: datalib.Splits, tmp_path: Path):
